@@ -1,0 +1,379 @@
+"""The L2T-ww training iteration: one jit-compiled bilevel step over a pytree state.
+
+This module owns the iteration of SPEC.md, for a batch (x, y):
+
+1. real step: theta_0 -> theta_1 by SGD-momentum on CE + weighted matching (phi constant);
+2. T matching-only SGD steps from (theta_1, its momentum buffers), in a ``lax.scan``;
+3. one SGD step on CE;
+4. meta loss: CE at the adapted parameters (train-mode BN);
+5. phi <- Adam with L2 weight decay on d(meta loss)/d(phi), differentiated exactly
+   (second order) through steps 2-3 by ``jax.grad``; theta_1 and its buffers are constants;
+6. rollback: theta and the buffers stay at their values after step 1.
+
+BN running statistics end as the reference leaves them: the update of step 1, then one more
+update from a train-mode forward pass of the same batch at theta_1 (the reference's replay of
+its first simulated step; ``replay_bn_update=False`` drops it). That forward pass is the first
+simulated step's, so it costs nothing extra.
+
+The source network runs once per batch (eval-mode BN); its features, pooled features and the
+resized maps are constants of the whole iteration.
+
+SGD follows ``torch.optim.SGD`` with momentum mu, weight decay wd and no dampening:
+buf <- mu * buf + (g + wd * p); p <- p - lr * buf, on every parameter of theta at every step,
+also where the loss does not reach it (its gradient is then zero, decay and momentum still
+apply). Buffers start at zero, which equals PyTorch's first ``buf = g + wd * p``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from l2t_jax import losses, models
+from l2t_jax.matching import MatchingHeads, Pair, validate_pairs
+from l2t_jax.meta import PAIR_WEIGHT_TYPES, MetaNetworks, channel_weight_entropy
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; donated to and returned by the step.
+
+    Attributes:
+      step: number of iterations taken (int32 scalar).
+      target_params: theta = ``{'model': target network params, 'heads': 1x1 regressors}``.
+      batch_stats: the target network's BN running statistics.
+      momentum: SGD momentum buffers, same structure as ``target_params``.
+      meta_params: phi, the parameters of :class:`~l2t_jax.meta.MetaNetworks`.
+      meta_opt_state: phi's Adam state.
+    """
+
+    step: jax.Array
+    target_params: PyTree
+    batch_stats: PyTree
+    momentum: PyTree
+    meta_params: PyTree
+    meta_opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """Static description of one source -> target transfer (hashable, bound before jit).
+
+    Build it with :func:`make_transfer`, which validates pairs against the networks' taps.
+    Hyperparameter defaults are the reference's (SPEC.md).
+    """
+
+    source_model: nn.Module
+    target_model: nn.Module
+    heads: MatchingHeads
+    meta_networks: MetaNetworks
+    pairs: tuple[Pair, ...]
+    inner_steps: int = 2          # T, matching-only steps simulated per iteration
+    beta: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    meta_learning_rate: float = 1e-4
+    meta_weight_decay: float = 1e-4
+    remat: bool = False           # jax.checkpoint the simulated step (memory for large T)
+    replay_bn_update: bool = True
+
+    def meta_optimizer(self) -> optax.GradientTransformation:
+        """torch.optim.Adam(lr, weight_decay): L2 decay added to the gradient, not AdamW."""
+        return optax.chain(optax.add_decayed_weights(self.meta_weight_decay),
+                           optax.adam(self.meta_learning_rate))
+
+
+def make_transfer(source_model: nn.Module, target_model: nn.Module, pairs: Sequence[Pair], *,
+                  channel_weighting: bool = True, pair_weight_type: Optional[str] = "relu6",
+                  pair_weight_init: float = 1.0, conv_impl: str = "auto",
+                  **hyperparameters) -> Transfer:
+    """Validates the pairs and builds the matching heads and meta-networks for them.
+
+    Args:
+      source_model, target_model: models from :func:`l2t_jax.models.get_model`.
+      pairs: (source tap, target tap) index pairs.
+      channel_weighting, pair_weight_type, pair_weight_init: see
+        :class:`~l2t_jax.meta.MetaNetworks`.
+      conv_impl: convolution implementation of the 1x1 heads.
+      **hyperparameters: any other :class:`Transfer` field (inner_steps, beta, ...).
+    """
+    pairs = tuple(tuple(p) for p in pairs)
+    source_taps = source_model.feature_taps()
+    validate_pairs(pairs, source_taps, target_model.feature_taps(),
+                   models.model_name(source_model), models.model_name(target_model))
+    if hyperparameters.get("inner_steps", 2) < 0:
+        raise ValueError(f"inner_steps (T) must be >= 0, got {hyperparameters['inner_steps']}")
+    if pair_weight_type not in PAIR_WEIGHT_TYPES + (None,):
+        raise ValueError(f"unknown pair_weight_type {pair_weight_type!r}; valid: "
+                         f"{', '.join(PAIR_WEIGHT_TYPES)} or None")
+    source_channels = tuple(t.channels for t in source_taps)
+    return Transfer(
+        source_model=source_model, target_model=target_model,
+        heads=MatchingHeads(pairs, source_channels, conv_impl=conv_impl),
+        meta_networks=MetaNetworks(pairs, source_channels, channel_weighting,
+                                   pair_weight_type, pair_weight_init),
+        pairs=pairs, **hyperparameters)
+
+
+def check_source_variables(transfer: Transfer, source_variables: PyTree) -> None:
+    """Raises ValueError unless ``source_variables`` fit the transfer's source network
+    (same variables, same shapes: e.g. a checkpoint of another width or class count)."""
+    size = 64 if isinstance(transfer.source_model, models.ImageNetResNet) else 32
+    expected = jax.eval_shape(lambda: transfer.source_model.init(
+        jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+    name = models.model_name(transfer.source_model)
+    flat_expected = flax.traverse_util.flatten_dict(expected, sep="/")
+    flat_given = flax.traverse_util.flatten_dict(dict(source_variables), sep="/")
+    missing = sorted(set(flat_expected) - set(flat_given))
+    unexpected = sorted(set(flat_given) - set(flat_expected))
+    if missing or unexpected:
+        raise ValueError(f"the source variables do not fit {name}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for path, abstract in flat_expected.items():
+        if tuple(flat_given[path].shape) != tuple(abstract.shape):
+            raise ValueError(f"source variable {path} has shape {tuple(flat_given[path].shape)}"
+                             f", {name} (num_classes={transfer.source_model.num_classes}) "
+                             f"expects {tuple(abstract.shape)}: a channel or class-count "
+                             "mismatch between the source checkpoint and the config")
+
+
+def init_state(transfer: Transfer, rng: jax.Array, image_shape: Sequence[int]) -> TrainState:
+    """Fresh state: random target and heads, zero momentum, initial phi and Adam state.
+
+    Args:
+      rng: PRNG key.
+      image_shape: one input's (H, W, C).
+    """
+    model_rng, heads_rng, meta_rng = jax.random.split(rng, 3)
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = transfer.target_model.init(model_rng, images, train=False)
+    _, target_features = transfer.target_model.apply(variables, images, train=False)
+    heads_params = transfer.heads.init(heads_rng, target_features)["params"]
+    pooled = tuple(jnp.zeros((1, t.channels), jnp.float32)
+                   for t in transfer.source_model.feature_taps())
+    meta_params = transfer.meta_networks.init(meta_rng, pooled)["params"]
+    target_params = {"model": variables["params"], "heads": heads_params}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        target_params=target_params,
+        batch_stats=variables["batch_stats"],
+        momentum=jax.tree.map(jnp.zeros_like, target_params),
+        meta_params=meta_params,
+        meta_opt_state=transfer.meta_optimizer().init(meta_params))
+
+
+def sgd_momentum(params: PyTree, buffers: PyTree, grads: PyTree, learning_rate: jax.Array,
+                 momentum: float, weight_decay: float) -> tuple[PyTree, PyTree]:
+    """One ``torch.optim.SGD`` step (weight decay added to the gradient, no dampening).
+
+    Differentiable, so the simulated steps can be unrolled under ``jax.grad``.
+    Returns (new params, new buffers).
+    """
+    buffers = jax.tree.map(lambda b, g, p: momentum * b + g + weight_decay * p,
+                           buffers, grads, params)
+    params = jax.tree.map(lambda p, b: p - learning_rate * b, params, buffers)
+    return params, buffers
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchConstants:
+    """Per-batch quantities that no step of the iteration changes."""
+
+    images: jax.Array
+    labels: jax.Array
+    matched_source: tuple[jax.Array, ...]   # per pair S^m(x) resized to T^n's size
+    pooled_source: tuple[jax.Array, ...]    # per source tap, (B, C_m)
+
+
+def _target_losses(transfer: Transfer, theta: PyTree, batch_stats: PyTree,
+                   batch: _BatchConstants, channel_weights, pair_weights):
+    """Train-mode forward of the target. Returns (ce, matching, logits, new batch_stats)."""
+    (logits, target_features), updated = transfer.target_model.apply(
+        {"params": theta["model"], "batch_stats": batch_stats}, batch.images, train=True,
+        mutable=["batch_stats"])
+    regressed = transfer.heads.apply({"params": theta["heads"]}, target_features)
+    matching = losses.weighted_matching_loss(batch.matched_source, regressed, channel_weights,
+                                             pair_weights, transfer.beta)
+    return losses.cross_entropy(logits, batch.labels), matching, logits, updated["batch_stats"]
+
+
+def _batch_constants(transfer: Transfer, state: TrainState, source_variables: PyTree,
+                     images: jax.Array, labels: jax.Array) -> _BatchConstants:
+    """Runs the source once (eval mode) and prepares its maps for every pair."""
+    _, source_features = transfer.source_model.apply(source_variables, images, train=False)
+    source_features = jax.lax.stop_gradient(source_features)
+    # Static target map sizes, to resize the source maps once rather than at every step.
+    _, target_shapes = jax.eval_shape(
+        functools.partial(transfer.target_model.apply, train=False),
+        {"params": state.target_params["model"], "batch_stats": state.batch_stats}, images)
+    matched = tuple(losses.bilinear_resize(source_features[m], target_shapes[n].shape[1:3])
+                    for m, n in transfer.pairs)
+    pooled = tuple(jnp.mean(f, axis=(1, 2)) for f in source_features)
+    return _BatchConstants(images, labels, matched, pooled)
+
+
+def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree,
+                        momentum_1: PyTree, batch_stats_1: PyTree, batch: _BatchConstants,
+                        learning_rate: jax.Array):
+    """Steps 2-4 as a function of phi: returns (meta loss, aux).
+
+    aux: ``sim_matching`` (T,) matching loss at the start of each simulated step,
+    ``adapt_ce`` CE at the start of the adaptation step, ``replay_batch_stats`` the running
+    statistics after one train-mode forward at theta_1 from ``batch_stats_1``, ``weights``
+    the meta-networks' (channel weights, pair weights).
+    """
+    channel_weights, pair_weights = transfer.meta_networks.apply(
+        {"params": meta_params}, batch.pooled_source)
+
+    def matching_objective(theta):
+        _, matching, _, stats = _target_losses(transfer, theta, batch_stats_1, batch,
+                                               channel_weights, pair_weights)
+        return matching, stats
+
+    def simulated_step(carry, _):
+        theta, buffers = carry
+        (matching, stats), grads = jax.value_and_grad(matching_objective, has_aux=True)(theta)
+        theta, buffers = sgd_momentum(theta, buffers, grads, learning_rate,
+                                      transfer.momentum, transfer.weight_decay)
+        return (theta, buffers), (matching, stats)
+
+    if transfer.remat:
+        simulated_step = jax.checkpoint(simulated_step)
+
+    def ce_objective(theta):
+        ce, _, _, stats = _target_losses(transfer, theta, batch_stats_1, batch, None, None)
+        return ce, stats
+
+    (theta, buffers), (sim_matching, sim_stats) = jax.lax.scan(
+        simulated_step, (theta_1, momentum_1), None, length=transfer.inner_steps)
+    (adapt_ce, adapt_stats), grads = jax.value_and_grad(ce_objective, has_aux=True)(theta)
+    theta, _ = sgd_momentum(theta, buffers, grads, learning_rate, transfer.momentum,
+                            transfer.weight_decay)
+    meta_loss, _ = ce_objective(theta)
+    # The reference's replay ends on the first simulated step (or on the adaptation step when
+    # T = 0), a train-mode forward at theta_1; its BN update is what the run keeps.
+    if transfer.inner_steps > 0:
+        replay_stats = jax.tree.map(lambda s: s[0], sim_stats)
+    else:
+        replay_stats = adapt_stats
+    return meta_loss, {"sim_matching": sim_matching, "adapt_ce": adapt_ce,
+                       "replay_batch_stats": replay_stats,
+                       "weights": jax.lax.stop_gradient((channel_weights, pair_weights))}
+
+
+def real_step(transfer: Transfer, state: TrainState, batch: _BatchConstants,
+              learning_rate: jax.Array):
+    """Step 1: SGD on CE + matching at theta_0 with phi's outputs held constant (the
+    reference discards this step's phi gradient).
+
+    Returns (theta_1, momentum_1, batch_stats_1, (ce, matching, logits)).
+    """
+    channel_weights, pair_weights = jax.lax.stop_gradient(transfer.meta_networks.apply(
+        {"params": state.meta_params}, batch.pooled_source))
+
+    def objective(theta):
+        ce, matching, logits, stats = _target_losses(transfer, theta, state.batch_stats, batch,
+                                                     channel_weights, pair_weights)
+        return ce + matching, (ce, matching, logits, stats)
+
+    grads, (ce, matching, logits, batch_stats_1) = jax.grad(objective, has_aux=True)(
+        state.target_params)
+    theta_1, momentum_1 = sgd_momentum(state.target_params, state.momentum, grads,
+                                       learning_rate, transfer.momentum, transfer.weight_decay)
+    return theta_1, momentum_1, batch_stats_1, (ce, matching, logits)
+
+
+def meta_objective(transfer: Transfer, state: TrainState, source_variables: PyTree,
+                   images: jax.Array, labels: jax.Array, learning_rate: jax.Array):
+    """The meta loss of one iteration as a function of phi (for tests and analysis).
+
+    Runs the source and the real step, then returns ``phi -> (meta loss, aux)`` (see
+    :func:`_simulate_and_adapt`); ``jax.grad`` of it is the exact meta-gradient.
+    """
+    batch = _batch_constants(transfer, state, source_variables, images, labels)
+    theta_1, momentum_1, batch_stats_1, _ = real_step(transfer, state, batch, learning_rate)
+    return _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learning_rate)
+
+
+def _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learning_rate):
+    return functools.partial(_simulate_and_adapt, transfer, theta_1=theta_1,
+                             momentum_1=momentum_1, batch_stats_1=batch_stats_1, batch=batch,
+                             learning_rate=learning_rate)
+
+
+def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.Array],
+               state: TrainState, source_variables: PyTree, images: jax.Array,
+               labels: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One L2T-ww iteration (module docstring). Pure; jit it with :func:`jit_train_step`.
+
+    Args:
+      transfer: static description (bind with functools.partial).
+      learning_rate_fn: theta's SGD learning rate as a function of ``state.step``.
+      state: the training state.
+      source_variables: the frozen source network's ``{'params', 'batch_stats'}``.
+      images: (B, H, W, 3) normalised inputs; labels: (B,) int.
+
+    Returns:
+      (new state, metrics): scalars ``ce``, ``matching``, ``accuracy`` (of the real step),
+      ``adapt_ce``, ``meta_loss``, ``meta_grad_norm``, ``learning_rate``; ``sim_matching``
+      (T,); per pair ``pair_weights`` (mean lambda) and ``channel_weight_entropy`` (nats).
+    """
+    learning_rate = learning_rate_fn(state.step)
+    batch = _batch_constants(transfer, state, source_variables, images, labels)
+    # 1. The real step.
+    theta_1, momentum_1, batch_stats_1, (ce, matching, logits) = real_step(
+        transfer, state, batch, learning_rate)
+
+    # 2-5. Meta-gradient through the simulated steps; theta_1 and its buffers are constants.
+    objective = _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch,
+                                  learning_rate)
+    (meta_loss, aux), meta_grads = jax.value_and_grad(objective, has_aux=True)(
+        state.meta_params)
+    updates, meta_opt_state = transfer.meta_optimizer().update(
+        meta_grads, state.meta_opt_state, state.meta_params)
+    meta_params = optax.apply_updates(state.meta_params, updates)
+
+    # 6. Rollback: theta and buffers stay at step 1's values.
+    new_state = state.replace(
+        step=state.step + 1, target_params=theta_1, momentum=momentum_1,
+        batch_stats=aux["replay_batch_stats"] if transfer.replay_bn_update else batch_stats_1,
+        meta_params=meta_params, meta_opt_state=meta_opt_state)
+    metrics = {
+        "ce": ce, "matching": matching, "accuracy": losses.accuracy(logits, labels),
+        "sim_matching": aux["sim_matching"], "adapt_ce": aux["adapt_ce"],
+        "meta_loss": meta_loss, "meta_grad_norm": optax.tree.norm(meta_grads),
+        "learning_rate": learning_rate,
+    }
+    channel_weights, pair_weights = aux["weights"]
+    if pair_weights is not None:
+        metrics["pair_weights"] = jnp.stack([jnp.mean(w) for w in pair_weights])
+    if channel_weights is not None:
+        metrics["channel_weight_entropy"] = jnp.stack(
+            [channel_weight_entropy(w) for w in channel_weights])
+    return new_state, metrics
+
+
+def jit_train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.Array]):
+    """``jax.jit`` of :func:`train_step` with ``transfer`` and the schedule bound.
+
+    The returned function is ``step(state, source_variables, images, labels)``; ``state``
+    is donated (its buffers are reused for the new state, so do not read it afterwards).
+    """
+    return jax.jit(functools.partial(train_step, transfer, learning_rate_fn),
+                   donate_argnums=(0,))
+
+
+def evaluate_batch(model: nn.Module, variables: PyTree, images: jax.Array,
+                   labels: jax.Array) -> dict[str, jax.Array]:
+    """Eval-mode (running statistics) loss and number of correct predictions on a batch."""
+    logits, _ = model.apply(variables, images, train=False)
+    return {"ce": losses.cross_entropy(logits, labels),
+            "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}

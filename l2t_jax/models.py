@@ -1,0 +1,290 @@
+"""Networks with feature taps: CIFAR-style ResNets, VGG-9-BN, torchvision-layout ResNets.
+
+This module owns the source and target architectures of the paper and the one way features
+are exposed: every model's ``__call__(images, train)`` returns ``(logits, features)`` where
+``features`` is a tuple of the tapped maps in the paper's index order (the indices that pair
+lists such as ``"4-0,9-1"`` refer to). Images and features are NHWC.
+
+Numerics follow the PyTorch reference (SPEC.md): BatchNorm with eps 1e-5, running-stat
+momentum 0.1, normalisation by the biased batch variance and running variance updated with
+the unbiased one; convolution padding and initialisation as in the reference.
+
+Module names mirror the reference's PyTorch state-dict keys (``blocks2_0`` for
+``blocks2.0``, ``layer3_1`` for ``layer3.1``) so that :mod:`l2t_jax.convert` is a rename.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from l2t_jax import convolution
+
+# PyTorch's kaiming-normal(fan_out) and the ResNets' normal(0, sqrt(2 / (k*k*out))) are the
+# same distribution: variance 2 / fan_out, untruncated.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default Linear / Conv init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+    """PyTorch's default bias init for Linear / Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """One tapped feature map: channel count and stride relative to the input image."""
+
+    channels: int
+    stride: int
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d with PyTorch numerics (NHWC).
+
+    Train mode normalises with the batch mean and biased variance over (N, H, W) and, unless
+    the module is being initialised, updates ``batch_stats/{mean,var}`` with momentum 0.1 and
+    the *unbiased* variance (x n / (n - 1), n = N*H*W), as ``torch.nn.BatchNorm2d`` does.
+    Flax's own BatchNorm uses the biased variance there, which changes the evaluation
+    statistics.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,))
+        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,))
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,))
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            if not self.is_initializing():
+                count = x.size // channels
+                unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
+                running_mean.value = (1.0 - self.momentum) * running_mean.value + (
+                    self.momentum * jax.lax.stop_gradient(mean))
+                running_var.value = (1.0 - self.momentum) * running_var.value + (
+                    self.momentum * unbiased)
+        else:
+            mean, var = running_mean.value, running_var.value
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def _conv(features: int, kernel: int, stride: int, padding: int, use_bias: bool, name: str,
+          impl: str) -> nn.Module:
+    return convolution.Conv2d(
+        features=features, kernel_size=kernel, stride=stride, padding=padding,
+        use_bias=use_bias, kernel_init=conv_kernel_init, impl=impl, name=name)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU (torchvision layout and names)."""
+
+    features: int
+    stride: int = 1
+    downsample: bool = False
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = _conv(self.features, 3, self.stride, 1, False, "conv1", self.conv_impl)(x)
+        y = nn.relu(BatchNorm(name="bn1")(y, train))
+        y = _conv(self.features, 3, 1, 1, False, "conv2", self.conv_impl)(y)
+        y = BatchNorm(name="bn2")(y, train)
+        shortcut = x
+        if self.downsample:
+            shortcut = _conv(self.features, 1, self.stride, 0, False, "downsample_conv",
+                             self.conv_impl)(x)
+            shortcut = BatchNorm(name="downsample_bn")(shortcut, train)
+        return nn.relu(y + shortcut)
+
+
+def _classifier(features: jax.Array, num_classes: int, torch_default_init: bool = True
+                ) -> jax.Array:
+    """Global average pool and Linear. PyTorch's default init for the ResNets; the
+    reference's VGG initialises its classifier N(0, 0.01) with zero bias."""
+    pooled = jnp.mean(features, axis=(1, 2))
+    if torch_default_init:
+        kernel_init = torch_default_kernel_init
+        bias_init = torch_default_bias_init(features.shape[-1])
+    else:
+        kernel_init, bias_init = nn.initializers.normal(0.01), nn.initializers.zeros
+    return nn.Dense(num_classes, kernel_init=kernel_init, bias_init=bias_init, name="fc")(pooled)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR-style ResNet-(6n+2) of the reference (``resnet_cifar.CResNet``).
+
+    conv3x3 (with bias)-BN-ReLU, then ``block1``, ``blocks2_{0..n-2}`` at ``widths[0]``,
+    ``block3`` (stride 2, 1x1 downsample), ``blocks4_*`` at ``widths[1]``, ``block5``,
+    ``blocks6_*`` at ``widths[2]``, global average pool, ``fc``. Taps: the 3n block outputs
+    (15 for ResNet-32: 16 ch x5 at stride 1, 32 x5 at 2, 64 x5 at 4).
+    """
+
+    depth: int = 32
+    num_classes: int = 100
+    widths: Sequence[int] = (16, 32, 64)
+    conv_impl: str = "auto"
+
+    @property
+    def blocks_per_stage(self) -> int:
+        if (self.depth - 2) % 6 or self.depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {self.depth}")
+        return (self.depth - 2) // 6
+
+    def feature_taps(self) -> tuple[Tap, ...]:
+        n = self.blocks_per_stage
+        return tuple(Tap(w, s) for w, s in zip(self.widths, (1, 2, 4)) for _ in range(n))
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool):
+        n = self.blocks_per_stage
+        x = _conv(self.widths[0], 3, 1, 1, True, "conv1", self.conv_impl)(images)
+        x = nn.relu(BatchNorm(name="bn1")(x, train))
+        features = []
+        stage_names = (("block1", "blocks2"), ("block3", "blocks4"), ("block5", "blocks6"))
+        for stage, (first, rest) in enumerate(stage_names):
+            stride = 1 if stage == 0 else 2
+            x = BasicBlock(self.widths[stage], stride, downsample=stage > 0,
+                           conv_impl=self.conv_impl, name=first)(x, train)
+            features.append(x)
+            for i in range(n - 1):
+                x = BasicBlock(self.widths[stage], conv_impl=self.conv_impl,
+                               name=f"{rest}_{i}")(x, train)
+                features.append(x)
+        return _classifier(x, self.num_classes), tuple(features)
+
+
+class ImageNetResNet(nn.Module):
+    """torchvision-layout ResNet-18/34 (BasicBlock), as the reference's ``resnet_ilsvrc``.
+
+    Taps: the stem output after ReLU (before max-pool, stride 2) and the outputs of
+    ``layer1..layer4`` (strides 4, 8, 16, 32): channels [64, 64, 128, 256, 512].
+    The classifier pools globally (the reference's AvgPool2d(7) at 224 px is the same).
+    """
+
+    depth: int = 18
+    num_classes: int = 1000
+    widths: Sequence[int] = (64, 128, 256, 512)
+    conv_impl: str = "auto"
+
+    @property
+    def stage_sizes(self) -> tuple[int, ...]:
+        sizes = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+        if self.depth not in sizes:
+            raise ValueError(f"ImageNet ResNet depth must be one of {sorted(sizes)}, "
+                             f"got {self.depth}")
+        return sizes[self.depth]
+
+    def feature_taps(self) -> tuple[Tap, ...]:
+        return (Tap(self.widths[0], 2),) + tuple(
+            Tap(w, 4 * 2 ** i) for i, w in enumerate(self.widths))
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool):
+        x = _conv(self.widths[0], 7, 2, 3, False, "conv1", self.conv_impl)(images)
+        x = nn.relu(BatchNorm(name="bn1")(x, train))
+        features = [x]
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        in_channels = self.widths[0]
+        for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+            for i in range(blocks):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                x = BasicBlock(width, stride, downsample=(stride != 1 or in_channels != width),
+                               conv_impl=self.conv_impl,
+                               name=f"layer{stage + 1}_{i}")(x, train)
+                in_channels = width
+            features.append(x)
+        return _classifier(x, self.num_classes), tuple(features)
+
+
+# VGG-9 stages: each inner tuple is one max-pool stage of 3x3 conv-BN-ReLU layers (as
+# multiples of the stage width); the tap is each stage's output, i.e. the max-pool's input.
+VGG9_STAGE_CONVS = (1, 1, 2, 2, 2)
+
+
+class VGG(nn.Module):
+    """VGG with BatchNorm, CIFAR variant of the reference (``vgg_cifar.vgg9_bn``).
+
+    Stages of conv3x3 (pad 1, with bias)-BN-ReLU followed by 2x2 max-pool; VGG-9 is
+    [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M]. Then global average pool and
+    ``fc``. Convs are named ``conv{k}`` / ``bn{k}`` in order. Taps: the max-pool inputs
+    (64, 128, 256, 512, 512 channels at strides 1, 2, 4, 8, 16).
+    """
+
+    num_classes: int = 100
+    widths: Sequence[int] = (64, 128, 256, 512, 512)
+    convs_per_stage: Sequence[int] = VGG9_STAGE_CONVS
+    conv_impl: str = "auto"
+
+    def feature_taps(self) -> tuple[Tap, ...]:
+        return tuple(Tap(w, 2 ** i) for i, w in enumerate(self.widths))
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool):
+        x = images
+        features = []
+        k = 0
+        for width, convs in zip(self.widths, self.convs_per_stage):
+            for _ in range(convs):
+                x = _conv(width, 3, 1, 1, True, f"conv{k}", self.conv_impl)(x)
+                x = nn.relu(BatchNorm(name=f"bn{k}")(x, train))
+                k += 1
+            features.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        return _classifier(x, self.num_classes, torch_default_init=False), tuple(features)
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": lambda **kw: CifarResNet(depth=20, **kw),
+    "resnet32": lambda **kw: CifarResNet(depth=32, **kw),
+    "resnet56": lambda **kw: CifarResNet(depth=56, **kw),
+    "vgg9_bn": lambda **kw: VGG(**kw),
+    "resnet18": lambda **kw: ImageNetResNet(depth=18, **kw),
+    "resnet34": lambda **kw: ImageNetResNet(depth=34, **kw),
+}
+
+MODEL_NAMES = tuple(_REGISTRY)
+
+
+def model_name(model: nn.Module) -> str:
+    """The registry name of a model built by :func:`get_model` (for messages)."""
+    if isinstance(model, (CifarResNet, ImageNetResNet)):
+        return f"resnet{model.depth}"
+    if isinstance(model, VGG) and tuple(model.convs_per_stage) == VGG9_STAGE_CONVS:
+        return "vgg9_bn"
+    return type(model).__name__
+
+
+def get_model(name: str, num_classes: int, **overrides) -> nn.Module:
+    """Builds a registered network.
+
+    Args:
+      name: one of :data:`MODEL_NAMES` (``resnet20/32/56`` are CIFAR-style,
+        ``resnet18/34`` torchvision-style, ``vgg9_bn``).
+      num_classes: classifier outputs.
+      **overrides: module attributes, e.g. ``widths=(4, 8, 16)`` for tiny test models or
+        ``conv_impl='matmul'``.
+
+    Returns:
+      A Linen module; ``model.feature_taps()`` lists its taps (channels, stride).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return _REGISTRY[name](num_classes=num_classes, **overrides)

@@ -1,0 +1,162 @@
+"""The bilevel step on tiny networks: exact meta-gradient (finite differences), one trace,
+rollback, BN replay option, and clear errors for bad pairs and mismatched sources."""
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from l2t_jax import bilevel, matching, models
+
+TINY_SOURCE = dict(widths=(4, 6, 8))           # ResNet-20: taps 0..8
+TINY_TARGET = dict(widths=(4, 6, 8, 8, 8))     # VGG-9: taps 0..4
+TINY_PAIRS = matching.parse_pairs("2-0,2-1,5-1,5-2,8-3,8-4,8-2")
+
+
+def _tiny_transfer(**hyperparameters):
+    source = models.get_model("resnet20", 5, **TINY_SOURCE)
+    target = models.get_model("vgg9_bn", 3, **TINY_TARGET)
+    return bilevel.make_transfer(source, target, TINY_PAIRS, **hyperparameters)
+
+
+def _tiny_setup(seed=0, dtype=jnp.float32, batch=4, **hyperparameters):
+    transfer = _tiny_transfer(**hyperparameters)
+    rng = jax.random.key(seed)
+    state = bilevel.init_state(transfer, rng, (32, 32, 3))
+    source_variables = transfer.source_model.init(
+        jax.random.fold_in(rng, 1), jnp.zeros((1, 32, 32, 3)), train=False)
+    images = jax.random.normal(jax.random.fold_in(rng, 2), (batch, 32, 32, 3))
+    labels = jnp.arange(batch) % 3
+    cast = lambda tree: jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    return transfer, cast(state), cast(source_variables), images.astype(dtype), labels
+
+
+def test_meta_gradient_matches_finite_differences():
+    with jax.enable_x64(True):
+        transfer, state, source_variables, images, labels = _tiny_setup(dtype=jnp.float64)
+        # Move phi off its symmetric init so every path carries gradient. (lr 0.01: with
+        # this random source the matching loss diverges at 0.1, and the meta loss with it.)
+        keys = iter(jax.random.split(jax.random.key(3), 1000))
+        phi = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape, p.dtype),
+                           state.meta_params)
+        objective = jax.jit(lambda p: bilevel.meta_objective(
+            transfer, state, source_variables, images, labels, 0.01)(p)[0])
+        gradient = jax.jit(jax.grad(objective))(phi)
+        # Small steps: ReLU / max-pool kinks lie within 1e-5 of phi in some directions.
+        epsilon = 1e-7
+        for trial in range(3):
+            direction = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape, p.dtype),
+                                     phi)
+            shifted = lambda sign: jax.tree.map(lambda p, d: p + sign * epsilon * d, phi,
+                                                direction)
+            numeric = (objective(shifted(1)) - objective(shifted(-1))) / (2 * epsilon)
+            analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(gradient),
+                                                          jax.tree.leaves(direction)))
+            assert abs(numeric - analytic) <= 1e-5 * abs(analytic), (trial, numeric, analytic)
+
+
+def _halving_schedule(step):
+    return 0.1 * 0.5 ** step
+
+
+def test_step_traces_once_and_rolls_back():
+    transfer, state, source_variables, images, labels = _tiny_setup(inner_steps=2)
+
+    @chex.assert_max_traces(n=1)
+    def traced_step(*args):
+        return bilevel.train_step(transfer, _halving_schedule, *args)
+
+    step = jax.jit(traced_step, donate_argnums=(0,))
+    without_simulation = jax.jit(functools.partial(
+        bilevel.train_step, dataclasses.replace(transfer, inner_steps=0), _halving_schedule))
+    for i in range(3):
+        batch = images + 0.1 * i
+        reference, _ = without_simulation(state, source_variables, batch, labels)
+        theta_0 = jax.tree.map(np.array, state.target_params)
+        phi_0 = jax.tree.map(np.array, state.meta_params)
+        state, metrics = step(state, source_variables, batch, labels)
+        # Rollback: T simulated steps leave theta and the buffers exactly where the real
+        # step put them, i.e. where a run with T = 0 puts them.
+        chex.assert_trees_all_equal(state.target_params, reference.target_params)
+        chex.assert_trees_all_equal(state.momentum, reference.momentum)
+        # ... and the real step did move theta (conv biases before a BN stay at 0: their
+        # gradient is 0 and so is their weight decay).
+        for path in (("model", "fc", "kernel"), ("model", "conv3", "kernel"),
+                     ("heads", "head_0", "bias")):
+            now, before = state.target_params, theta_0
+            for key in path:
+                now, before = now[key], before[key]
+            assert not np.allclose(now, before), path
+        assert any(not np.allclose(a, b) for a, b in zip(
+            jax.tree.leaves(state.meta_params), jax.tree.leaves(phi_0)))
+        assert metrics["sim_matching"].shape == (2,)
+        assert metrics["pair_weights"].shape == metrics["channel_weight_entropy"].shape == (7,)
+        np.testing.assert_allclose(metrics["learning_rate"], _halving_schedule(i), rtol=1e-6)
+    assert int(state.step) == 3
+
+
+def test_replay_bn_update_option():
+    transfer, state, source_variables, images, labels = _tiny_setup()
+    with_replay, _ = jax.jit(functools.partial(bilevel.train_step, transfer, lambda _: 0.1))(
+        state, source_variables, images, labels)
+    no_replay, _ = jax.jit(functools.partial(
+        bilevel.train_step, dataclasses.replace(transfer, replay_bn_update=False),
+        lambda _: 0.1))(state, source_variables, images, labels)
+    # Without the replay: exactly one running-stat update (from theta_0's forward).
+    _, one_update = transfer.target_model.apply(
+        {"params": state.target_params["model"], "batch_stats": state.batch_stats}, images,
+        train=True, mutable=["batch_stats"])
+    chex.assert_trees_all_close(no_replay.batch_stats, one_update["batch_stats"], rtol=1e-5,
+                                atol=1e-6)
+    # With it: one more update, from a forward at theta_1 (= the new target params).
+    _, two_updates = transfer.target_model.apply(
+        {"params": with_replay.target_params["model"], "batch_stats": one_update["batch_stats"]},
+        images, train=True, mutable=["batch_stats"])
+    chex.assert_trees_all_close(with_replay.batch_stats, two_updates["batch_stats"], rtol=1e-5,
+                                atol=1e-6)
+
+
+def test_remat_gives_the_same_step():
+    transfer, state, source_variables, images, labels = _tiny_setup()
+    results = [jax.jit(functools.partial(bilevel.train_step, t, lambda _: 0.1))(
+        state, source_variables, images, labels)
+        for t in (transfer, dataclasses.replace(transfer, remat=True))]
+    (plain, plain_metrics), (checkpointed, remat_metrics) = results
+    chex.assert_trees_all_close(plain.meta_params, checkpointed.meta_params, rtol=1e-5,
+                                atol=1e-7)
+    np.testing.assert_allclose(plain_metrics["meta_loss"], remat_metrics["meta_loss"],
+                               rtol=1e-5)
+
+
+def test_bad_pairs_and_sources_are_clear_errors():
+    source = models.get_model("resnet32", 200)
+    target = models.get_model("vgg9_bn", 100)
+    with pytest.raises(ValueError, match=r"pair 15-0: source index 15 is out of range; "
+                                         r"resnet32 exposes taps 0\.\.14"):
+        bilevel.make_transfer(source, target, [(15, 0)])
+    with pytest.raises(ValueError, match=r"target index 5 is out of range; vgg9_bn exposes "
+                                         r"taps 0\.\.4 \(channels \[64, 128, 256, 512, 512\]\)"):
+        bilevel.make_transfer(source, target, [(4, 5)])
+    with pytest.raises(ValueError, match="bad pair '4:0'"):
+        matching.parse_pairs("4:0")
+    with pytest.raises(ValueError, match=r"inner_steps \(T\) must be >= 0"):
+        bilevel.make_transfer(source, target, [(4, 0)], inner_steps=-1)
+    with pytest.raises(ValueError, match="unknown pair_weight_type 'sigmoid'.*relu6"):
+        bilevel.make_transfer(source, target, [(4, 0)], pair_weight_type="sigmoid")
+    transfer = bilevel.make_transfer(source, target, [(4, 0)])
+    other_classes = models.get_model("resnet32", 10).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    with pytest.raises(ValueError, match=r"params/fc/(bias|kernel) has shape \((64, )?10,?\)"
+                                         r".*num_classes=200.*\((64, )?200,?\)"):
+        bilevel.check_source_variables(transfer, other_classes)
+    other_widths = models.get_model("resnet32", 200, widths=(8, 16, 32)).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    with pytest.raises(ValueError, match="channel or class-count mismatch"):
+        bilevel.check_source_variables(transfer, other_widths)
+    with pytest.raises(ValueError, match="do not fit resnet32"):
+        bilevel.check_source_variables(transfer, models.get_model("resnet20", 200).init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
