@@ -254,6 +254,8 @@ def load_converted(directory: str, expect_model: Optional[str] = None,
                    expect_num_classes: Optional[int] = None):
     """Reads a converted network: returns (model, variables, metadata).
 
+    ``metadata['model_overrides']`` (optional) holds get_model overrides such as ``widths``.
+
     Raises ValueError when the checkpoint is for another model or class count than expected.
     """
     import orbax.checkpoint as ocp
@@ -270,7 +272,8 @@ def load_converted(directory: str, expect_model: Optional[str] = None,
     if expect_num_classes is not None and metadata["num_classes"] != expect_num_classes:
         raise ValueError(f"{directory!r} has {metadata['num_classes']} classes, the config "
                          f"asks for {expect_num_classes}")
-    model = models.get_model(metadata["model"], metadata["num_classes"])
+    model = models.get_model(metadata["model"], metadata["num_classes"],
+                             **metadata.get("model_overrides", {}))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
                             _abstract_variables(model))
     variables = checkpointer.restore(directory, args=ocp.args.Composite(

@@ -1,17 +1,32 @@
-"""Entry point of the training program: ``python -m l2t_jax.main --config=... --workdir=...``.
+"""Entry point: ``python -m l2t_jax.main --config=configs/<experiment>.py --workdir=DIR``.
 
-The training program (configs, data pipelines, the loop, checkpoints) is issue 4 and is not
-written yet; this module says so instead of pretending to train.
+Overrides on the command line: ``--config.T=5 --config.batch_size=64``. A variant after a
+colon selects a preset of the config file (``configs/cifar100.py:tiny``).
+All logic lives in :func:`l2t_jax.train.train_and_evaluate`.
 """
-import sys
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from l2t_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py), optionally file.py:variant.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
+                               "result.json; an existing one is resumed.")
+flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv=None) -> int:
-    print("l2t_jax.main: not yet. The training program (configs/, data, training loop, "
-          "checkpoints) is issue 4 and has not landed. What exists now is the core: see "
-          "README.md ('What exists now') and `python -m l2t_jax.bench`.", file=sys.stderr)
-    return 1
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    try:
+        result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as e:   # config and data errors: no traceback
+        raise app.UsageError(str(e)) from None
+    logging.info("result: %s", result)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    app.run(main)

@@ -1,0 +1,26 @@
+"""CIFAR-100: TinyImageNet ResNet-32 (released) -> VGG-9-BN, 15 pairs, the official split.
+
+    python -m l2t_jax.main --config=configs/cifar100.py --workdir=DIR
+    python -m l2t_jax.main --config=configs/cifar100.py:tiny --workdir=DIR   # smoke run
+
+Data: ``tfds build cifar100 --file_format=array_record`` once (needs the [prepare] extra).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # noqa: E402
+
+
+def get_config(variant=None):
+    config = default.get_config()
+    config.data.kind = "tfds"
+    config.data.name = "cifar100"
+    config.data.official_split = "cifar100"
+    config.data.num_classes = 100
+    config.batch_size = 128
+    if variant == "tiny":
+        default.tiny(config)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of cifar100; valid: tiny")
+    return config

@@ -1,0 +1,21 @@
+"""Stanford 40 Actions: ImageNet ResNet-34 (torchvision weights) -> ResNet-18, 16 pairs, batch 64.
+
+Data: an image folder `data_dir/{train,test}/<class>/<image>` (class folders and files
+sorted; set --config.data.data_dir). The release has no official split for this data set: the
+configured eval split is the test folder (documented limitation, see README).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # noqa: E402
+
+
+def get_config(variant=None):
+    config = default.imagenet_transfer(default.get_config(), "stanford40", 40, "")
+    config.data.eval_splits = ("test",)
+    if variant == "tiny":
+        default.tiny(config)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of stanford40; valid: tiny")
+    return config

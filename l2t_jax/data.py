@@ -1,0 +1,364 @@
+"""Data: random-access sources, the official splits, augmentation, and grain pipelines.
+
+This module owns where examples come from and how they become batches:
+
+- sources (``__len__``, ``__getitem__ -> (uint8 HWC image, int label)``): a prepared TFDS
+  data set read through ``tfds.data_source`` (array_record, no TensorFlow), an image folder
+  ``root/<split>/<class>/<file>``, or ``<split>.npz`` arrays;
+- the official train/val/test index lists of the release (checked against sha256 sums),
+  applied as positions in the data set's original order;
+- augmentation and normalisation as the reference (SPEC.md), deterministic from the seed;
+- grain ``MapDataset`` pipelines. Batch ``i`` of epoch ``e`` is a pure function of
+  (seed, e, i), so the step counter is the whole iterator state: resuming is exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+# sha256 of the release's split files (the JSON copies), from the authors' repository.
+SPLIT_SHA256 = {
+    "cifar100-test": "afa2e87005d73d0e17e50b919ddf77fe9bbe5ec9f82990abc5971bbc1d1ac456",
+    "cifar100-train": "26d0ea6dc69457ba46773eb4e248a6357f8fe2ecfcb526977244deaa6fe87e29",
+    "cifar100-val": "8dd72e3b02bc098af0c41440d5e521c2cea9e34d25f9224f253d67a3f6ae8500",
+    "cub200-test": "2640906989f0cbff3df2ee8fb1e9973c779cbfd1e7f63cc739f782b57b824bdd",
+    "cub200-train": "6652a4a19bfad66c6f885679675d70889cab728725fa1f92177785fb8372b66c",
+    "cub200-val": "8ced24323d7cfd5adba9964f90e09cff92a84bef328d93b54c6d9c0bbadd4d2f",
+    "dog-test": "ccc7ce5901ffce00384a1aef95e731fd88dc02741fa5c37b3d64b3dbd6dc3ef7",
+    "dog-train": "9da16a0d13aa9655295e8641582e7c8902ab47b17df3b2c3a6bf86ffe376a777",
+    "dog-val": "f7080c0d48cd317a8798547c478368cf5d463e84371bf2eeb65b2ca4a245e6a1",
+    "stl10-test": "71dcbc16acae92a6530785e27c27c6685393cc75586d22cb3797cf573b028601",
+    "stl10-train": "c21fab342da5295d325a9cca039a8dfd43758659b678657c229282ed3d955017",
+    "stl10-val": "163d9e44c79161dd13835335284c2debf9dc010995ad870333eaa0b64743f326",
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class DataError(ValueError):
+    """Missing, unprepared or malformed data; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- sources
+class ArraySource:
+    """In-memory images (N, H, W, 3) uint8 and labels (N,)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        images, labels = np.asarray(images), np.asarray(labels)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise DataError(f"images must be uint8 (N, H, W, 3), got {images.dtype} "
+                            f"{images.shape}")
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels.astype(np.int32)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+
+def npz_source(data_dir: str, split: str) -> ArraySource:
+    path = os.path.join(data_dir, f"{split}.npz")
+    if not os.path.isfile(path):
+        raise DataError(f"no {split!r} split at {path}: write it with "
+                        f"numpy.savez(path, images=uint8 NHWC array, labels=int array)")
+    with np.load(path) as arrays:
+        return ArraySource(arrays["images"], arrays["labels"])
+
+
+class ImageFolderSource:
+    """``root/<split>/<class>/<file>``: classes and files in sorted order (the order the
+    release's CUB and Dogs index lists refer to). Images decode on access (RGB uint8).
+
+    Empty class folders are skipped with their names recorded in ``empty_classes`` (the class
+    index is still reserved, so labels match the folder order). A file that does not decode
+    raises :class:`DataError` naming it, unless ``skip_corrupt``: then every file is checked
+    once up front and the unreadable ones are listed in ``skipped``.
+    """
+
+    def __init__(self, root: str, split: str, skip_corrupt: bool = False):
+        from PIL import Image
+        self._image = Image
+        directory = os.path.join(root, split)
+        if not os.path.isdir(directory):
+            raise DataError(f"no {split!r} split at {directory}: expected "
+                            f"{root}/{split}/<class>/<image files>")
+        self.classes = sorted(d for d in os.listdir(directory)
+                              if os.path.isdir(os.path.join(directory, d)))
+        if not self.classes:
+            raise DataError(f"{directory} has no class folders")
+        self.files, labels, self.empty_classes = [], [], []
+        for label, name in enumerate(self.classes):
+            files = sorted(f for f in os.listdir(os.path.join(directory, name))
+                           if f.lower().endswith(IMAGE_SUFFIXES))
+            if not files:
+                self.empty_classes.append(name)
+            self.files += [os.path.join(directory, name, f) for f in files]
+            labels += [label] * len(files)
+        self.labels = np.asarray(labels, np.int32)
+        self.skipped = []
+        if skip_corrupt:
+            keep = []
+            for i, path in enumerate(self.files):
+                try:
+                    self._decode(path)
+                    keep.append(i)
+                except DataError:
+                    self.skipped.append(path)
+            self.files = [self.files[i] for i in keep]
+            self.labels = self.labels[keep]
+        if not self.files:
+            raise DataError(f"{directory} has no readable images")
+
+    def _decode(self, path: str) -> np.ndarray:
+        try:
+            with self._image.open(path) as image:
+                return np.asarray(image.convert("RGB"), np.uint8)
+        except Exception as e:  # PIL raises several types for bad files
+            raise DataError(f"cannot decode image {path}: {e}; fix or remove it, or set "
+                            "config.data.skip_corrupt = True") from None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        return self._decode(self.files[index]), self.labels[index]
+
+
+class TfdsSource:
+    """A prepared TFDS data set read with ``tfds.data_source`` (array_record, no TF).
+
+    ``order`` maps positions in the data set's original ordering (what the official index
+    lists refer to) to TFDS record indices; see :func:`original_order_from_ids`.
+    """
+
+    def __init__(self, name: str, split: str, data_dir: Optional[str] = None):
+        import tensorflow_datasets as tfds
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                            download=False)
+        except Exception as e:
+            raise DataError(
+                f"TFDS data set {name!r} (split {split!r}) is not prepared in "
+                f"{data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: {e}). Prepare it "
+                f"once with: pip install 'l2t-jax[prepare]' && tfds build {name} "
+                f"--file_format=array_record"
+                + (f" --data_dir={data_dir}" if data_dir else "")) from None
+        self.order = None
+        self.labels = None      # replaces the records' labels when set (image-folder order)
+
+    def __len__(self):
+        return len(self._source)
+
+    def record(self, index: int) -> dict:
+        return self._source[index]
+
+    def use_original_order(self) -> None:
+        """Re-indexes records into the order the release's split lists refer to: CIFAR's
+        ``id`` position, or for image data sets (``image/filename``) the sorted
+        image-folder listing, with labels = rank of the class folder, as torchvision's
+        ImageFolder gives them."""
+        first = self.record(0)
+        if "id" in first:
+            self.order = original_order_from_ids(
+                [self.record(i)["id"] for i in range(len(self))])
+        elif "image/filename" in first:
+            names = [self.record(i)["image/filename"] for i in range(len(self))]
+            self.order, self.labels = original_order_from_filenames(names)
+        else:
+            raise DataError("these TFDS records carry no original position ('id' or "
+                            "'image/filename'); use the npz or image-folder route")
+
+    def __getitem__(self, index):
+        if self.order is not None:
+            record = self._source[int(self.order[index])]
+        else:
+            record = self._source[index]
+        label = record["label"] if self.labels is None else self.labels[index]
+        return np.asarray(record["image"], np.uint8), np.int32(label)
+
+
+def original_order_from_ids(ids: Sequence[str]) -> np.ndarray:
+    """Permutation from original positions to record indices, from TFDS ``id`` features
+    such as ``train_00042`` (CIFAR): ``order[k]`` is the record holding original example k.
+    """
+    positions = np.array([int(str(i).rsplit("_", 1)[1]) for i in ids])
+    if sorted(positions.tolist()) != list(range(len(positions))):
+        raise DataError("the ids do not number the examples 0..N-1")
+    order = np.empty(len(positions), np.int64)
+    order[positions] = np.arange(len(positions))
+    return order
+
+
+def original_order_from_filenames(filenames: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Order and labels of an image-folder listing from ``.../<class>/<file>`` paths.
+
+    Returns (order, labels): ``order[k]`` is the record of the k-th file when class folders
+    and then files are sorted; ``labels[k]`` is the rank of its class folder.
+    """
+    keys = []
+    for name in filenames:
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        parts = name.replace("\\", "/").split("/")
+        if len(parts) < 2:
+            raise DataError(f"file name {name!r} has no class folder")
+        keys.append((parts[-2], parts[-1]))
+    order = np.array(sorted(range(len(keys)), key=keys.__getitem__), np.int64)
+    classes = sorted({k[0] for k in keys})
+    labels = np.array([classes.index(keys[i][0]) for i in order], np.int32)
+    return order, labels
+
+
+class Subset:
+    """The examples of ``source`` at ``indices`` (positions in its original order).
+
+    ``classes`` (optional, as in the release's split files) relabels: an example of original
+    class c gets label ``classes.index(c)``, as the reference's ``FolderSubset`` does.
+    """
+
+    def __init__(self, source, indices: Sequence[int], classes: Optional[Sequence[int]] = None):
+        indices = np.asarray(indices, np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(source)):
+            bad = indices[(indices < 0) | (indices >= len(source))][0]
+            raise DataError(f"split index {bad} is outside the data set "
+                            f"(0..{len(source) - 1})")
+        self.source, self.indices = source, indices
+        self.relabel = None
+        if classes is not None and list(classes) != list(range(len(classes))):
+            self.relabel = {int(c): i for i, c in enumerate(classes)}
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        image, label = self.source[int(self.indices[index])]
+        if self.relabel is not None:
+            label = np.int32(self.relabel[int(label)])
+        return image, label
+
+
+def official_split(release_dir: str, name: str, split: str) -> tuple[list[int], list[int]]:
+    """Reads ``<release_dir>/splits/<name>-<split>.json`` after checking its sha256.
+
+    Returns (indices, classes): positions in the data set's original order, and the class
+    list the reference relabels with.
+    """
+    key = f"{name}-{split}"
+    if key not in SPLIT_SHA256:
+        raise DataError(f"no official split {key!r}; known: {', '.join(sorted(SPLIT_SHA256))}")
+    path = os.path.join(release_dir, "splits", f"{key}.json")
+    if not os.path.isfile(path):
+        raise DataError(f"official split file {path} is missing: download split/{key} from "
+                        "the authors' repository (see README, 'Assets')")
+    with open(path, "rb") as f:
+        content = f.read()
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != SPLIT_SHA256[key]:
+        raise DataError(f"{path} has sha256 {digest}, expected {SPLIT_SHA256[key]}: the file "
+                        "is corrupt or not the official split")
+    split_data = json.loads(content)
+    return split_data["indices"], split_data["classes"]
+
+
+# ------------------------------------------------------------------------ augmentation
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 HWC -> float32, scaled to [0, 1] then normalised with the ImageNet mean/std."""
+    return (image.astype(np.float32) / 255.0 - MEAN) / STD
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+    if image.shape[:2] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def pad_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The 32-px training augmentation: zero-pad 4, random crop ``size``, random h-flip."""
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    top, left = rng.integers(0, padded.shape[0] - size + 1), rng.integers(
+        0, padded.shape[1] - size + 1)
+    crop = padded[top:top + size, left:left + size]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def random_resized_crop_flip(image: np.ndarray, size: int,
+                             rng: np.random.Generator) -> np.ndarray:
+    """torchvision's RandomResizedCrop(size) (scale 0.08-1, ratio 3/4-4/3) + h-flip."""
+    height, width = image.shape[:2]
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        w, h = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+            break
+    else:  # fall back to a central crop, as torchvision does
+        h, w = min(height, width), min(height, width)
+        top, left = (height - h) // 2, (width - w) // 2
+    crop = _resize(image[top:top + h, left:left + w], (size, size))
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Evaluation at 224: resize the shorter side to 256/224 * size, center crop ``size``."""
+    height, width = image.shape[:2]
+    short = int(size * 256 / 224)
+    scale = short / min(height, width)
+    image = _resize(image, (max(short, round(height * scale)), max(short, round(width * scale))))
+    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    return image[top:top + size, left:left + size]
+
+
+def _small_image(image: np.ndarray, size: int) -> np.ndarray:
+    # 32-px experiments resize other sizes first (STL-10's 96 px, as the reference).
+    return _resize(image, (size, size))
+
+
+def train_example(example, rng: np.random.Generator, image_size: int):
+    image, label = example
+    if image_size <= 64:
+        image = pad_crop_flip(_small_image(image, image_size), image_size, rng)
+    else:
+        image = random_resized_crop_flip(image, image_size, rng)
+    return normalize(np.ascontiguousarray(image)), np.int32(label)
+
+
+def eval_example(example, image_size: int):
+    image, label = example
+    image = (_small_image(image, image_size) if image_size <= 64
+             else resize_center_crop(image, image_size))
+    return normalize(image), np.int32(label)
+
+
+# ---------------------------------------------------------------------------- pipelines
+def train_batches(source, batch_size: int, image_size: int, seed: int, epoch: int):
+    """Epoch ``epoch`` as a grain MapDataset of (images (B, S, S, 3) f32, labels (B,) i32).
+
+    Shuffle and augmentation depend only on (seed, epoch) and the position, so
+    ``dataset[i]`` is batch i of that epoch, whenever it is read.
+    """
+    import grain
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return (grain.MapDataset.source(source)
+            .shuffle(seed=epoch_seed)
+            .random_map(lambda example, rng: train_example(example, rng, image_size),
+                        seed=epoch_seed)
+            .batch(batch_size, drop_remainder=True))
+
+
+def eval_batches(source, batch_size: int, image_size: int):
+    """Sequential batches (the last one possibly smaller) for evaluation."""
+    import grain
+    return (grain.MapDataset.source(source)
+            .map(lambda example: eval_example(example, image_size))
+            .batch(batch_size, drop_remainder=False))
