@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -115,6 +116,11 @@ class ImageFolderSource:
                     self.skipped.append(path)
             self.files = [self.files[i] for i in keep]
             self.labels = self.labels[keep]
+            for path in self.skipped:
+                logging.warning("skipping undecodable image %s", path)
+        if self.empty_classes:
+            logging.warning("%s: empty class folders (labels kept in folder order): %s",
+                            directory, ", ".join(self.empty_classes))
         if not self.files:
             raise DataError(f"{directory} has no readable images")
 

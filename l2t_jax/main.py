@@ -4,6 +4,8 @@ Overrides on the command line: ``--config.T=5 --config.batch_size=64``. A varian
 colon selects a preset of the config file (``configs/cifar100.py:tiny``).
 All logic lives in :func:`l2t_jax.train.train_and_evaluate`.
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,6 +17,21 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
                                "result.json; an existing one is resumed.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+    """absl's parser, with config-override mistakes (``--config.lr=3`` for a key that does
+    not exist, a value of the wrong type) reported in one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --helpfull for the flags; configs/default.py lists "
+                 "every config key.")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        valid = ", ".join(sorted(train.default_config().keys()))
+        sys.exit(f"error: a config override failed ({type(e).__name__}: {e}); overrides "
+                 f"given: {' '.join(overrides) or 'none'}. Valid top-level keys: {valid}")
 
 
 def main(argv):
@@ -29,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,8 +1,15 @@
 """Shared fixtures: the authors' released assets and small input batches."""
 import os
+import tempfile
 
 import numpy as np
 import pytest
+
+# One persistent XLA compilation cache for the whole test session (set before jax is
+# imported, and inherited by the subprocesses the tests start): tests that build the same
+# step, in this process or another, compile it once. Compile time dominates the suite.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="l2t-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CI and developers keep the release beside the checkout (../shared/assets/...); elsewhere

@@ -100,31 +100,33 @@ def test_step_traces_once_and_rolls_back():
 
 
 def test_replay_bn_update_option():
-    transfer, state, source_variables, images, labels = _tiny_setup()
+    """BN statistics: step 1's update plus one from a forward at theta_1 (the reference's
+    replay), or step 1's alone with replay_bn_update=False. T = 0 keeps the compile small:
+    the replayed forward is then the adaptation step's, also at theta_1."""
+    transfer, state, source_variables, images, labels = _tiny_setup(inner_steps=0)
     with_replay, _ = jax.jit(functools.partial(bilevel.train_step, transfer, lambda _: 0.1))(
         state, source_variables, images, labels)
     no_replay, _ = jax.jit(functools.partial(
         bilevel.train_step, dataclasses.replace(transfer, replay_bn_update=False),
         lambda _: 0.1))(state, source_variables, images, labels)
-    # Without the replay: exactly one running-stat update (from theta_0's forward).
-    _, one_update = transfer.target_model.apply(
-        {"params": state.target_params["model"], "batch_stats": state.batch_stats}, images,
-        train=True, mutable=["batch_stats"])
+    forward = jax.jit(functools.partial(transfer.target_model.apply, train=True,
+                                        mutable=["batch_stats"]))
+    _, one_update = forward({"params": state.target_params["model"],
+                             "batch_stats": state.batch_stats}, images)
     chex.assert_trees_all_close(no_replay.batch_stats, one_update["batch_stats"], rtol=1e-5,
                                 atol=1e-6)
-    # With it: one more update, from a forward at theta_1 (= the new target params).
-    _, two_updates = transfer.target_model.apply(
-        {"params": with_replay.target_params["model"], "batch_stats": one_update["batch_stats"]},
-        images, train=True, mutable=["batch_stats"])
+    _, two_updates = forward({"params": with_replay.target_params["model"],
+                              "batch_stats": one_update["batch_stats"]}, images)
     chex.assert_trees_all_close(with_replay.batch_stats, two_updates["batch_stats"], rtol=1e-5,
                                 atol=1e-6)
 
 
 def test_remat_gives_the_same_step():
     transfer, state, source_variables, images, labels = _tiny_setup()
-    results = [jax.jit(functools.partial(bilevel.train_step, t, lambda _: 0.1))(
+    results = [jax.jit(functools.partial(bilevel.train_step, t, _halving_schedule))(
         state, source_variables, images, labels)
         for t in (transfer, dataclasses.replace(transfer, remat=True))]
+    # (The plain variant is the same program as in the trace test: a cache hit.)
     (plain, plain_metrics), (checkpointed, remat_metrics) = results
     chex.assert_trees_all_close(plain.meta_params, checkpointed.meta_params, rtol=1e-5,
                                 atol=1e-7)

@@ -261,6 +261,24 @@ def test_every_experiment_config_builds(name):
         _load_config(name, "huge")
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_experiment_config_runs_two_steps(name, tiny_assets, tmp_path):
+    """Each config's tiny variant, 2 steps on small npz data (3 classes, written by the
+    fixture) with an untrained source: the config's networks, pairs, image size and
+    augmentation run end to end. (Configs of one family then share one compiled step.)"""
+    config = _load_config(name, "tiny")
+    config.data.kind = "npz"
+    config.data.data_dir = str(tiny_assets / "data")
+    config.data.official_split = ""
+    config.data.num_classes = 3
+    config.source_checkpoint = "random-init"
+    config.epochs, config.steps_per_epoch = 1, 2
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["steps"] == 2 and result["target"] == config.target_model
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
+            if "train/ce" in line] == [1, 2]
+
+
 def test_cifar100_tiny_with_the_released_source(tiny_assets, tmp_path, monkeypatch):
     """The released ResNet-32 found through the asset module, converted once, cached."""
     from conftest import RELEASE_DIR
@@ -312,3 +330,16 @@ def test_stl10_binary_keeps_the_file_order(tmp_path):
     (tmp_path / "test_X.bin").write_bytes(b"\0" * 100)
     with pytest.raises(data.DataError, match="truncated"):
         prepare.read_stl10_binary(str(tmp_path), "test")
+
+
+def test_command_line_config_mistakes_are_one_line_errors(tmp_path):
+    command = [sys.executable, "-m", "l2t_jax.main", "--config=configs/cifar100.py",
+               f"--workdir={tmp_path}"]
+    unknown = subprocess.run(command + ["--config.lr=3"], cwd=REPO_ROOT, capture_output=True,
+                             text=True)
+    assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
+    assert "overrides given: --config.lr" in unknown.stderr and "learning_rate" in unknown.stderr
+    bad_model = subprocess.run(command + ["--config.target_model=vgg11"], cwd=REPO_ROOT,
+                               capture_output=True, text=True)
+    assert bad_model.returncode != 0 and "Traceback" not in bad_model.stderr
+    assert "'vgg11' is not a model; valid: resnet20" in bad_model.stderr
