@@ -19,8 +19,4 @@ def get_config(variant=None):
     config.data.official_split = "cifar100"
     config.data.num_classes = 100
     config.batch_size = 128
-    if variant == "tiny":
-        default.tiny(config)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of cifar100; valid: tiny")
-    return config
+    return default.apply_variant(config, variant, "cifar100")

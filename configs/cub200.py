@@ -18,8 +18,4 @@ def get_config(variant=None):
     config = default.imagenet_transfer(default.get_config(), "cub200", 200, "cub200")
     config.data.kind = "tfds"
     config.data.name = "caltech_birds2011"
-    if variant == "tiny":
-        default.tiny(config)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of cub200; valid: tiny")
-    return config
+    return default.apply_variant(config, variant, "cub200")

@@ -79,6 +79,15 @@ def imagenet_transfer(config, name, num_classes, official_split=""):
     return config
 
 
+def apply_variant(config, variant, name):
+    """``file.py:variant`` on the command line: None for the full experiment, ``tiny``."""
+    if variant == "tiny":
+        return tiny(config)
+    if variant:
+        raise ValueError(f"unknown variant {variant!r} of {name}; valid: tiny")
+    return config
+
+
 def tiny(config):
     """Shrinks a config to run in seconds (smoke runs and tests): tiny widths, small batch."""
     config.batch_size = 8

@@ -18,8 +18,4 @@ def get_config(variant=None):
     config = default.imagenet_transfer(default.get_config(), "dogs", 120, "dog")
     config.data.kind = "tfds"
     config.data.name = "stanford_dogs"
-    if variant == "tiny":
-        default.tiny(config)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of dogs; valid: tiny")
-    return config
+    return default.apply_variant(config, variant, "dogs")

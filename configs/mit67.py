@@ -14,8 +14,4 @@ import default  # noqa: E402
 def get_config(variant=None):
     config = default.imagenet_transfer(default.get_config(), "mit67", 67, "")
     config.data.eval_splits = ("test",)
-    if variant == "tiny":
-        default.tiny(config)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of mit67; valid: tiny")
-    return config
+    return default.apply_variant(config, variant, "mit67")

@@ -18,8 +18,4 @@ def get_config(variant=None):
     config.data.name = "stl10"
     config.data.official_split = "stl10"
     config.data.num_classes = 10
-    if variant == "tiny":
-        default.tiny(config)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of stl10; valid: tiny")
-    return config
+    return default.apply_variant(config, variant, "stl10")

@@ -161,6 +161,25 @@ def test_image_folder_with_broken_file_and_empty_class(tmp_path):
         data.ImageFolderSource(str(tmp_path), "val")
 
 
+def test_broken_image_stops_training_with_its_name(tiny_assets, tmp_path):
+    """In a real run, the undecodable file surfaces as a DataError naming it, raised while
+    the batch is read: before any compiled code runs."""
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name in ("a", "b", "c"):
+            os.makedirs(tmp_path / "images" / split / name)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / split / name / "0.png")
+    (tmp_path / "images" / "train" / "b" / "1.png").write_bytes(b"\x89PNG truncated")
+    config = tiny_config(tmp_path / "images", tiny_assets / "source", batch_size=4,
+                         eval_batch_size=4)
+    config.data.kind = "image_folder"
+    config.data.eval_splits = ("test",)
+    with pytest.raises(data.DataError, match=r"cannot decode image .*b/1\.png"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
 def test_official_split_mapping(tmp_path):
     # TFDS stores CIFAR shuffled and keeps the original position in 'id'.
     original = np.arange(10) * 7             # example k of the original order
