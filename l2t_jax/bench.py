@@ -3,8 +3,8 @@
     python -m l2t_jax.bench --batch 64 --T 2 --iters 5
 
 Default setting: the CIFAR-100 experiment's networks (ResNet-32 with 200 classes ->
-VGG-9-BN with 100 classes, the 15 pairs), random weights and inputs (the step's cost does
-not depend on them). Reports compile seconds, seconds per iteration (median, min, max over
+VGG-9-BN with 100 classes, the 15 pairs), random inputs, and random source weights unless
+``--source_checkpoint`` is given (the step's cost does not depend on them). Reports compile seconds, seconds per iteration (median, min, max over
 ``--iters`` after ``--warmup``), images/s, peak RSS, XLA's FLOP count of one iteration and
 the achieved FLOP/s, versions and device.
 """
@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from l2t_jax import bilevel, convolution, matching, models
+from l2t_jax import assets, bilevel, convert, convolution, matching, models
 
 
 def build(args) -> tuple:
@@ -32,8 +32,15 @@ def build(args) -> tuple:
     rng = jax.random.key(args.seed)
     size = args.image_size
     state = bilevel.init_state(transfer, rng, (size, size, 3))
-    source_variables = source.init(jax.random.fold_in(rng, 1), jnp.zeros((1, size, size, 3)),
-                                   train=False)
+    if args.source_checkpoint:
+        directory = args.source_checkpoint
+        if directory.startswith("released:"):
+            directory = assets.released_source(directory.split(":", 1)[1])
+        _, source_variables, _ = convert.load_converted(
+            directory, expect_model=args.source, expect_num_classes=args.source_classes)
+    else:
+        source_variables = source.init(jax.random.fold_in(rng, 1),
+                                       jnp.zeros((1, size, size, 3)), train=False)
     return transfer, state, source_variables
 
 
@@ -52,6 +59,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--pairs", default=matching.CIFAR_PAIRS)
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source_checkpoint", default="",
+                        help="converted source (directory or released:resnet32); default: "
+                             "random weights, whose matching loss can diverge to NaN within "
+                             "a few iterations (the time per iteration is the same)")
     args = parser.parse_args(argv)
 
     transfer, state, source_variables = build(args)
