@@ -64,3 +64,11 @@ def released_source(name: str) -> str:
     convert.convert_checkpoint(entry["model"], path, converted,
                                source_dataset=entry["source_dataset"])
     return converted
+
+
+def resolve_source_checkpoint(spec: str) -> str:
+    """A config's source checkpoint as a converted directory: ``released:<name>`` through
+    :func:`released_source`, anything else taken as a directory written by convert."""
+    if spec.startswith("released:"):
+        return released_source(spec.split(":", 1)[1])
+    return spec

@@ -33,11 +33,9 @@ def build(args) -> tuple:
     size = args.image_size
     state = bilevel.init_state(transfer, rng, (size, size, 3))
     if args.source_checkpoint:
-        directory = args.source_checkpoint
-        if directory.startswith("released:"):
-            directory = assets.released_source(directory.split(":", 1)[1])
         _, source_variables, _ = convert.load_converted(
-            directory, expect_model=args.source, expect_num_classes=args.source_classes)
+            assets.resolve_source_checkpoint(args.source_checkpoint),
+            expect_model=args.source, expect_num_classes=args.source_classes)
     else:
         source_variables = source.init(jax.random.fold_in(rng, 1),
                                        jnp.zeros((1, size, size, 3)), train=False)

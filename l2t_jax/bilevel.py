@@ -126,9 +126,7 @@ def make_transfer(source_model: nn.Module, target_model: nn.Module, pairs: Seque
 def check_source_variables(transfer: Transfer, source_variables: PyTree) -> None:
     """Raises ValueError unless ``source_variables`` fit the transfer's source network
     (same variables, same shapes: e.g. a checkpoint of another width or class count)."""
-    size = 64 if isinstance(transfer.source_model, models.ImageNetResNet) else 32
-    expected = jax.eval_shape(lambda: transfer.source_model.init(
-        jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+    expected = models.abstract_variables(transfer.source_model)
     name = models.model_name(transfer.source_model)
     flat_expected = flax.traverse_util.flatten_dict(expected, sep="/")
     flat_given = flax.traverse_util.flatten_dict(dict(source_variables), sep="/")
@@ -370,10 +368,3 @@ def jit_train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], j
     return jax.jit(functools.partial(train_step, transfer, learning_rate_fn),
                    donate_argnums=(0,))
 
-
-def evaluate_batch(model: nn.Module, variables: PyTree, images: jax.Array,
-                   labels: jax.Array) -> dict[str, jax.Array]:
-    """Eval-mode (running statistics) loss and number of correct predictions on a batch."""
-    logits, _ = model.apply(variables, images, train=False)
-    return {"ce": losses.cross_entropy(logits, labels),
-            "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}

@@ -83,12 +83,6 @@ def _to_torch_layout(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _abstract_variables(model) -> dict:
-    size = 64 if isinstance(model, models.ImageNetResNet) else 32
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                             train=False))
-
-
 def guess_architecture(keys) -> str:
     """Best guess of a registered model name from PyTorch state-dict keys (for messages)."""
     keys = list(keys)
@@ -123,7 +117,7 @@ def flax_variables_from_torch(model, state_dict: Mapping[str, Any],
     # Copies: numpy views of torch tensors would follow later in-place updates.
     arrays = {k: np.array(v.detach().cpu().numpy() if hasattr(v, "detach") else v, copy=True)
               for k, v in state_dict.items()}
-    flat = flax.traverse_util.flatten_dict(_abstract_variables(model))
+    flat = flax.traverse_util.flatten_dict(models.abstract_variables(model))
     converted, used, missing, misshaped = {}, set(), [], []
     for (collection, *path), abstract in flat.items():
         key = _torch_key(model, collection, tuple(path))
@@ -275,7 +269,7 @@ def load_converted(directory: str, expect_model: Optional[str] = None,
     model = models.get_model(metadata["model"], metadata["num_classes"],
                              **metadata.get("model_overrides", {}))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
-                            _abstract_variables(model))
+                            models.abstract_variables(model))
     variables = checkpointer.restore(directory, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(abstract)))["variables"]
     return model, variables, metadata

@@ -270,6 +270,16 @@ def model_name(model: nn.Module) -> str:
     return type(model).__name__
 
 
+def abstract_variables(model: nn.Module) -> dict:
+    """Shapes and dtypes of ``model``'s variables (``{'params', 'batch_stats'}``), no compute.
+
+    Parameter shapes do not depend on the input size; any size the network accepts will do.
+    """
+    size = 64 if isinstance(model, ImageNetResNet) else 32
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                             train=False))
+
+
 def get_model(name: str, num_classes: int, **overrides) -> nn.Module:
     """Builds a registered network.
 

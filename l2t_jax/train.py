@@ -131,9 +131,8 @@ def load_source(config) -> tuple[Any, PyTree]:
         return model, model.init(jax.random.key(config.seed + 7),
                                  jnp.zeros((1, config.data.image_size,
                                             config.data.image_size, 3)), train=False)
-    if checkpoint.startswith("released:"):
-        checkpoint = assets.released_source(checkpoint.split(":", 1)[1])
-    _, variables, _ = convert.load_converted(checkpoint, expect_model=config.source_model,
+    _, variables, _ = convert.load_converted(assets.resolve_source_checkpoint(checkpoint),
+                                             expect_model=config.source_model,
                                              expect_num_classes=config.source_num_classes)
     return model, variables
 
