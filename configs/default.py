@@ -12,6 +12,9 @@ IMAGENET_PAIRS = "4-4,4-3,4-2,4-1,3-4,3-3,3-2,3-1,2-4,2-3,2-2,2-1,1-4,1-3,1-2,1-
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # scratch | lwf | at | lwf_at | fm | l2t_w | l2t_ww (l2t_jax/methods.py: what each adds
+    # to CE, and where its hyperparameters come from).
+    config.method = "l2t_ww"
 
     # Data. `kind`: "tfds" (a prepared TFDS data set), "image_folder" (root/split/class/img)
     # or "npz" (arrays `images` uint8 NHWC and `labels` per split file `<split>.npz`).
@@ -24,6 +27,11 @@ def get_config():
     config.data.image_size = 32            # network input; 32-px sets pad-crop-flip, else RRC
     config.data.eval_splits = ("val", "test")
     config.data.skip_corrupt = False       # image folders: skip undecodable files (logged)
+    config.data.hflip = True               # random horizontal flips in training
+    config.data.crop_padding = 4           # <= 64 px: zero-pad then random crop
+    # Limited data: keep this many examples of each class of the train split (drawn from
+    # the seed); 0 keeps all.
+    config.data.train_examples_per_class = 0
 
     # Networks. The source checkpoint: "released:resnet32" (the authors' TinyImageNet
     # ResNet-32, found through l2t_jax.assets) or a directory written by l2t_jax.convert.
@@ -33,8 +41,13 @@ def get_config():
     config.target_model = "vgg9_bn"
     config.model_overrides = ml_collections.ConfigDict()   # e.g. widths for tiny models
     config.conv_impl = "auto"
+    # Multi-source: more frozen sources, each a dict with keys model, num_classes,
+    # checkpoint, pairs (indices into that source's own taps, a scheme, or "as_primary" for
+    # config.pairs) and optionally model_overrides. Each gets its own heads and meta-networks; the losses add up.
+    config.extra_sources = ()
 
-    # Transfer (SPEC.md defaults).
+    # Transfer (SPEC.md defaults). `pairs`: an explicit "source-target" list or a scheme,
+    # single | one_to_one | all_to_all (l2t_jax/matching.py). CIFAR_PAIRS is all_to_all.
     config.pairs = CIFAR_PAIRS
     config.channel_weighting = True
     config.pair_weight_type = "relu6"
@@ -43,12 +56,22 @@ def get_config():
     config.T = 2
     config.remat = False
     config.replay_bn_update = True
+    # Baselines (l2t_jax/methods.py): AT weight (Zagoruyko & Komodakis' beta / 2), LwF's
+    # weight and temperature (Li & Hoiem).
+    config.at_weight = 500.0
+    config.lwf_weight = 1.0
+    config.lwf_temperature = 2.0
 
-    # Optimisation: theta by SGD-momentum with a per-epoch cosine schedule, phi by Adam.
+    # Optimisation: theta by SGD-momentum with a per-epoch schedule, phi by Adam.
+    # lr_schedule: "cosine" (the reference's) or "step" (x lr_decay_factor at each fraction
+    # of the epochs in lr_decay_at, the authors' source pre-training recipe).
     config.batch_size = 128
     config.eval_batch_size = 256
     config.epochs = 200
     config.learning_rate = 0.1
+    config.lr_schedule = "cosine"
+    config.lr_decay_at = (0.5, 0.75)
+    config.lr_decay_factor = 0.1
     config.momentum = 0.9
     config.weight_decay = 1e-4
     config.meta_learning_rate = 1e-4
@@ -59,6 +82,9 @@ def get_config():
     config.log_every_steps = 20
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 3
+    # Also write the best target as a source checkpoint (workdir/source), in the format
+    # config.source_checkpoint reads: how configs/pretrain_*.py make sources.
+    config.export_source = False
     return config
 
 
@@ -79,13 +105,25 @@ def imagenet_transfer(config, name, num_classes, official_split=""):
     return config
 
 
-def apply_variant(config, variant, name):
-    """``file.py:variant`` on the command line: None for the full experiment, ``tiny``."""
-    if variant == "tiny":
-        return tiny(config)
-    if variant:
-        raise ValueError(f"unknown variant {variant!r} of {name}; valid: tiny")
+def apply_variant(config, variant, name, extra_variants=None):
+    """``file.py:variant`` on the command line: None for the full experiment, ``tiny``, or a
+    variant of ``extra_variants`` (name -> function(config)); several join with commas, e.g.
+    ``stl10.py:plus_resnet20,tiny``."""
+    extra_variants = extra_variants or {}
+    for part in (variant or "").split(","):
+        if part == "tiny":
+            config = tiny(config)
+        elif part in extra_variants:
+            config = extra_variants[part](config)
+        elif part:
+            raise ValueError(f"unknown variant {part!r} of {name}; valid: "
+                             f"{', '.join(['tiny', *extra_variants])}")
     return config
+
+
+# Per model family: VGG has 5 stages, CIFAR ResNets 3, ImageNet ResNets 4.
+TINY_WIDTHS = {"vgg9_bn": (8, 8, 16, 16, 16), "resnet20": (8, 16, 16), "resnet32": (8, 16, 16),
+               "resnet56": (8, 16, 16), "resnet18": (8, 8, 16, 16), "resnet34": (8, 8, 16, 16)}
 
 
 def tiny(config):
@@ -97,8 +135,7 @@ def tiny(config):
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.model_overrides = ml_collections.ConfigDict({
-        "target": {"widths": (8, 8, 16, 16, 16) if config.target_model == "vgg9_bn"
-                   else (8, 8, 16, 16)}})
+        "target": {"widths": TINY_WIDTHS[config.target_model]}})
     if config.data.image_size > 64:
         config.data.image_size = 64
     return config

@@ -18,6 +18,11 @@ simulated step's, so it costs nothing extra.
 The source network runs once per batch (eval-mode BN); its features, pooled features and the
 resized maps are constants of the whole iteration.
 
+The baselines share this module (:mod:`l2t_jax.methods` chooses what a method builds): a
+transfer without meta-networks takes only step 1, on CE plus its transfer losses (plain
+feature matching through the heads, attention transfer, LwF distillation), and leaves phi
+empty.
+
 SGD follows ``torch.optim.SGD`` with momentum mu, weight decay wd and no dampening:
 buf <- mu * buf + (g + wd * p); p <- p - lr * buf, on every parameter of theta at every step,
 also where the loss does not reach it (its gradient is then zero, decay and momentum still
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from l2t_jax import losses, models
-from l2t_jax.matching import MatchingHeads, Pair, validate_pairs
+from l2t_jax.matching import LwfHead, MatchingHeads, Pair, validate_pairs
 from l2t_jax.meta import PAIR_WEIGHT_TYPES, MetaNetworks, channel_weight_entropy
 
 PyTree = Any
@@ -48,11 +53,13 @@ class TrainState:
 
     Attributes:
       step: number of iterations taken (int32 scalar).
-      target_params: theta = ``{'model': target network params, 'heads': 1x1 regressors}``.
+      target_params: theta = ``{'model': target network params, 'heads': 1x1 regressors,
+        'lwf_head': LwF's head}`` (the heads only for methods that have them).
       batch_stats: the target network's BN running statistics.
       momentum: SGD momentum buffers, same structure as ``target_params``.
-      meta_params: phi, the parameters of :class:`~l2t_jax.meta.MetaNetworks`.
-      meta_opt_state: phi's Adam state.
+      meta_params: phi, the parameters of :class:`~l2t_jax.meta.MetaNetworks` ({} for
+        methods without meta-networks).
+      meta_opt_state: phi's Adam state (() without meta-networks).
     """
 
     step: jax.Array
@@ -68,14 +75,20 @@ class Transfer:
     """Static description of one source -> target transfer (hashable, bound before jit).
 
     Build it with :func:`make_transfer`, which validates pairs against the networks' taps.
-    Hyperparameter defaults are the reference's (SPEC.md).
+    Hyperparameter defaults are the reference's (SPEC.md). Parts a method does not use are
+    None (no source for ``scratch``, no heads for AT and LwF, no meta-networks for the
+    baselines); ``at_weight`` and ``lwf_weight`` are 0 unless the method uses those losses.
     """
 
-    source_model: nn.Module
+    source_model: Optional[nn.Module]
     target_model: nn.Module
-    heads: MatchingHeads
-    meta_networks: MetaNetworks
+    heads: Optional[MatchingHeads]
+    meta_networks: Optional[MetaNetworks]
     pairs: tuple[Pair, ...]
+    lwf_head: Optional[LwfHead] = None
+    at_weight: float = 0.0
+    lwf_weight: float = 0.0
+    lwf_temperature: float = 2.0
     inner_steps: int = 2          # T, matching-only steps simulated per iteration
     beta: float = 0.5
     momentum: float = 0.9
@@ -91,21 +104,38 @@ class Transfer:
                            optax.adam(self.meta_learning_rate))
 
 
-def make_transfer(source_model: nn.Module, target_model: nn.Module, pairs: Sequence[Pair], *,
+def make_transfer(source_model: Optional[nn.Module], target_model: nn.Module,
+                  pairs: Sequence[Pair], *, matching_heads: bool = True,
+                  meta_networks: bool = True, lwf: bool = False,
                   channel_weighting: bool = True, pair_weight_type: Optional[str] = "relu6",
                   pair_weight_init: float = 1.0, conv_impl: str = "auto",
                   **hyperparameters) -> Transfer:
     """Validates the pairs and builds the matching heads and meta-networks for them.
 
     Args:
-      source_model, target_model: models from :func:`l2t_jax.models.get_model`.
+      source_model, target_model: models from :func:`l2t_jax.models.get_model` (the source
+        may be a :class:`~l2t_jax.models.MultiSource`, or None when nothing is transferred).
       pairs: (source tap, target tap) index pairs.
+      matching_heads: build the 1x1 regressors and the feature-matching loss.
+      meta_networks: build phi and train it through the bilevel step (L2T-w/ww); without
+        it the step is a plain SGD step on CE + the transfer losses.
+      lwf: build LwF's head for the source's classes (loss weight ``lwf_weight``).
       channel_weighting, pair_weight_type, pair_weight_init: see
         :class:`~l2t_jax.meta.MetaNetworks`.
       conv_impl: convolution implementation of the 1x1 heads.
-      **hyperparameters: any other :class:`Transfer` field (inner_steps, beta, ...).
+      **hyperparameters: any other :class:`Transfer` field (inner_steps, beta, at_weight,
+        ...).
     """
     pairs = tuple(tuple(p) for p in pairs)
+    if source_model is None:
+        if pairs or meta_networks or matching_heads or lwf:
+            raise ValueError("a transfer without a source network can have no pairs, heads, "
+                             "meta-networks or LwF head")
+        return Transfer(source_model=None, target_model=target_model, heads=None,
+                        meta_networks=None, pairs=(), **hyperparameters)
+    if meta_networks and not matching_heads:
+        raise ValueError("meta-networks weight the feature-matching loss; they need the "
+                         "matching heads")
     source_taps = source_model.feature_taps()
     validate_pairs(pairs, source_taps, target_model.feature_taps(),
                    models.model_name(source_model), models.model_name(target_model))
@@ -117,15 +147,20 @@ def make_transfer(source_model: nn.Module, target_model: nn.Module, pairs: Seque
     source_channels = tuple(t.channels for t in source_taps)
     return Transfer(
         source_model=source_model, target_model=target_model,
-        heads=MatchingHeads(pairs, source_channels, conv_impl=conv_impl),
-        meta_networks=MetaNetworks(pairs, source_channels, channel_weighting,
-                                   pair_weight_type, pair_weight_init),
+        heads=(MatchingHeads(pairs, source_channels, conv_impl=conv_impl)
+               if matching_heads else None),
+        meta_networks=(MetaNetworks(pairs, source_channels, channel_weighting,
+                                    pair_weight_type, pair_weight_init)
+                       if meta_networks else None),
+        lwf_head=LwfHead(source_model.num_classes) if lwf else None,
         pairs=pairs, **hyperparameters)
 
 
 def check_source_variables(transfer: Transfer, source_variables: PyTree) -> None:
     """Raises ValueError unless ``source_variables`` fit the transfer's source network
     (same variables, same shapes: e.g. a checkpoint of another width or class count)."""
+    if transfer.source_model is None:
+        return
     expected = models.abstract_variables(transfer.source_model)
     name = models.model_name(transfer.source_model)
     flat_expected = flax.traverse_util.flatten_dict(expected, sep="/")
@@ -150,22 +185,28 @@ def init_state(transfer: Transfer, rng: jax.Array, image_shape: Sequence[int]) -
       rng: PRNG key.
       image_shape: one input's (H, W, C).
     """
-    model_rng, heads_rng, meta_rng = jax.random.split(rng, 3)
+    model_rng, heads_rng, meta_rng, lwf_rng = jax.random.split(rng, 4)
     images = jnp.zeros((1, *image_shape), jnp.float32)
     variables = transfer.target_model.init(model_rng, images, train=False)
     _, target_features = transfer.target_model.apply(variables, images, train=False)
-    heads_params = transfer.heads.init(heads_rng, target_features)["params"]
-    pooled = tuple(jnp.zeros((1, t.channels), jnp.float32)
-                   for t in transfer.source_model.feature_taps())
-    meta_params = transfer.meta_networks.init(meta_rng, pooled)["params"]
-    target_params = {"model": variables["params"], "heads": heads_params}
+    target_params = {"model": variables["params"]}
+    if transfer.heads is not None:
+        target_params["heads"] = transfer.heads.init(heads_rng, target_features)["params"]
+    if transfer.lwf_head is not None:
+        target_params["lwf_head"] = transfer.lwf_head.init(lwf_rng, target_features)["params"]
+    meta_params, meta_opt_state = {}, ()
+    if transfer.meta_networks is not None:
+        pooled = tuple(jnp.zeros((1, t.channels), jnp.float32)
+                       for t in transfer.source_model.feature_taps())
+        meta_params = transfer.meta_networks.init(meta_rng, pooled)["params"]
+        meta_opt_state = transfer.meta_optimizer().init(meta_params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         target_params=target_params,
         batch_stats=variables["batch_stats"],
         momentum=jax.tree.map(jnp.zeros_like, target_params),
         meta_params=meta_params,
-        meta_opt_state=transfer.meta_optimizer().init(meta_params))
+        meta_opt_state=meta_opt_state)
 
 
 def sgd_momentum(params: PyTree, buffers: PyTree, grads: PyTree, learning_rate: jax.Array,
@@ -189,25 +230,45 @@ class _BatchConstants:
     labels: jax.Array
     matched_source: tuple[jax.Array, ...]   # per pair S^m(x) resized to T^n's size
     pooled_source: tuple[jax.Array, ...]    # per source tap, (B, C_m)
+    source_logits: Optional[jax.Array]      # (B, source classes), for LwF
 
 
 def _target_losses(transfer: Transfer, theta: PyTree, batch_stats: PyTree,
                    batch: _BatchConstants, channel_weights, pair_weights):
-    """Train-mode forward of the target. Returns (ce, matching, logits, new batch_stats)."""
+    """Train-mode forward of the target.
+
+    Returns (ce, transfer loss, logits, new batch_stats). The transfer loss is the sum of the
+    method's terms: (weighted) feature matching, attention transfer, LwF distillation; 0.0
+    for scratch.
+    """
     (logits, target_features), updated = transfer.target_model.apply(
         {"params": theta["model"], "batch_stats": batch_stats}, batch.images, train=True,
         mutable=["batch_stats"])
-    regressed = transfer.heads.apply({"params": theta["heads"]}, target_features)
-    matching = losses.weighted_matching_loss(batch.matched_source, regressed, channel_weights,
-                                             pair_weights, transfer.beta)
-    return losses.cross_entropy(logits, batch.labels), matching, logits, updated["batch_stats"]
+    transfer_loss = 0.0
+    if transfer.heads is not None:
+        regressed = transfer.heads.apply({"params": theta["heads"]}, target_features)
+        transfer_loss += losses.weighted_matching_loss(
+            batch.matched_source, regressed, channel_weights, pair_weights, transfer.beta)
+    if transfer.at_weight:
+        transfer_loss += losses.attention_transfer_loss(
+            batch.matched_source, [target_features[n] for _, n in transfer.pairs],
+            transfer.at_weight)
+    if transfer.lwf_head is not None:
+        old_task_logits = transfer.lwf_head.apply({"params": theta["lwf_head"]},
+                                                  target_features)
+        transfer_loss += transfer.lwf_weight * losses.distillation_loss(
+            old_task_logits, batch.source_logits, transfer.lwf_temperature)
+    return (losses.cross_entropy(logits, batch.labels), transfer_loss, logits,
+            updated["batch_stats"])
 
 
 def _batch_constants(transfer: Transfer, state: TrainState, source_variables: PyTree,
                      images: jax.Array, labels: jax.Array) -> _BatchConstants:
     """Runs the source once (eval mode) and prepares its maps for every pair."""
-    _, source_features = transfer.source_model.apply(source_variables, images, train=False)
-    source_features = jax.lax.stop_gradient(source_features)
+    if transfer.source_model is None:
+        return _BatchConstants(images, labels, (), (), None)
+    source_logits, source_features = jax.lax.stop_gradient(
+        transfer.source_model.apply(source_variables, images, train=False))
     # Static target map sizes, to resize the source maps once rather than at every step.
     _, target_shapes = jax.eval_shape(
         functools.partial(transfer.target_model.apply, train=False),
@@ -215,7 +276,7 @@ def _batch_constants(transfer: Transfer, state: TrainState, source_variables: Py
     matched = tuple(losses.bilinear_resize(source_features[m], target_shapes[n].shape[1:3])
                     for m, n in transfer.pairs)
     pooled = tuple(jnp.mean(f, axis=(1, 2)) for f in source_features)
-    return _BatchConstants(images, labels, matched, pooled)
+    return _BatchConstants(images, labels, matched, pooled, source_logits)
 
 
 def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree,
@@ -272,10 +333,13 @@ def real_step(transfer: Transfer, state: TrainState, batch: _BatchConstants,
     """Step 1: SGD on CE + matching at theta_0 with phi's outputs held constant (the
     reference discards this step's phi gradient).
 
-    Returns (theta_1, momentum_1, batch_stats_1, (ce, matching, logits)).
+    Without meta-networks this is the whole step of a baseline (CE + its transfer losses).
+    Returns (theta_1, momentum_1, batch_stats_1, (ce, transfer loss, logits)).
     """
-    channel_weights, pair_weights = jax.lax.stop_gradient(transfer.meta_networks.apply(
-        {"params": state.meta_params}, batch.pooled_source))
+    channel_weights = pair_weights = None
+    if transfer.meta_networks is not None:
+        channel_weights, pair_weights = jax.lax.stop_gradient(transfer.meta_networks.apply(
+            {"params": state.meta_params}, batch.pooled_source))
 
     def objective(theta):
         ce, matching, logits, stats = _target_losses(transfer, theta, state.batch_stats, batch,
@@ -320,15 +384,21 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
       images: (B, H, W, 3) normalised inputs; labels: (B,) int.
 
     Returns:
-      (new state, metrics): scalars ``ce``, ``matching``, ``accuracy`` (of the real step),
-      ``adapt_ce``, ``meta_loss``, ``meta_grad_norm``, ``learning_rate``; ``sim_matching``
-      (T,); per pair ``pair_weights`` (mean lambda) and ``channel_weight_entropy`` (nats).
+      (new state, metrics): scalars ``ce``, ``matching`` (the transfer loss), ``accuracy``
+      (of the real step), ``learning_rate``; with meta-networks also ``adapt_ce``,
+      ``meta_loss``, ``meta_grad_norm``, ``sim_matching`` (T,), and per pair
+      ``pair_weights`` (mean lambda) and ``channel_weight_entropy`` (nats).
     """
     learning_rate = learning_rate_fn(state.step)
     batch = _batch_constants(transfer, state, source_variables, images, labels)
     # 1. The real step.
     theta_1, momentum_1, batch_stats_1, (ce, matching, logits) = real_step(
         transfer, state, batch, learning_rate)
+    metrics = {"ce": ce, "matching": matching, "accuracy": losses.accuracy(logits, labels),
+               "learning_rate": learning_rate}
+    if transfer.meta_networks is None:   # a baseline: step 1 is the whole iteration
+        return state.replace(step=state.step + 1, target_params=theta_1, momentum=momentum_1,
+                             batch_stats=batch_stats_1), metrics
 
     # 2-5. Meta-gradient through the simulated steps; theta_1 and its buffers are constants.
     objective = _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch,
@@ -344,12 +414,8 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
         step=state.step + 1, target_params=theta_1, momentum=momentum_1,
         batch_stats=aux["replay_batch_stats"] if transfer.replay_bn_update else batch_stats_1,
         meta_params=meta_params, meta_opt_state=meta_opt_state)
-    metrics = {
-        "ce": ce, "matching": matching, "accuracy": losses.accuracy(logits, labels),
-        "sim_matching": aux["sim_matching"], "adapt_ce": aux["adapt_ce"],
-        "meta_loss": meta_loss, "meta_grad_norm": optax.tree.norm(meta_grads),
-        "learning_rate": learning_rate,
-    }
+    metrics.update(sim_matching=aux["sim_matching"], adapt_ce=aux["adapt_ce"],
+                   meta_loss=meta_loss, meta_grad_norm=optax.tree.norm(meta_grads))
     channel_weights, pair_weights = aux["weights"]
     if pair_weights is not None:
         metrics["pair_weights"] = jnp.stack([jnp.mean(w) for w in pair_weights])

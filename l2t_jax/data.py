@@ -251,6 +251,40 @@ class Subset:
         return image, label
 
 
+def source_labels(source) -> np.ndarray:
+    """Labels (N,) of a source, read without decoding images where the source allows."""
+    if isinstance(source, Subset):
+        labels = source_labels(source.source)[source.indices]
+        if source.relabel is not None:
+            labels = np.array([source.relabel[int(c)] for c in labels], np.int32)
+        return labels
+    if getattr(source, "labels", None) is not None:
+        return np.asarray(source.labels, np.int32)
+    if isinstance(source, TfdsSource):
+        order = source.order if source.order is not None else range(len(source))
+        return np.array([source.record(int(i))["label"] for i in order], np.int32)
+    return np.array([source[i][1] for i in range(len(source))], np.int32)
+
+
+def per_class_subset(source, examples_per_class: int, seed: int) -> Subset:
+    """``examples_per_class`` examples of every class, drawn without replacement by a
+    generator seeded with ``seed`` (so limited-data runs differ by seed, reproducibly).
+
+    Raises DataError when a class has fewer examples than asked, naming it.
+    """
+    labels = source_labels(source)
+    classes, counts = np.unique(labels, return_counts=True)
+    if examples_per_class > counts.min():
+        smallest = classes[np.argmin(counts)]
+        raise DataError(f"config.data.train_examples_per_class={examples_per_class} is larger "
+                        f"than the smallest class of the train split (class {smallest} has "
+                        f"{counts.min()} examples)")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 20190509]))
+    chosen = [rng.choice(np.flatnonzero(labels == c), examples_per_class, replace=False)
+              for c in classes]
+    return Subset(source, np.sort(np.concatenate(chosen)))
+
+
 def official_split(release_dir: str, name: str, split: str) -> tuple[list[int], list[int]]:
     """Reads ``<release_dir>/splits/<name>-<split>.json`` after checking its sha256.
 
@@ -287,17 +321,19 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 
-def pad_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """The 32-px training augmentation: zero-pad 4, random crop ``size``, random h-flip."""
-    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+def pad_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator,
+                  hflip: bool = True, padding: int = 4) -> np.ndarray:
+    """The 32-px training augmentation: zero-pad ``padding``, random crop ``size``, random
+    h-flip (``hflip=False`` for data where mirroring changes the class, such as digits)."""
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
     top, left = rng.integers(0, padded.shape[0] - size + 1), rng.integers(
         0, padded.shape[1] - size + 1)
     crop = padded[top:top + size, left:left + size]
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
+    return crop[:, ::-1] if hflip and rng.random() < 0.5 else crop
 
 
-def random_resized_crop_flip(image: np.ndarray, size: int,
-                             rng: np.random.Generator) -> np.ndarray:
+def random_resized_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator,
+                             hflip: bool = True) -> np.ndarray:
     """torchvision's RandomResizedCrop(size) (scale 0.08-1, ratio 3/4-4/3) + h-flip."""
     height, width = image.shape[:2]
     area = height * width
@@ -312,7 +348,7 @@ def random_resized_crop_flip(image: np.ndarray, size: int,
         h, w = min(height, width), min(height, width)
         top, left = (height - h) // 2, (width - w) // 2
     crop = _resize(image[top:top + h, left:left + w], (size, size))
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
+    return crop[:, ::-1] if hflip and rng.random() < 0.5 else crop
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -330,12 +366,14 @@ def _small_image(image: np.ndarray, size: int) -> np.ndarray:
     return _resize(image, (size, size))
 
 
-def train_example(example, rng: np.random.Generator, image_size: int):
+def train_example(example, rng: np.random.Generator, image_size: int, hflip: bool = True,
+                  crop_padding: int = 4):
     image, label = example
     if image_size <= 64:
-        image = pad_crop_flip(_small_image(image, image_size), image_size, rng)
+        image = pad_crop_flip(_small_image(image, image_size), image_size, rng, hflip,
+                              crop_padding)
     else:
-        image = random_resized_crop_flip(image, image_size, rng)
+        image = random_resized_crop_flip(image, image_size, rng, hflip)
     return normalize(np.ascontiguousarray(image)), np.int32(label)
 
 
@@ -347,17 +385,25 @@ def eval_example(example, image_size: int):
 
 
 # ---------------------------------------------------------------------------- pipelines
-def train_batches(source, batch_size: int, image_size: int, seed: int, epoch: int):
+def train_batches(source, batch_size: int, image_size: int, seed: int, epoch: int,
+                  hflip: bool = True, crop_padding: int = 4, min_batches: int = 0):
     """Epoch ``epoch`` as a grain MapDataset of (images (B, S, S, 3) f32, labels (B,) i32).
 
     Shuffle and augmentation depend only on (seed, epoch) and the position, so
-    ``dataset[i]`` is batch i of that epoch, whenever it is read.
+    ``dataset[i]`` is batch i of that epoch, whenever it is read. An epoch holds every
+    example once, or the fewest whole repeats of the data giving ``min_batches`` batches
+    (small limited-data sets with a fixed number of steps per epoch).
     """
     import grain
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    return (grain.MapDataset.source(source)
+    repeats = max(1, -(-min_batches * batch_size // len(source)))
+    dataset = grain.MapDataset.source(source)
+    if repeats > 1:
+        dataset = dataset.repeat(repeats)
+    return (dataset
             .shuffle(seed=epoch_seed)
-            .random_map(lambda example, rng: train_example(example, rng, image_size),
+            .random_map(lambda example, rng: train_example(example, rng, image_size, hflip,
+                                                           crop_padding),
                         seed=epoch_seed)
             .batch(batch_size, drop_remainder=True))
 

@@ -150,6 +150,12 @@ class CifarResNet(nn.Module):
         n = self.blocks_per_stage
         return tuple(Tap(w, s) for w, s in zip(self.widths, (1, 2, 4)) for _ in range(n))
 
+    def candidate_taps(self) -> tuple[int, ...]:
+        """Taps the matching schemes pick from: each stage's last block (4, 9, 14 for
+        ResNet-32, as the reference's CIFAR pairs)."""
+        n = self.blocks_per_stage
+        return tuple(n * (stage + 1) - 1 for stage in range(3))
+
     @nn.compact
     def __call__(self, images: jax.Array, train: bool):
         n = self.blocks_per_stage
@@ -194,6 +200,11 @@ class ImageNetResNet(nn.Module):
         return (Tap(self.widths[0], 2),) + tuple(
             Tap(w, 4 * 2 ** i) for i, w in enumerate(self.widths))
 
+    def candidate_taps(self) -> tuple[int, ...]:
+        """Taps the matching schemes pick from: layer1..layer4 (1..4), not the stem, as the
+        reference's ImageNet pairs."""
+        return (1, 2, 3, 4)
+
     @nn.compact
     def __call__(self, images: jax.Array, train: bool):
         x = _conv(self.widths[0], 7, 2, 3, False, "conv1", self.conv_impl)(images)
@@ -234,8 +245,19 @@ class VGG(nn.Module):
     def feature_taps(self) -> tuple[Tap, ...]:
         return tuple(Tap(w, 2 ** i) for i, w in enumerate(self.widths))
 
+    def candidate_taps(self) -> tuple[int, ...]:
+        """Taps the matching schemes pick from: every stage (0..4), as the reference's
+        CIFAR pairs."""
+        return tuple(range(len(self.widths)))
+
     @nn.compact
     def __call__(self, images: jax.Array, train: bool):
+        smallest = 2 ** len(self.widths)
+        if min(images.shape[1:3]) < smallest:
+            # Each stage halves the map; the last max-pool would see an empty map (NaN).
+            raise ValueError(f"VGG with {len(self.widths)} stages needs inputs of at least "
+                             f"{smallest}x{smallest} px, got {images.shape[1]}x"
+                             f"{images.shape[2]}")
         x = images
         features = []
         k = 0
@@ -247,6 +269,38 @@ class VGG(nn.Module):
             features.append(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         return _classifier(x, self.num_classes, torch_default_init=False), tuple(features)
+
+
+class MultiSource(nn.Module):
+    """Several frozen source networks read as one: their tap lists concatenate.
+
+    Multi-source transfer then needs nothing new downstream: a pair's source index m runs
+    over the concatenated taps, so each source has its own pairs, matching heads and
+    meta-network heads, and the matching losses of all sources add up. Variables are
+    ``{'params': {'sources_0': ..., 'sources_1': ...}, 'batch_stats': {...}}``. Returns the
+    first source's logits (what LwF distils) and the concatenated features.
+    """
+
+    sources: Sequence[nn.Module]
+
+    @property
+    def num_classes(self) -> int:
+        return self.sources[0].num_classes
+
+    def feature_taps(self) -> tuple[Tap, ...]:
+        return tuple(tap for source in self.sources for tap in source.feature_taps())
+
+    def tap_offsets(self) -> tuple[int, ...]:
+        """Index of each source's first tap in the concatenated list."""
+        offsets, total = [], 0
+        for source in self.sources:
+            offsets.append(total)
+            total += len(source.feature_taps())
+        return tuple(offsets)
+
+    def __call__(self, images: jax.Array, train: bool):
+        outputs = [source(images, train) for source in self.sources]
+        return outputs[0][0], tuple(f for _, features in outputs for f in features)
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -267,6 +321,8 @@ def model_name(model: nn.Module) -> str:
         return f"resnet{model.depth}"
     if isinstance(model, VGG) and tuple(model.convs_per_stage) == VGG9_STAGE_CONVS:
         return "vgg9_bn"
+    if isinstance(model, MultiSource):
+        return "+".join(model_name(source) for source in model.sources)
     return type(model).__name__
 
 
@@ -275,7 +331,8 @@ def abstract_variables(model: nn.Module) -> dict:
 
     Parameter shapes do not depend on the input size; any size the network accepts will do.
     """
-    size = 64 if isinstance(model, ImageNetResNet) else 32
+    parts = model.sources if isinstance(model, MultiSource) else (model,)
+    size = 64 if any(isinstance(part, ImageNetResNet) for part in parts) else 32
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                                              train=False))
 

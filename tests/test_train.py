@@ -273,8 +273,7 @@ def test_every_experiment_config_builds(name):
     for variant in (None, "tiny"):
         config = _load_config(name, variant)
         train.validate_config(config)
-        source = models.get_model(config.source_model, config.source_num_classes)
-        transfer = train.build_transfer(config, source)
+        transfer = train.build_transfer(config)
         assert len(transfer.pairs) == (15 if config.source_model == "resnet32" else 16)
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
         _load_config(name, "huge")

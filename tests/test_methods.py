@@ -1,0 +1,177 @@
+"""The paper's methods over the shared step: what each builds and trains, how its loss is
+composed, the matching schemes, limited data, and every method (and two sources) running
+through the training program on small data."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from l2t_jax import bilevel, data, losses, matching, methods, models, train
+from test_train import tiny_config, write_npz_splits, write_tiny_source  # noqa: F401
+
+SOURCE = dict(widths=(4, 6, 8))          # ResNet-20: taps 0..8, candidates 2, 5, 8
+TARGET = dict(widths=(4, 6, 8, 8, 8))    # VGG-9: taps 0..4
+
+
+def _setup(method, scheme):
+    source = models.get_model("resnet20", 5, **SOURCE)
+    target = models.get_model("vgg9_bn", 3, **TARGET)
+    pairs = matching.resolve_pairs(scheme, source, target)
+    transfer = methods.build_transfer(method, source, target, pairs, inner_steps=1)
+    rng = jax.random.key(0)
+    state = bilevel.init_state(transfer, rng, (32, 32, 3))
+    source_variables = source.init(jax.random.fold_in(rng, 1), jnp.zeros((1, 32, 32, 3)),
+                                   train=False)
+    images = jax.random.normal(jax.random.fold_in(rng, 2), (4, 32, 32, 3))
+    return transfer, state, source_variables, images, jnp.arange(4) % 3
+
+
+def _changed(before, after):
+    return {path for path, a, b in zip(
+        [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(before)],
+        jax.tree.leaves(before), jax.tree.leaves(after)) if not np.array_equal(a, b)}
+
+
+@pytest.mark.parametrize("method,scheme", [
+    ("scratch", "single"), ("lwf", "single"), ("at", "one_to_one"), ("lwf_at", "one_to_one"),
+    ("fm", "one_to_one"), ("l2t_w", "one_to_one"), ("l2t_ww", "all_to_all")])
+def test_each_method_builds_and_trains_exactly_its_parameters(method, scheme):
+    transfer, state, source_variables, images, labels = _setup(method, scheme)
+    spec = methods.METHODS[method]
+    assert (transfer.source_model is None) == (method == "scratch")
+    assert ("heads" in state.target_params) == spec.matching_heads
+    assert ("lwf_head" in state.target_params) == spec.lwf
+    assert (transfer.meta_networks is not None) == spec.meta_networks
+    assert (transfer.at_weight == 500.0) == spec.attention
+    if not spec.meta_networks:
+        assert state.meta_params == {}
+    before = jax.device_get(state)
+    step = jax.jit(lambda s: bilevel.train_step(transfer, lambda _: 0.1, s, source_variables,
+                                                images, labels))
+    after, metrics = jax.device_get(step(state))
+    # theta moves everywhere (SGD with weight decay touches every parameter).
+    assert _changed(before.target_params, after.target_params) == _changed(
+        before.target_params, jax.tree.map(lambda a: a + 1, before.target_params))
+    meta_changed = _changed(before.meta_params, after.meta_params)
+    names = {p.split("'")[1] for p in meta_changed}
+    if method == "l2t_w":        # f only: lambda = 1 is fixed, there is no g to move
+        assert names and all(n.startswith("what_") for n in names)
+        assert "pair_weights" not in metrics
+    elif method == "l2t_ww":
+        assert any(n.startswith("where_") for n in names)
+        assert any(n.startswith("what_") for n in names)
+        assert metrics["pair_weights"].shape == (len(transfer.pairs),)
+    else:
+        assert meta_changed == set() and "meta_loss" not in metrics
+    assert (float(metrics["matching"]) == 0.0) == (method == "scratch")
+
+
+def test_baseline_losses_are_the_sum_of_their_terms():
+    """lwf_at's transfer loss = at_weight * AT over its pairs + lwf_weight * KD(T=2) of the
+    LwF head against the source logits, computed here from the networks' outputs."""
+    transfer, state, source_variables, images, labels = _setup("lwf_at", "one_to_one")
+    batch = bilevel._batch_constants(transfer, state, source_variables, images, labels)
+    ce, transfer_loss, _, _ = bilevel._target_losses(
+        transfer, state.target_params, state.batch_stats, batch, None, None)
+    source_logits, source_features = transfer.source_model.apply(source_variables, images,
+                                                                  train=False)
+    (logits, target_features), _ = transfer.target_model.apply(
+        {"params": state.target_params["model"], "batch_stats": state.batch_stats}, images,
+        train=True, mutable=["batch_stats"])
+    at = losses.attention_transfer_loss([source_features[m] for m, _ in transfer.pairs],
+                                        [target_features[n] for _, n in transfer.pairs], 500.0)
+    lwf_logits = target_features[-1].mean(axis=(1, 2)) @ state.target_params["lwf_head"][
+        "fc"]["kernel"] + state.target_params["lwf_head"]["fc"]["bias"]
+    kd = losses.distillation_loss(lwf_logits, source_logits, 2.0)
+    assert float(at) > 0 and float(kd) > 0
+    np.testing.assert_allclose(transfer_loss, at + kd, rtol=1e-5)
+    np.testing.assert_allclose(ce, losses.cross_entropy(logits, labels), rtol=1e-6)
+
+
+def test_matching_schemes():
+    resnet32, vgg = models.get_model("resnet32", 200), models.get_model("vgg9_bn", 100)
+    assert matching.resolve_pairs("single", resnet32, vgg) == ((14, 4),)
+    assert matching.resolve_pairs("one_to_one", resnet32, vgg) == ((4, 0), (9, 1), (14, 2))
+    assert matching.resolve_pairs("all_to_all", resnet32, vgg) == matching.parse_pairs(
+        matching.CIFAR_PAIRS)
+    resnet34, resnet18 = models.get_model("resnet34", 1000), models.get_model("resnet18", 200)
+    assert matching.resolve_pairs("single", resnet34, resnet18) == ((4, 4),)
+    assert matching.resolve_pairs("one_to_one", resnet34, resnet18) == (
+        (1, 1), (2, 2), (3, 3), (4, 4))
+    assert sorted(matching.resolve_pairs("all_to_all", resnet34, resnet18)) == sorted(
+        matching.parse_pairs(matching.IMAGENET_PAIRS))
+    assert matching.resolve_pairs("9-1,4-0", resnet32, vgg) == ((9, 1), (4, 0))
+    with pytest.raises(ValueError, match="unknown matching scheme 'one-to-one'"):
+        matching.resolve_pairs("one-to-one", resnet32, vgg)
+
+
+def test_per_class_subset_is_seeded_and_checked():
+    labels = np.repeat(np.arange(4), [5, 7, 9, 6])
+    source = data.ArraySource(np.zeros((len(labels), 2, 2, 3), np.uint8), labels)
+    first = data.per_class_subset(source, 3, seed=0)
+    assert np.bincount(data.source_labels(first)).tolist() == [3, 3, 3, 3]
+    np.testing.assert_array_equal(first.indices, data.per_class_subset(source, 3, 0).indices)
+    assert not np.array_equal(first.indices, data.per_class_subset(source, 3, 1).indices)
+    with pytest.raises(data.DataError, match="class 0 has 5 examples"):
+        data.per_class_subset(source, 6, seed=0)
+
+
+def test_step_schedule_is_multistep_lr():
+    rates = train.step_learning_rate(0.1, 8, 10, (0.5, 0.75), 0.1)
+    values = [float(rates(epoch * 10)) for epoch in range(8)]
+    np.testing.assert_allclose(values, [0.1] * 4 + [0.01] * 2 + [0.001] * 2, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def method_assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("methods")
+    write_npz_splits(root / "data", sizes=(("train", 30), ("val", 8), ("test", 8)))
+    write_tiny_source(str(root / "source"))
+    return root
+
+
+PAPER_ROWS = [("scratch", "single"), ("lwf", "single"), ("at", "one_to_one"),
+              ("lwf_at", "one_to_one"), ("fm", "single"), ("fm", "one_to_one"),
+              ("l2t_w", "single"), ("l2t_w", "one_to_one"), ("l2t_ww", "all_to_all")]
+
+
+@pytest.mark.parametrize("method,scheme", PAPER_ROWS)
+def test_every_paper_row_runs_two_steps_with_limited_data(method, scheme, method_assets,
+                                                          tmp_path):
+    config = tiny_config(method_assets / "data", method_assets / "source", method=method,
+                         pairs=scheme, T=1)
+    config.epochs, config.steps_per_epoch = 1, 2
+    config.data.train_examples_per_class = 4        # 12 images: the epoch repeats them
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["method"] == method and result["train_examples"] == 12
+    assert result["scheme"] == scheme
+    expected_pairs = {"single": 1, "one_to_one": 3, "all_to_all": 15}[scheme]
+    assert len(result["pairs"]) == (0 if method in ("scratch", "lwf") else expected_pairs)
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [line["step"] for line in lines if "train/ce" in line] == [1, 2]
+    assert (tmp_path / "transfer_weights.json").exists() == method.startswith("l2t")
+
+
+def test_two_sources_add_their_own_pairs_heads_and_meta_networks(method_assets, tmp_path):
+    config = tiny_config(method_assets / "data", method_assets / "source", pairs="all_to_all",
+                         T=1)
+    config.extra_sources = ({"model": "resnet20", "num_classes": 5,
+                             "checkpoint": str(method_assets / "source"),
+                             "pairs": "one_to_one", "model_overrides": {"widths": (4, 6, 8)}},)
+    config.epochs, config.steps_per_epoch = 1, 2
+    transfer = train.build_transfer(config)
+    assert isinstance(transfer.source_model, models.MultiSource)
+    # The second source's taps follow the first's 9: its one-to-one pairs are offset by 9.
+    assert transfer.pairs[15:] == ((11, 0), (14, 1), (17, 2))
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["extra_sources"] == ["resnet20"] and len(result["pairs"]) == 18
+    weights = json.load(open(tmp_path / "transfer_weights.json"))
+    assert len(weights["pair_weights"]) == 18 and len(weights["source_taps"]) == 18
+
+    bad = tiny_config(method_assets / "data", method_assets / "source")
+    bad.extra_sources = ({"model": "resnet20", "num_classes": 5, "checkpoint": "x",
+                          "pairs": "9-0"},)
+    with pytest.raises(ValueError, match=r"extra_sources\[0\].pairs: pair 9-0"):
+        train.validate_config(bad)
