@@ -85,6 +85,11 @@ def get_config():
     # Also write the best target as a source checkpoint (workdir/source), in the format
     # config.source_checkpoint reads: how configs/pretrain_*.py make sources.
     config.export_source = False
+    # A non-finite loss, meta-gradient or parameter: "stop" (raise, naming the step and the
+    # quantity; checkpoints only ever hold finite parameters) or "skip" (that batch's update
+    # is dropped inside the step; metrics train/skipped and result.json skipped_steps count
+    # them). May change when a run is resumed.
+    config.on_nonfinite = "stop"
     return config
 
 

@@ -385,18 +385,21 @@ def eval_example(example, image_size: int):
 
 
 # ---------------------------------------------------------------------------- pipelines
-def train_batches(source, batch_size: int, image_size: int, seed: int, epoch: int,
-                  hflip: bool = True, crop_padding: int = 4, min_batches: int = 0):
-    """Epoch ``epoch`` as a grain MapDataset of (images (B, S, S, 3) f32, labels (B,) i32).
+def train_examples(source, image_size: int, seed: int, epoch: int, hflip: bool = True,
+                   crop_padding: int = 4, min_examples: int = 0):
+    """Epoch ``epoch`` as a grain MapDataset of single augmented examples (image (S, S, 3)
+    f32, label i32), in the epoch's shuffled order.
 
     Shuffle and augmentation depend only on (seed, epoch) and the position, so
-    ``dataset[i]`` is batch i of that epoch, whenever it is read. An epoch holds every
-    example once, or the fewest whole repeats of the data giving ``min_batches`` batches
-    (small limited-data sets with a fixed number of steps per epoch).
+    ``dataset[p]`` is the example at position p of that epoch, whenever and wherever (in
+    whichever process) it is read: batch i of :func:`train_batches` is positions
+    ``i * B ... i * B + B - 1``, and a process of a multi-host run loads just its rows of
+    each batch. An epoch holds every example once, or the fewest whole repeats of the data
+    giving ``min_examples`` examples.
     """
     import grain
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    repeats = max(1, -(-min_batches * batch_size // len(source)))
+    repeats = max(1, -(-min_examples // len(source)))
     dataset = grain.MapDataset.source(source)
     if repeats > 1:
         dataset = dataset.repeat(repeats)
@@ -404,13 +407,29 @@ def train_batches(source, batch_size: int, image_size: int, seed: int, epoch: in
             .shuffle(seed=epoch_seed)
             .random_map(lambda example, rng: train_example(example, rng, image_size, hflip,
                                                            crop_padding),
-                        seed=epoch_seed)
+                        seed=epoch_seed))
+
+
+def train_batches(source, batch_size: int, image_size: int, seed: int, epoch: int,
+                  hflip: bool = True, crop_padding: int = 4, min_batches: int = 0):
+    """Epoch ``epoch`` as a grain MapDataset of (images (B, S, S, 3) f32, labels (B,) i32):
+    :func:`train_examples` in batches of ``batch_size`` (the last partial one dropped).
+
+    ``dataset[i]`` is batch i of that epoch, whenever it is read; the epoch has at least
+    ``min_batches`` batches (the data repeated as often as needed).
+    """
+    return (train_examples(source, image_size, seed, epoch, hflip, crop_padding,
+                           min_examples=min_batches * batch_size)
             .batch(batch_size, drop_remainder=True))
+
+
+def eval_examples(source, image_size: int):
+    """Single evaluation examples (image (S, S, 3) f32, label i32) in the source's order."""
+    import grain
+    return (grain.MapDataset.source(source)
+            .map(lambda example: eval_example(example, image_size)))
 
 
 def eval_batches(source, batch_size: int, image_size: int):
     """Sequential batches (the last one possibly smaller) for evaluation."""
-    import grain
-    return (grain.MapDataset.source(source)
-            .map(lambda example: eval_example(example, image_size))
-            .batch(batch_size, drop_remainder=False))
+    return eval_examples(source, image_size).batch(batch_size, drop_remainder=False)

@@ -12,27 +12,50 @@ last ``keep_checkpoints`` kept), ``best/`` (target parameters at the best val ac
 ``config.json`` and ``result.json``. Starting again with the same workdir resumes from the
 latest checkpoint; batches are a pure function of (seed, epoch, index), so the resumed run
 ends with the same parameters as an uninterrupted one.
+
+Data parallel and multi-host through :mod:`l2t_jax.parallel`: the step runs under jit on a
+mesh of every device (the batch split over ``data``, state and source replicated), each
+process loads only its rows of every batch, and only process 0 writes files other than
+checkpoints. With one device the numbers are those of a plain ``jax.jit``.
+
+Faults (tests/test_faults.py injects each one):
+
+- config and data errors raise ValueError / DataError / FileNotFoundError naming the key or
+  file, before anything is compiled;
+- the newest checkpoint unreadable: resume from the newest readable one (logged; the bad
+  ones move to ``workdir/unreadable_checkpoints/``); a save that fails raises
+  :class:`CheckpointError` naming the directory, the earlier checkpoints intact;
+- SIGTERM: a checkpoint at the next step boundary, then :class:`Preempted`;
+- non-finite losses, meta-gradients or parameters: :class:`DivergenceError` naming the step
+  and the quantity (``config.on_nonfinite='stop'``), or the batch's update dropped inside
+  the step (``'skip'``). The metrics of every step are checked at log steps and before
+  every save (no host round trip per step), and the state before every save: no checkpoint
+  holds a non-finite parameter.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from l2t_jax import assets, bilevel, convert, data, matching, methods, models
+from l2t_jax import (assets, bilevel, convert, convolution, data, matching, methods, models,
+                     parallel)
 
 PyTree = Any
 # Keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                  "eval_batch_size", "export_source")
+                  "eval_batch_size", "export_source", "on_nonfinite")
 
 
 # ------------------------------------------------------------------------------ config
@@ -59,7 +82,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 check_keys(given[key], expected[key], f"{prefix}{key}.")
 
     check_keys(config, reference)
-    methods.get_method(config.method)
+    if config.method not in methods.METHODS:
+        raise ValueError(f"config.method={config.method!r} is not a method; valid: "
+                         f"{', '.join(methods.METHODS)}")
     for key in ("source_model", "target_model"):
         if config[key] not in models.MODEL_NAMES:
             raise ValueError(f"config.{key}={config[key]!r} is not a model; valid: "
@@ -85,8 +110,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                          f"{jax.device_count()} devices")
     for key in ("learning_rate", "meta_learning_rate"):
-        if not config[key] > 0:
-            raise ValueError(f"config.{key} must be > 0, got {config[key]}")
+        if not (config[key] > 0 and math.isfinite(config[key])):
+            raise ValueError(f"config.{key} must be finite and > 0, got {config[key]}")
+    if config.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; valid: stop, skip")
+    if config.conv_impl not in convolution.CONV_IMPLS:
+        raise ValueError(f"config.conv_impl={config.conv_impl!r}; valid: "
+                         f"{', '.join(convolution.CONV_IMPLS)}")
+    for key in ("num_classes", "image_size"):
+        if config.data[key] < 1:
+            raise ValueError(f"config.data.{key} must be >= 1, got {config.data[key]}")
+    if config.source_num_classes < 1:
+        raise ValueError(f"config.source_num_classes must be >= 1, got "
+                         f"{config.source_num_classes}")
+    if config.data.crop_padding < 0:
+        raise ValueError(f"config.data.crop_padding must be >= 0, got "
+                         f"{config.data.crop_padding}")
+    if not config.data.eval_splits:
+        raise ValueError("config.data.eval_splits is empty: name the evaluation splits, "
+                         "e.g. ('val', 'test') or ('test',)")
     build_networks(config)   # models, extra sources and pairs resolve
 
 
@@ -155,6 +197,22 @@ def source_specs(config) -> list[dict]:
     return specs
 
 
+def _get_model(name: str, num_classes: int, conv_impl: str, overrides: dict, where: str):
+    """models.get_model, with a bad override reported as a ValueError naming ``where``."""
+    widths = overrides.get("widths")
+    if widths is not None and not all(isinstance(w, int) and w >= 1 for w in widths):
+        raise ValueError(f"{where}.widths={tuple(widths)}: widths must be integers >= 1")
+    try:
+        model = models.get_model(name, num_classes, conv_impl=conv_impl, **overrides)
+        model.feature_taps()          # overrides such as widths must fit the network
+    except (TypeError, IndexError, ValueError) as e:
+        if not overrides:
+            raise
+        raise ValueError(f"{where}={overrides} does not fit {name} ({type(e).__name__}: "
+                         f"{e})") from None
+    return model
+
+
 def build_networks(config):
     """The config's networks, without weights.
 
@@ -162,14 +220,17 @@ def build_networks(config):
     methods that use no source, a :class:`~l2t_jax.models.MultiSource` with extra sources
     (pairs then index the concatenated taps); pairs are resolved per source from schemes.
     """
-    target = models.get_model(config.target_model, config.data.num_classes,
-                              conv_impl=config.conv_impl,
-                              **dict(config.model_overrides.get("target", {})))
+    target = _get_model(config.target_model, config.data.num_classes, config.conv_impl,
+                        dict(config.model_overrides.get("target", {})),
+                        "config.model_overrides.target")
     if not methods.get_method(config.method).uses_source:
         return None, target, (), []
     specs = source_specs(config)
-    sources = [models.get_model(spec["model"], spec["num_classes"], conv_impl=config.conv_impl,
-                                **spec["model_overrides"]) for spec in specs]
+    sources = [_get_model(spec["model"], spec["num_classes"], config.conv_impl,
+                          spec["model_overrides"],
+                          "config.model_overrides.source" if i == 0 else
+                          f"config.extra_sources[{i - 1}].model_overrides")
+               for i, spec in enumerate(specs)]
     pairs, offset = [], 0
     for i, (spec, source) in enumerate(zip(specs, sources)):
         if methods.uses_pairs(config.method):
@@ -266,6 +327,33 @@ def cosine_learning_rate(base: float, epochs: int, steps_per_epoch: int):
 
 
 # ------------------------------------------------------------------------- bookkeeping
+class DivergenceError(FloatingPointError):
+    """A non-finite loss, meta-gradient or parameter with ``config.on_nonfinite='stop'``;
+    the message names the step and the quantity. Nothing non-finite was checkpointed."""
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written, or no checkpoint of a workdir can be read; the
+    message names the directory."""
+
+
+class Preempted(Exception):
+    """SIGTERM (preemption) stopped the run at a step boundary after saving a checkpoint;
+    running the same command again resumes from it. :mod:`l2t_jax.main` exits with
+    :data:`PREEMPTED_EXIT_CODE` on it (non-zero: the run is not finished)."""
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(f"stopped by SIGTERM after step {step}: saved a checkpoint of step "
+                         f"{step} in {directory}; run the same command again to resume")
+        self.step = step
+
+
+PREEMPTED_EXIT_CODE = 128 + 15     # what a shell reports for a process ended by SIGTERM
+# Per-step metrics whose non-finite value stops (or skips) a step.
+WATCHED_METRICS = ("ce", "matching", "adapt_ce", "sim_matching", "meta_loss",
+                   "meta_grad_norm")
+
+
 class MetricLog:
     """metrics.jsonl plus TensorBoard events (tensorboardX, if installed)."""
 
@@ -293,6 +381,27 @@ class MetricLog:
                 self.tensorboard.add_scalar(key, value, step)
             self.tensorboard.flush()
 
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class _NoLog:
+    """The metric log of processes other than 0: writes nothing."""
+
+    def write(self, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _barrier(name: str) -> None:
+    """All processes wait here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
 
 def _checkpoint_manager(workdir: str, keep: int):
     import orbax.checkpoint as ocp
@@ -300,7 +409,10 @@ def _checkpoint_manager(workdir: str, keep: int):
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         item_names=("state", "progress"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             # a save killed before its commit leaves a
+                                             # tmp directory: removed at the next start
+                                             cleanup_tmp_directories=True))
 
 
 def _config_for_comparison(config) -> dict:
@@ -308,24 +420,197 @@ def _config_for_comparison(config) -> dict:
     return {k: v for k, v in values.items() if k not in RESUMABLE_KEYS}
 
 
-def evaluate(eval_step, variables, source, config) -> float:
-    """Top-1 accuracy (%) of the target on ``source`` (eval-mode BN)."""
-    correct = 0
-    for images, labels in data.eval_batches(source, config.eval_batch_size,
-                                            config.data.image_size):
-        padded = config.eval_batch_size - len(labels)   # one shape: no recompilation
-        images = np.pad(images, ((0, padded), (0, 0), (0, 0), (0, 0)))
-        mask = np.arange(config.eval_batch_size) < len(labels)
-        labels = np.pad(labels, (0, padded))
-        correct += int(eval_step(variables, images, labels, mask))
-    return 100.0 * correct / len(source)
+def _check_same_config(config, workdir: str) -> None:
+    """Refuses to resume a workdir written by another config, naming the differing keys."""
+    config_path = os.path.join(workdir, "config.json")
+    try:
+        with open(config_path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{workdir} has checkpoints but no config.json, so it cannot be "
+                         "checked against this config; use a new workdir") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e}); use a new workdir") from None
+    current = _config_for_comparison(config)
+    differing = sorted(k for k in set(saved) | set(current)
+                       if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
+    if differing:
+        raise ValueError(f"{workdir} holds a run with another config (keys differ: "
+                         f"{', '.join(differing)}); use a new workdir")
+
+
+def _restore_latest_readable(manager, abstract_state, workdir: str):
+    """Restores the newest checkpoint that can be read: (state, progress).
+
+    A checkpoint that fails to restore (truncated or corrupt files) is logged and the one
+    before it tried; the unreadable ones are moved to ``workdir/unreadable_checkpoints/``
+    (never deleted) so that the resumed run can save those steps again.
+
+    Raises:
+      CheckpointError: no checkpoint can be read.
+    """
+    import orbax.checkpoint as ocp
+    directory = str(manager.directory)
+    unreadable = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                progress=ocp.args.JsonRestore()))
+        except Exception as e:   # orbax / tensorstore raise several types for bad files
+            message = str(e).splitlines()[0][:300] if str(e) else ""
+            logging.warning("checkpoint %d in %s cannot be read (%s: %s); trying the one "
+                            "before it", step, directory, type(e).__name__, message)
+            unreadable.append((step, f"{type(e).__name__}: {message}"))
+            continue
+        if unreadable:
+            aside = os.path.join(os.path.abspath(workdir), "unreadable_checkpoints")
+            if parallel.is_main_process():
+                os.makedirs(aside, exist_ok=True)
+                for bad, _ in unreadable:
+                    target = os.path.join(aside, f"{bad}-{int(time.time())}")
+                    os.rename(os.path.join(directory, str(bad)), target)
+            _barrier("l2t_moved_unreadable_checkpoints")
+            manager.reload()
+            logging.warning("resumed from checkpoint %d, the newest readable one; the "
+                            "unreadable checkpoints %s were moved to %s", step,
+                            [bad for bad, _ in unreadable], aside)
+        return restored["state"], restored["progress"]
+    raise CheckpointError(f"no checkpoint in {directory} can be read: "
+                          + "; ".join(f"step {s}: {why}" for s, why in unreadable)
+                          + ". Move the directory away to start the run over")
+
+
+def _newest_checkpoint(manager) -> str:
+    step = manager.latest_step()
+    if step is None:
+        return f"No checkpoint was written yet (in {manager.directory})"
+    return f"The newest checkpoint (step {step}, in {manager.directory}) holds finite parameters"
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    """Whether every float leaf of ``tree`` is finite (a traced bool scalar)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def skip_nonfinite(step_fn: Callable) -> Callable:
+    """Wraps ``step_fn(state, ...) -> (state, metrics)`` so that a step whose watched
+    metrics (:data:`WATCHED_METRICS`) or new state are not all finite keeps the old state
+    (only the step counter advances). Adds the metric ``skipped`` (1 if skipped, else 0).
+    Inside jit: a select, no host round trip."""
+    def step(state, *args):
+        new_state, metrics = step_fn(state, *args)
+        finite = _all_finite(([metrics[k] for k in WATCHED_METRICS if k in metrics],
+                              new_state))
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = dict(metrics, skipped=jnp.logical_not(finite).astype(jnp.int32))
+        return kept.replace(step=new_state.step), metrics
+    return step
+
+
+def _nonfinite(metrics: dict) -> list[str]:
+    """Names of the watched metrics that are not finite."""
+    return [k for k in WATCHED_METRICS
+            if k in metrics and not np.all(np.isfinite(np.asarray(metrics[k])))]
+
+
+class _StopRequest:
+    """SIGTERM (preemption) -> stop at the next step boundary.
+
+    One process: a handler that only sets a flag (restored by :meth:`close`). Several
+    processes: they must stop at the same step, so jax's preemption sync point decides
+    (its service catches SIGTERM in every process and agrees on a step).
+    """
+
+    def __init__(self):
+        self.received = False
+        self.previous = None
+        self.multiprocess = jax.process_count() > 1
+        if self.multiprocess:
+            from jax._src import distributed
+            if distributed.global_state.preemption_sync_manager is None:
+                logging.warning("jax's preemption service is off: SIGTERM will not save a "
+                                "checkpoint before the processes end")
+                self.multiprocess = None
+        elif threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received:       # a second SIGTERM ends the process at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.received = True
+
+    def requested(self, step: int) -> bool:
+        if self.multiprocess:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+def evaluate(eval_step, variables, source, config, mesh) -> float:
+    """Top-1 accuracy (%) of the target on ``source`` (eval-mode BN).
+
+    Batches of ``eval_batch_size`` rounded up to a multiple of the device count, split over
+    the mesh; each process loads only its rows, and rows past the end of the data are
+    padding (label -1, not counted). One shape for every batch: no recompilation.
+    """
+    batch = -(-config.eval_batch_size // mesh.size) * mesh.size
+    rows = parallel.process_batch_slice(batch, mesh)
+    examples = data.eval_examples(source, config.data.image_size)
+    size = config.data.image_size
+    counts = []
+    for start in range(0, len(source), batch):
+        images, labels = [], []
+        for position in range(start + rows.start, start + rows.stop):
+            if position < len(source):
+                image, label = examples[position]
+            else:
+                image, label = np.zeros((size, size, 3), np.float32), -1
+            images.append(image)
+            labels.append(label)
+        images, labels = parallel.global_batch(mesh, np.stack(images),
+                                               np.asarray(labels, np.int32))
+        counts.append(eval_step(variables, images, labels))
+    return 100.0 * sum(int(c) for c in jax.device_get(counts)) / len(source)
+
+
+def _load_rows(examples, index: int, batch_size: int, rows: slice):
+    """Rows ``rows`` of global batch ``index``: the examples at positions
+    ``index * batch_size + rows.start ... index * batch_size + rows.stop - 1``."""
+    local = [examples[index * batch_size + r] for r in range(rows.start, rows.stop)]
+    return np.stack([image for image, _ in local]), np.stack([label for _, label in local])
 
 
 # ---------------------------------------------------------------------------- the loop
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) the experiment in ``workdir``; returns the result dict."""
+    """Runs (or resumes) the experiment in ``workdir``; returns the result dict.
+
+    Data parallel over every device of every process (:mod:`l2t_jax.parallel`): the batch
+    is split over the mesh axis ``data``, the state and the source are replicated. Only
+    process 0 writes metrics, logs and JSON files; every process takes part in the
+    checkpoints.
+
+    Raises:
+      ValueError (also data.DataError), FileNotFoundError: config and data errors, before
+        anything is compiled.
+      DivergenceError: a non-finite loss, meta-gradient or parameter, with
+        ``config.on_nonfinite='stop'``.
+      CheckpointError: a checkpoint could not be saved (earlier ones are kept), or none of
+        the workdir's can be read.
+      Preempted: SIGTERM; a checkpoint was saved at the step where the run stopped.
+    """
     import orbax.checkpoint as ocp
+    parallel.maybe_initialize_distributed()   # a no-op unless launched as several processes
     validate_config(config)
+    main_process = parallel.is_main_process()
     os.makedirs(workdir, exist_ok=True)
     splits = load_splits(config)
     transfer = build_transfer(config)
@@ -339,97 +624,164 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          "repeat the data within an epoch")
     total_steps = steps_per_epoch * config.epochs
     learning_rate_fn = learning_rate_schedule(config, steps_per_epoch)
-    size = config.data.image_size
-    state = bilevel.init_state(transfer, jax.random.key(config.seed), (size, size, 3))
+    size, batch_size = config.data.image_size, config.batch_size
+    mesh = parallel.make_mesh()
+    rows = parallel.process_batch_slice(batch_size, mesh)
+    logging.info("data parallel over %d devices (%d processes); process %d loads rows "
+                 "%d-%d of each batch of %d", mesh.size, jax.process_count(),
+                 jax.process_index(), rows.start, rows.stop - 1, batch_size)
+    init = functools.partial(bilevel.init_state, transfer, jax.random.key(config.seed),
+                             (size, size, 3))
 
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
-    config_path = os.path.join(workdir, "config.json")
     progress = {"epoch": 0, "best_val": -1.0, "test_at_best": -1.0, "best_epoch": -1,
-                "wall_seconds": 0.0}
+                "wall_seconds": 0.0, "skipped_steps": 0}
     if manager.latest_step() is not None:
-        with open(config_path) as f:
-            saved = json.load(f)
-        current = _config_for_comparison(config)
-        differing = sorted(k for k in set(saved) | set(current)
-                           if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
-        if differing:
-            raise ValueError(f"{workdir} holds a run with another config (keys differ: "
-                             f"{', '.join(differing)}); use a new workdir")
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
-        state, progress = restored["state"], restored["progress"]
+        _check_same_config(config, workdir)
+        abstract = parallel.abstract_replicated(mesh, jax.eval_shape(init))
+        state, restored_progress = _restore_latest_readable(manager, abstract, workdir)
+        progress.update(restored_progress)
         logging.info("resumed from step %d", int(state.step))
     else:
-        with open(config_path, "w") as f:
-            json.dump(_config_for_comparison(config), f, indent=1)
+        state = parallel.replicate(mesh, init())   # the same seed in every process
+        if main_process:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(_config_for_comparison(config), f, indent=1)
+    source_variables = parallel.replicate(mesh, source_variables)
+
+    step = functools.partial(bilevel.train_step, transfer, learning_rate_fn)
+    if config.on_nonfinite == "skip":
+        step = skip_nonfinite(step)
+    step_fn = parallel.jit_sharded_step(step, mesh)
+    replicated = parallel.replicated_sharding(mesh)
+    state_is_finite = jax.jit(_all_finite, out_shardings=replicated)
+
+    def eval_fn(variables, images, labels):
+        logits, _ = transfer.target_model.apply(variables, images, train=False)
+        return jnp.sum((jnp.argmax(logits, -1) == labels) & (labels >= 0))
+    eval_step = jax.jit(eval_fn, out_shardings=replicated,
+                        in_shardings=(replicated, parallel.batch_sharding(mesh),
+                                      parallel.batch_sharding(mesh)))
+
+    pending = []     # (step, metrics on device) not yet checked for non-finite values
+
+    def check_pending() -> list:
+        """Fetches the metrics of the steps since the last check (one transfer, no sync
+        per step); stops at the first non-finite one (``on_nonfinite='stop'``) or counts
+        the skipped steps (``'skip'``). Returns [(step, host metrics)]."""
+        checked = jax.device_get(pending)
+        pending.clear()
+        for done, metrics in checked:
+            bad = _nonfinite(metrics)
+            if config.on_nonfinite == "skip":
+                progress["skipped_steps"] += int(metrics["skipped"])
+            elif bad:
+                values = ", ".join(f"{k}={np.ravel(metrics[k]).tolist()}" for k in bad)
+                raise DivergenceError(
+                    f"non-finite {', '.join(bad)} at step {done} ({values}); stopped "
+                    f"(config.on_nonfinite='stop'). {_newest_checkpoint(manager)}: lower "
+                    "the learning rates, or rerun with --config.on_nonfinite=skip to skip "
+                    "such batches")
+        return checked
 
     def save(state, progress):
+        check_pending()
+        done = int(state.step)
+        if not bool(state_is_finite(state)):
+            raise DivergenceError(f"non-finite parameters at step {done} although every "
+                                  f"watched loss was finite; not saved. "
+                                  f"{_newest_checkpoint(manager)}")
         progress["wall_seconds"] = wall_before + time.time() - started
-        manager.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)),
-            force=True)
+        try:
+            manager.save(done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)),
+                force=True)
+            manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(
+                f"could not save the checkpoint of step {done} in {manager.directory} "
+                f"({type(e).__name__}: {e}). The earlier checkpoints (steps "
+                f"{list(manager.all_steps())}) are intact: fix the directory (space, "
+                "permissions) and run the same command again to resume") from e
 
-    step_fn = bilevel.jit_train_step(transfer, learning_rate_fn)
-
-    @jax.jit
-    def eval_step(variables, images, labels, mask):
-        logits, _ = transfer.target_model.apply(variables, images, train=False)
-        return jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
-
-    log = MetricLog(workdir)
+    log = MetricLog(workdir) if main_process else _NoLog()
+    stop = _StopRequest()
     start_step, started = int(state.step), time.time()
     wall_before = progress.get("wall_seconds", 0.0)
-    dataset, dataset_epoch = None, None
-    for step in range(start_step, total_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        if dataset_epoch != epoch:
-            dataset = data.train_batches(splits["train"], config.batch_size, size,
-                                         config.seed, epoch, hflip=config.data.hflip,
-                                         crop_padding=config.data.crop_padding,
-                                         min_batches=steps_per_epoch)
-            dataset_epoch = epoch
-        images, labels = dataset[index]
-        state, metrics = step_fn(state, source_variables, images, labels)
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == total_steps:
-            metrics = jax.device_get(metrics)
-            log.write(done, {f"train/{k}": v for k, v in metrics.items()})
-            rate = (done - start_step) / (time.time() - started)
-            logging.info("step %d/%d (epoch %d) ce %.4f transfer %.4f%s | %.2f steps/s, "
-                         "ETA %.0f min", done, total_steps, epoch, metrics["ce"],
-                         metrics["matching"],
-                         f" meta {metrics['meta_loss']:.4f}" if "meta_loss" in metrics else "",
-                         rate, (total_steps - done) / rate / 60)
-            if not all(np.isfinite(metrics[k]) for k in ("ce", "matching", "meta_loss",
-                                                          "meta_grad_norm") if k in metrics):
-                raise FloatingPointError(f"non-finite loss at step {done}: "
-                                         f"{ {k: float(np.ravel(v)[0]) for k, v in metrics.items()} }"
-                                         "; the last checkpoint is kept")
-        if done % steps_per_epoch == 0:
-            variables = {"params": state.target_params["model"],
-                         "batch_stats": state.batch_stats}
-            accuracies = {split: evaluate(eval_step, variables, splits[split], config)
-                          for split in config.data.eval_splits}
-            progress["epoch"] = epoch + 1
-            val = accuracies.get("val", accuracies[config.data.eval_splits[0]])
-            if val > progress["best_val"]:
-                progress.update(best_val=val, test_at_best=accuracies.get("test", val),
-                                best_epoch=epoch)
-                _save_best(workdir, variables)
-            log.write(done, {f"eval/{k}": v for k, v in accuracies.items()})
-            logging.info("epoch %d: %s | best val %.2f (test %.2f)", epoch,
-                         " ".join(f"{k} {v:.2f}" for k, v in accuracies.items()),
-                         progress["best_val"], progress["test_at_best"])
-            save(state, progress)
-        elif done % config.checkpoint_every_steps == 0:
-            save(state, progress)
+    examples, examples_epoch = None, None
+    try:
+        for step in range(start_step, total_steps):
+            epoch, index = divmod(step, steps_per_epoch)
+            if examples_epoch != epoch:
+                examples = data.train_examples(
+                    splits["train"], size, config.seed, epoch, hflip=config.data.hflip,
+                    crop_padding=config.data.crop_padding,
+                    min_examples=steps_per_epoch * batch_size)
+                examples_epoch = epoch
+            images, labels = parallel.global_batch(
+                mesh, *_load_rows(examples, index, batch_size, rows))
+            state, metrics = step_fn(state, source_variables, images, labels)
+            done = step + 1
+            pending.append((done, metrics))
+            saved = False
+            if (done % config.log_every_steps == 0 or done == total_steps
+                    or len(pending) >= 256):
+                skipped_before = progress["skipped_steps"]
+                metrics = check_pending()[-1][1]
+                if done % config.log_every_steps == 0 or done == total_steps:
+                    if config.on_nonfinite == "skip":
+                        metrics = dict(metrics, skipped=progress["skipped_steps"] -
+                                       skipped_before, skipped_total=progress["skipped_steps"])
+                    log.write(done, {f"train/{k}": v for k, v in metrics.items()})
+                    rate = (done - start_step) / (time.time() - started)
+                    if main_process:
+                        logging.info(
+                            "step %d/%d (epoch %d) ce %.4f transfer %.4f%s%s | %.2f steps/s, "
+                            "ETA %.0f min", done, total_steps, epoch, metrics["ce"],
+                            metrics["matching"],
+                            f" meta {metrics['meta_loss']:.4f}" if "meta_loss" in metrics
+                            else "",
+                            f" | skipped {progress['skipped_steps']} steps"
+                            if progress["skipped_steps"] else "",
+                            rate, (total_steps - done) / rate / 60)
+            if done % steps_per_epoch == 0:
+                check_pending()
+                variables = {"params": state.target_params["model"],
+                             "batch_stats": state.batch_stats}
+                accuracies = {split: evaluate(eval_step, variables, splits[split], config,
+                                              mesh)
+                              for split in config.data.eval_splits}
+                progress["epoch"] = epoch + 1
+                val = accuracies.get("val", accuracies[config.data.eval_splits[0]])
+                if val > progress["best_val"]:
+                    progress.update(best_val=val, test_at_best=accuracies.get("test", val),
+                                    best_epoch=epoch)
+                    _save_best(workdir, variables)
+                log.write(done, {f"eval/{k}": v for k, v in accuracies.items()})
+                if main_process:
+                    logging.info("epoch %d: %s | best val %.2f (test %.2f)", epoch,
+                                 " ".join(f"{k} {v:.2f}" for k, v in accuracies.items()),
+                                 progress["best_val"], progress["test_at_best"])
+                save(state, progress)
+                saved = True
+            elif done % config.checkpoint_every_steps == 0:
+                save(state, progress)
+                saved = True
+            if done < total_steps and stop.requested(done):
+                if not saved:
+                    save(state, progress)
+                preempted = Preempted(done, str(manager.directory))
+                logging.warning("%s", preempted)
+                raise preempted
+    finally:
+        stop.close()
+        log.close()
     manager.wait_until_finished()
-    if transfer.meta_networks is not None:
+    if transfer.meta_networks is not None and main_process:
         _write_transfer_weights(workdir, transfer, state, source_variables,
                                 splits[config.data.eval_splits[0]], config)
     if config.export_source:
-        _export_source(workdir, config)
+        _export_source(workdir, config, mesh)
     result = {"test_at_best_val": progress["test_at_best"], "best_val": progress["best_val"],
               "best_epoch": progress["best_epoch"], "steps": total_steps,
               "dataset": config.data.name, "source": config.source_model,
@@ -438,9 +790,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "train_examples_per_class": config.data.train_examples_per_class,
               "train_examples": len(splits["train"]),
               "extra_sources": [dict(s)["model"] for s in config.extra_sources],
+              "skipped_steps": progress["skipped_steps"],
               "wall_seconds": round(wall_before + time.time() - started, 1)}
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    if main_process:
+        with open(os.path.join(workdir, "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 
@@ -449,11 +803,14 @@ def _write_transfer_weights(workdir, transfer, state, source_variables, split, c
     """transfer_weights.json: what phi learned, as mean meta-network outputs over (up to
     ``max_batches``) evaluation batches: per pair the mean lambda and the mean channel
     weights, with the pairs and the taps' channel counts (for l2t_jax.plots)."""
+    # Host copies of the replicated arrays: process 0 computes this alone, on its devices.
+    meta_params, source_variables = jax.device_get((state.meta_params, source_variables))
+
     @jax.jit
     def weights(images):
         _, features = transfer.source_model.apply(source_variables, images, train=False)
         pooled = tuple(jnp.mean(f, axis=(1, 2)) for f in features)
-        return transfer.meta_networks.apply({"params": state.meta_params}, pooled)
+        return transfer.meta_networks.apply({"params": meta_params}, pooled)
 
     sums, count = None, 0
     for b, (images, _) in enumerate(data.eval_batches(split, config.eval_batch_size,
@@ -472,18 +829,20 @@ def _write_transfer_weights(workdir, transfer, state, source_variables, split, c
                    "pair_weights": pair, "channel_weights": channel}, f)
 
 
-def _export_source(workdir: str, config) -> None:
-    """workdir/source: the best target as a source checkpoint (l2t_jax.convert's format)."""
+def _export_source(workdir: str, config, mesh) -> None:
+    """workdir/source: the best target as a source checkpoint (l2t_jax.convert's format).
+    Every process takes part (orbax synchronises them)."""
     import shutil
     import orbax.checkpoint as ocp
     target = models.get_model(config.target_model, config.data.num_classes,
                               **dict(config.model_overrides.get("target", {})))
-    abstract = models.abstract_variables(target)
+    abstract = parallel.abstract_replicated(mesh, models.abstract_variables(target))
     variables = ocp.StandardCheckpointer().restore(
         os.path.join(os.path.abspath(workdir), "best"), abstract)
     path = os.path.join(os.path.abspath(workdir), "source")
-    if os.path.exists(path):
+    if os.path.exists(path) and parallel.is_main_process():
         shutil.rmtree(path)
+    _barrier("l2t_export_source")
     convert.save_converted(path, variables, {
         "model": config.target_model, "num_classes": config.data.num_classes,
         "source_dataset": config.data.name,
@@ -494,11 +853,14 @@ def _export_source(workdir: str, config) -> None:
 
 
 def _save_best(workdir: str, variables: PyTree) -> None:
-    import shutil
+    """workdir/best: the target's variables (replaced). Every process calls it (orbax
+    writes each replicated array once)."""
     import orbax.checkpoint as ocp
     path = os.path.join(os.path.abspath(workdir), "best")
-    if os.path.exists(path):
-        shutil.rmtree(path)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path, jax.device_get(variables))
-    checkpointer.wait_until_finished()
+    try:
+        checkpointer.save(path, variables, force=True)
+        checkpointer.wait_until_finished()
+    except Exception as e:
+        raise CheckpointError(f"could not save the best target in {path} "
+                              f"({type(e).__name__}: {e})") from e
