@@ -54,7 +54,12 @@ def get_config():
     config.pair_weight_init = 1.0
     config.beta = 0.5
     config.T = 2
-    config.remat = False
+    # Memory/speed of the T simulated steps (BENCHMARKS.md): remat none | dots | full
+    # (jax.checkpoint policy of each simulated step: full keeps memory flat in T);
+    # unroll_inner unrolls their scan (14% faster at T = 2 on CPU; compile time grows with
+    # T), unless remat is on: remat only saves memory inside the loop.
+    config.remat = "none"
+    config.unroll_inner = True
     config.replay_bn_update = True
     # Baselines (l2t_jax/methods.py): AT weight (Zagoruyko & Komodakis' beta / 2), LwF's
     # weight and temperature (Li & Hoiem).

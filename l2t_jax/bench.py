@@ -1,73 +1,241 @@
-"""Times the jitted L2T-ww step and prints one JSON line.
+"""Times the jitted L2T-ww step (or a plain scratch step) and prints one JSON line.
 
-    python -m l2t_jax.bench --batch 64 --T 2 --iters 5
+    python -m l2t_jax.bench --batch 64 --T 2 --iters 5 [--mode scratch] [--remat dots]
+                            [--no-unroll] [--phases] [--peak]
 
 Default setting: the CIFAR-100 experiment's networks (ResNet-32 with 200 classes ->
 VGG-9-BN with 100 classes, the 15 pairs), random inputs, and random source weights unless
-``--source_checkpoint`` is given (the step's cost does not depend on them). Reports compile seconds, seconds per iteration (median, min, max over
-``--iters`` after ``--warmup``), images/s, peak RSS, XLA's FLOP count of one iteration and
-the achieved FLOP/s, versions and device.
+``--source_checkpoint`` is given (the step's cost does not depend on them).
+
+The JSON line holds compile seconds; seconds per iteration (median, min, max over
+``--iters`` after ``--warmup``); images/s; peak RSS with the compiler
+(``peak_rss_compile_gib``) and while stepping (``peak_rss_steps_gib``: after compiling, the
+compiler's freed memory goes back to the OS and the kernel's peak counter is reset, so this
+is what training needs); XLA's buffer sizes from ``memory_analysis``; peak device memory on
+an accelerator; XLA's FLOP count of one iteration and the achieved FLOP/s; versions and
+device. ``--peak`` adds the FLOP/s of a large matrix product on the same device and the FLOP
+floor (the iteration's FLOPs at that rate). ``--phases`` adds a split of the iteration by
+phase (see :func:`phase_seconds`).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import dataclasses
+import functools
 import json
 import platform
 import resource
 import statistics
 import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from l2t_jax import assets, bilevel, convert, convolution, matching, models
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _widths(text: str) -> dict:
+    return {"widths": tuple(int(w) for w in text.split(","))} if text else {}
+
 
 def build(args) -> tuple:
-    source = models.get_model(args.source, args.source_classes, conv_impl=args.conv_impl)
-    target = models.get_model(args.target, args.num_classes, conv_impl=args.conv_impl)
-    transfer = bilevel.make_transfer(source, target, matching.parse_pairs(args.pairs),
-                                     inner_steps=args.T, remat=args.remat,
-                                     conv_impl=args.conv_impl)
+    """Returns (transfer, state, source_variables) for the parsed arguments."""
+    target = models.get_model(args.target, args.num_classes, conv_impl=args.conv_impl,
+                              **_widths(args.target_widths))
     rng = jax.random.key(args.seed)
     size = args.image_size
-    state = bilevel.init_state(transfer, rng, (size, size, 3))
-    if args.source_checkpoint:
-        _, source_variables, _ = convert.load_converted(
-            assets.resolve_source_checkpoint(args.source_checkpoint),
-            expect_model=args.source, expect_num_classes=args.source_classes)
+    if args.mode == "scratch":
+        transfer = bilevel.make_transfer(None, target, (), matching_heads=False,
+                                         meta_networks=False)
+        source_variables = {}
     else:
-        source_variables = source.init(jax.random.fold_in(rng, 1),
-                                       jnp.zeros((1, size, size, 3)), train=False)
-    return transfer, state, source_variables
+        source = models.get_model(args.source, args.source_classes, conv_impl=args.conv_impl,
+                                  **_widths(args.source_widths))
+        transfer = bilevel.make_transfer(source, target, matching.parse_pairs(args.pairs),
+                                         inner_steps=args.T, remat=args.remat,
+                                         unroll_inner=args.unroll, conv_impl=args.conv_impl)
+        if args.source_checkpoint:
+            _, source_variables, _ = convert.load_converted(
+                assets.resolve_source_checkpoint(args.source_checkpoint),
+                expect_model=args.source, expect_num_classes=args.source_classes)
+        else:
+            source_variables = source.init(jax.random.fold_in(rng, 1),
+                                           jnp.zeros((1, size, size, 3)), train=False)
+    state = bilevel.init_state(transfer, rng, (size, size, 3))
+    dtype = DTYPES[args.dtype]
+    cast = functools.partial(jax.tree.map, lambda a: a.astype(dtype)
+                             if jnp.issubdtype(a.dtype, jnp.floating) else a)
+    return transfer, cast(state), cast(source_variables)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m l2t_jax.bench", description=__doc__)
+def _random_batches(args, count: int) -> list:
+    keys = jax.random.split(jax.random.key(args.seed + 1), count)
+    size = args.image_size
+    return [(jax.random.normal(k, (args.batch, size, size, 3)).astype(DTYPES[args.dtype]),
+             jax.random.randint(k, (args.batch,), 0, args.num_classes)) for k in keys]
+
+
+def _seconds(run: Callable, calls: Sequence[tuple], warmup: int) -> list[float]:
+    """Wall seconds of ``run(*call)`` per call, results awaited, the first ``warmup`` dropped."""
+    times = []
+    for i, call in enumerate(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(run(*call))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _reset_peak_rss() -> bool:
+    """Returns the compiler's freed memory to the OS (glibc's malloc_trim) and resets the
+    kernel's peak-RSS counter of this process (Linux >= 4.0); False where unsupported."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_gib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_gib() -> float:
+    """Peak RSS of this process since the last reset (VmHWM), else since its start."""
+    peak = _proc_status_gib("VmHWM")
+    return peak if peak is not None else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def _current_rss_gib() -> float | None:
+    return _proc_status_gib("VmRSS")
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of a large float32 matrix product (size x size) on the default device, best
+    of ``repeats``: the rate the step's matrix products could reach at best here."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    product = jax.jit(jnp.matmul)
+    best = min(_seconds(product, [(a, b)] * (repeats + 1), warmup=1))
+    return 2.0 * size ** 3 / best
+
+
+def phase_seconds(transfer: bilevel.Transfer, state: bilevel.TrainState,
+                  source_variables, batches: Sequence[tuple], warmup: int,
+                  step_seconds: float) -> dict:
+    """Median seconds of each phase of one L2T-ww iteration, by differences of prefixes.
+
+    Each prefix of the iteration is jitted and timed on its own (no donation), and a phase
+    is the difference of two consecutive prefixes:
+      source: the source network's forward pass and its resized maps;
+      real_step: step 1 (forward + backward of the target, SGD);
+      simulation_forward: the T simulated steps' forward + backward (prefix with T steps
+        minus the prefix with T = 0);
+      adaptation_forward: the CE step and the meta loss's forward pass;
+      meta_backward: the reverse pass through all of it to phi and phi's Adam step
+        (``step_seconds`` minus the forward prefix).
+    XLA optimises each prefix alone, so the split is approximate; it sums to the step.
+    """
+    learning_rate = jnp.float32(0.1)
+
+    def batch_prefix(state, source_variables, images, labels):
+        return bilevel._batch_constants(transfer, state, source_variables, images, labels)
+
+    def real_prefix(state, source_variables, images, labels):
+        batch = batch_prefix(state, source_variables, images, labels)
+        return bilevel.real_step(transfer, state, batch, learning_rate)
+
+    def forward_prefix(transfer, state, source_variables, images, labels):
+        objective = bilevel.meta_objective(transfer, state, source_variables, images, labels,
+                                           learning_rate)
+        return objective(state.meta_params)
+
+    prefixes = {
+        "source": batch_prefix,
+        "real": real_prefix,
+        "forward_t0": functools.partial(forward_prefix,
+                                        dataclasses.replace(transfer, inner_steps=0)),
+        "forward": functools.partial(forward_prefix, transfer),
+    }
+    medians = {}
+    for name, prefix in prefixes.items():
+        compiled = jax.jit(prefix).lower(state, source_variables, *batches[0]).compile()
+        calls = [(state, source_variables, *batch) for batch in batches]
+        medians[name] = statistics.median(_seconds(compiled, calls, warmup))
+    return {
+        "source": medians["source"],
+        "real_step": medians["real"] - medians["source"],
+        "simulation_forward": medians["forward"] - medians["forward_t0"],
+        "adaptation_forward": medians["forward_t0"] - medians["real"],
+        "meta_backward": step_seconds - medians["forward"],
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m l2t_jax.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="l2t", choices=("l2t", "scratch"),
+                        help="l2t: the L2T-ww iteration; scratch: a plain CE step of the "
+                             "target alone (no source, no matching), for reference")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--T", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--remat", default="none", choices=tuple(bilevel.REMAT_POLICIES))
+    parser.add_argument("--unroll", action=argparse.BooleanOptionalAction, default=True,
+                        help="unroll the T simulated steps (default, as configs/default.py; "
+                             "ignored under --remat) or run them as a scan loop (--no-unroll)")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                        help="dtype of parameters and inputs (bfloat16: timing only)")
     parser.add_argument("--conv_impl", default="auto", choices=convolution.CONV_IMPLS)
     parser.add_argument("--source", default="resnet32")
     parser.add_argument("--source_classes", type=int, default=200)
+    parser.add_argument("--source_widths", default="", help="e.g. 8,16,16 (default: full)")
     parser.add_argument("--target", default="vgg9_bn")
+    parser.add_argument("--target_widths", default="")
     parser.add_argument("--num_classes", type=int, default=100)
     parser.add_argument("--pairs", default=matching.CIFAR_PAIRS)
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the iteration's phases (l2t mode; compiles 4 more "
+                             "programs)")
+    parser.add_argument("--peak", action="store_true",
+                        help="also measure a large matmul's FLOP/s and the FLOP floor")
     parser.add_argument("--source_checkpoint", default="",
                         help="converted source (directory or released:resnet32); default: "
                              "random weights, whose matching loss can diverge to NaN within "
                              "a few iterations (the time per iteration is the same)")
     args = parser.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        parser.error("--iters must be >= 1 and --warmup >= 0")
+    if args.phases and args.mode != "l2t":
+        parser.error("--phases needs --mode l2t")
+    return args
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     transfer, state, source_variables = build(args)
     step = bilevel.jit_train_step(transfer, lambda _: 0.1)
-    keys = jax.random.split(jax.random.key(args.seed + 1), args.warmup + args.iters)
-    batches = [(jax.random.normal(k, (args.batch, args.image_size, args.image_size, 3)),
-                jax.random.randint(k, (args.batch,), 0, args.num_classes)) for k in keys]
+    batches = _random_batches(args, args.warmup + args.iters)
 
     start = time.perf_counter()
     compiled = step.lower(state, source_variables, *batches[0]).compile()
@@ -75,8 +243,12 @@ def main(argv=None) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    memory = compiled.memory_analysis()
+    peak_rss_with_compile = _peak_rss_gib()
+    peak_rss_reset = _reset_peak_rss()
+    rss_before_steps = _current_rss_gib()
 
-    times = []
+    times, metrics = [], None
     for i, (images, labels) in enumerate(batches):
         start = time.perf_counter()
         state, metrics = compiled(state, source_variables, images, labels)
@@ -84,20 +256,45 @@ def main(argv=None) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    device = jax.devices()[0]
+    device_stats = device.memory_stats() or {}
+    gib = lambda n: round(n / 2**30, 3)
     result = {
-        "setting": f"{args.source}->{args.target}", "pairs": len(transfer.pairs),
-        "batch": args.batch, "T": args.T, "remat": args.remat,
+        "mode": args.mode,
+        "setting": (f"{args.target}" if args.mode == "scratch"
+                    else f"{args.source}->{args.target}"),
+        "pairs": len(transfer.pairs), "batch": args.batch,
+        "T": args.T if args.mode == "l2t" else None,
+        "remat": args.remat, "unroll": args.unroll and args.remat == "none",
+        "dtype": args.dtype,
         "conv_impl": convolution.resolve_impl(args.conv_impl),
         "compile_s": round(compile_seconds, 2),
         "step_s_median": round(median, 3), "step_s_min": round(min(times), 3),
         "step_s_max": round(max(times), 3), "iters": len(times),
         "images_per_s": round(args.batch / median, 2),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_rss_compile_gib": round(peak_rss_with_compile, 3),
+        "rss_before_steps_gib": round(rss_before_steps, 3),
+        "peak_rss_steps_gib": round(_peak_rss_gib(), 3) if peak_rss_reset else None,
+        "xla_temp_gib": gib(memory.temp_size_in_bytes) if memory else None,
+        "xla_argument_gib": gib(memory.argument_size_in_bytes) if memory else None,
+        "peak_device_memory_gib": (gib(device_stats["peak_bytes_in_use"])
+                                   if "peak_bytes_in_use" in device_stats else None),
         "xla_flops_per_iter": flops, "achieved_gflop_s": round(flops / median / 1e9, 1),
-        "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__, "device": device.device_kind,
         "devices": jax.device_count(), "machine": platform.machine(),
-        "final_meta_loss": float(metrics["meta_loss"]),
+        "final_ce": float(metrics["ce"]),
     }
+    if args.peak:
+        peak = matmul_peak_flops()
+        result.update(matmul_peak_gflop_s=round(peak / 1e9, 1),
+                      flop_floor_s=float(f"{flops / peak:.4g}"),
+                      step_over_floor=float(f"{median * peak / flops:.3g}"))
+    if args.phases:
+        # Fresh state: the timed loop donated the one above (only its values changed).
+        _, state, source_variables = build(args)
+        phases = phase_seconds(transfer, state, source_variables, batches, args.warmup,
+                               median)
+        result["phases_s"] = {name: round(seconds, 3) for name, seconds in phases.items()}
     print(json.dumps(result))
     return result
 

@@ -46,6 +46,18 @@ from l2t_jax.meta import PAIR_WEIGHT_TYPES, MetaNetworks, channel_weight_entropy
 
 PyTree = Any
 
+# jax.checkpoint policies for the simulated step (``Transfer.remat``). Memory for large T:
+# without remat, the reverse pass keeps every activation of every simulated step.
+#   none: keep everything (fastest, memory grows with T);
+#   dots: keep the matrix products' outputs (the convolutions: costly to recompute, one
+#         map each) and recompute the cheap element-wise work (BN, ReLU, im2col patches);
+#   full: keep only the step's inputs (theta, buffers) and recompute the whole step.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -95,7 +107,8 @@ class Transfer:
     weight_decay: float = 1e-4
     meta_learning_rate: float = 1e-4
     meta_weight_decay: float = 1e-4
-    remat: bool = False           # jax.checkpoint the simulated step (memory for large T)
+    remat: str = "none"           # REMAT_POLICIES: what the simulated step keeps for backward
+    unroll_inner: bool = True     # unroll the T-step scan (faster); ignored under remat
     replay_bn_update: bool = True
 
     def meta_optimizer(self) -> optax.GradientTransformation:
@@ -139,6 +152,9 @@ def make_transfer(source_model: Optional[nn.Module], target_model: nn.Module,
     source_taps = source_model.feature_taps()
     validate_pairs(pairs, source_taps, target_model.feature_taps(),
                    models.model_name(source_model), models.model_name(target_model))
+    if hyperparameters.get("remat", "none") not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {hyperparameters['remat']!r}; valid: "
+                         f"{', '.join(REMAT_POLICIES)}")
     if hyperparameters.get("inner_steps", 2) < 0:
         raise ValueError(f"inner_steps (T) must be >= 0, got {hyperparameters['inner_steps']}")
     if pair_weight_type not in PAIR_WEIGHT_TYPES + (None,):
@@ -222,7 +238,7 @@ def sgd_momentum(params: PyTree, buffers: PyTree, grads: PyTree, learning_rate: 
     return params, buffers
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class _BatchConstants:
     """Per-batch quantities that no step of the iteration changes."""
 
@@ -304,15 +320,19 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
                                       transfer.momentum, transfer.weight_decay)
         return (theta, buffers), (matching, stats)
 
-    if transfer.remat:
-        simulated_step = jax.checkpoint(simulated_step)
+    if transfer.remat != "none":
+        simulated_step = jax.checkpoint(simulated_step, policy=REMAT_POLICIES[transfer.remat])
 
     def ce_objective(theta):
         ce, _, _, stats = _target_losses(transfer, theta, batch_stats_1, batch, None, None)
         return ce, stats
 
+    # Remat saves memory only inside the scan loop: unrolled, XLA schedules the recomputed
+    # steps early and keeps them alive (measured at T = 5: no saving), so remat keeps the loop.
+    unroll = transfer.unroll_inner and transfer.remat == "none"
     (theta, buffers), (sim_matching, sim_stats) = jax.lax.scan(
-        simulated_step, (theta_1, momentum_1), None, length=transfer.inner_steps)
+        simulated_step, (theta_1, momentum_1), None, length=transfer.inner_steps,
+        unroll=max(transfer.inner_steps, 1) if unroll else 1)
     (adapt_ce, adapt_stats), grads = jax.value_and_grad(ce_objective, has_aux=True)(theta)
     theta, _ = sgd_momentum(theta, buffers, grads, learning_rate, transfer.momentum,
                             transfer.weight_decay)

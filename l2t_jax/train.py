@@ -258,6 +258,7 @@ def build_transfer(config) -> bilevel.Transfer:
         momentum=config.momentum, weight_decay=config.weight_decay,
         meta_learning_rate=config.meta_learning_rate,
         meta_weight_decay=config.meta_weight_decay, remat=config.remat,
+        unroll_inner=config.unroll_inner,
         replay_bn_update=config.replay_bn_update)
 
 

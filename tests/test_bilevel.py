@@ -78,7 +78,10 @@ def test_step_traces_once_and_rolls_back():
         reference, _ = without_simulation(state, source_variables, batch, labels)
         theta_0 = jax.tree.map(np.array, state.target_params)
         phi_0 = jax.tree.map(np.array, state.meta_params)
-        state, metrics = step(state, source_variables, batch, labels)
+        batch = jax.device_put(batch)
+        # No host round-trip inside the step: any implicit transfer would raise here.
+        with jax.transfer_guard("disallow"):
+            state, metrics = step(state, source_variables, batch, labels)
         # Rollback: T simulated steps leave theta and the buffers exactly where the real
         # step put them, i.e. where a run with T = 0 puts them.
         chex.assert_trees_all_equal(state.target_params, reference.target_params)
@@ -121,16 +124,20 @@ def test_replay_bn_update_option():
                                 atol=1e-6)
 
 
-def test_remat_gives_the_same_step():
+@pytest.mark.parametrize("variant", [dict(unroll_inner=False),
+                                     dict(remat="full")])
+def test_remat_and_unrolling_give_the_same_step(variant):
     transfer, state, source_variables, images, labels = _tiny_setup()
     results = [jax.jit(functools.partial(bilevel.train_step, t, _halving_schedule))(
         state, source_variables, images, labels)
-        for t in (transfer, dataclasses.replace(transfer, remat=True))]
+        for t in (transfer, dataclasses.replace(transfer, **variant))]
     # (The plain variant is the same program as in the trace test: a cache hit.)
-    (plain, plain_metrics), (checkpointed, remat_metrics) = results
-    chex.assert_trees_all_close(plain.meta_params, checkpointed.meta_params, rtol=1e-5,
+    (plain, plain_metrics), (variant_state, variant_metrics) = results
+    chex.assert_trees_all_close(plain.meta_params, variant_state.meta_params, rtol=1e-5,
                                 atol=1e-7)
-    np.testing.assert_allclose(plain_metrics["meta_loss"], remat_metrics["meta_loss"],
+    chex.assert_trees_all_close(plain.batch_stats, variant_state.batch_stats, rtol=1e-5,
+                                atol=1e-7)
+    np.testing.assert_allclose(plain_metrics["meta_loss"], variant_metrics["meta_loss"],
                                rtol=1e-5)
 
 
@@ -149,6 +156,8 @@ def test_bad_pairs_and_sources_are_clear_errors():
         bilevel.make_transfer(source, target, [(4, 0)], inner_steps=-1)
     with pytest.raises(ValueError, match="unknown pair_weight_type 'sigmoid'.*relu6"):
         bilevel.make_transfer(source, target, [(4, 0)], pair_weight_type="sigmoid")
+    with pytest.raises(ValueError, match="unknown remat policy True; valid: none, dots, full"):
+        bilevel.make_transfer(source, target, [(4, 0)], remat=True)
     transfer = bilevel.make_transfer(source, target, [(4, 0)])
     other_classes = models.get_model("resnet32", 10).init(
         jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)

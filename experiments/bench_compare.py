@@ -1,0 +1,196 @@
+"""Runs the benchmarks of BENCHMARKS.md and writes their tables and plot.
+
+    L2T_OFFICIAL_DIR=<authors' checkout> L2T_RELEASE_DIR=<release assets> \\
+    python experiments/bench_compare.py --official_bench ../shared/bench/official_l2t_step.py \\
+        --out runs/bench
+
+Every number comes from a separate process, run one after the other (never two at once):
+  1. side by side: the authors' loop and ``python -m l2t_jax.bench`` at each ``--T``
+     (batch 64, the CIFAR-100 setting), then both scratch steps; ours with ``--peak``
+     (large-matmul FLOP/s and the FLOP floor) and ``--phases``, the authors' phase split in
+     a run of its own (it synchronises between phases, which slows the iteration);
+  2. the curve: ours for each T in ``--curve_T`` and each remat policy (remat=none unrolls
+     the simulated steps, as by default; remat runs them in a scan loop), ours with a scan
+     loop and no remat, and the authors' loop at the same T: seconds per iteration and peak
+     memory against T.
+Appends each run's JSON line to OUT/runs.jsonl (a rerun skips runs already there), then
+writes OUT/side_by_side.md, OUT/curve.md and OUT/time_memory_vs_T.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _run(command: list[str], log: Path) -> dict:
+    """Runs one benchmark process; returns the JSON object of its last '{' line."""
+    print("+", " ".join(command), flush=True)
+    lock = os.environ.get("L2T_BENCH_LOCK")   # a file to flock: nothing else runs meanwhile
+    done = subprocess.run(["flock", lock, *command] if lock else command,
+                          capture_output=True, text=True)
+    log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{command[:3]} failed (rc {done.returncode}); see {log}")
+    return json.loads(lines[-1])
+
+
+def _key(record: dict) -> str:
+    return record["name"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official_bench", required=True,
+                        help="path of official_l2t_step.py (reads L2T_OFFICIAL_DIR)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--T", type=int, nargs="+", default=[2, 5])
+    parser.add_argument("--curve_T", type=int, nargs="+", default=[1, 2, 5, 10])
+    parser.add_argument("--remat", nargs="+", default=["none", "dots", "full"])
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations, side by side")
+    parser.add_argument("--curve_iters", type=int, default=3, help="timed iterations, curve")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--source_checkpoint", default="released:resnet32")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    runs_file = out / "runs.jsonl"
+    records = {}
+    if runs_file.exists():
+        for line in runs_file.read_text().splitlines():
+            if line.strip():
+                records[_key(json.loads(line))] = json.loads(line)
+
+    def official(iters):
+        return [sys.executable, args.official_bench, "--batch", "64", "--iters", str(iters),
+                "--warmup", "2"]
+
+    def ours(iters):
+        return [sys.executable, "-m", "l2t_jax.bench", "--batch", "64", "--iters", str(iters),
+                "--warmup", str(args.warmup), "--source_checkpoint", args.source_checkpoint]
+
+    plan = []
+    for t in args.T:
+        plan.append((f"official T={t}", official(args.iters) + ["--T", str(t)]))
+        # The authors' phase split synchronises between phases: timed in a run of its own.
+        plan.append((f"official T={t} phases",
+                     official(args.iters) + ["--T", str(t), "--phases"]))
+        plan.append((f"ours T={t}", ours(args.iters) + ["--T", str(t), "--peak", "--phases"]))
+    plan.append(("official scratch", official(args.iters) + ["--mode", "scratch"]))
+    plan.append(("ours scratch", ours(args.iters) + ["--mode", "scratch"]))
+    for t in args.curve_T:
+        if t not in args.T:
+            plan.append((f"official T={t}", official(args.curve_iters) + ["--T", str(t)]))
+        for remat in args.remat:
+            if remat == "none" and t in args.T:
+                continue
+            plan.append((f"ours T={t} remat={remat}",
+                         ours(args.curve_iters) + ["--T", str(t), "--remat", remat]))
+        if t > 1:   # the unrolled default against the scan loop, both without remat
+            plan.append((f"ours T={t} scan", ours(args.curve_iters) + ["--T", str(t),
+                                                                     "--no-unroll"]))
+
+    for name, command in plan:
+        if name in records:
+            continue
+        record = _run(command, out / "logs" / (name.replace(" ", "_").replace("=", "") + ".txt"))
+        record["name"] = name
+        record["command"] = " ".join(command[1:])
+        records[name] = record
+        with runs_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    write_tables(records, args, out)
+
+
+def _seconds(record: dict) -> float:
+    return record.get("step_s_median", record.get("sec_per_iter_median"))
+
+
+def _memory_gib(record: dict) -> float:
+    """Peak RSS while stepping: ours after compiling, the authors' whole process."""
+    if "peak_rss_mib" in record:
+        return record["peak_rss_mib"] / 1024
+    return record["peak_rss_steps_gib"]
+
+
+def write_tables(records: dict, args, out: Path) -> None:
+    rows = ["| setting | authors' loop s/iter | l2t-jax s/iter | speed-up | authors' peak RSS "
+            "(GiB) | l2t-jax peak RSS steps (GiB) | l2t-jax compile (s) |",
+            "|---|---|---|---|---|---|---|"]
+    for label, theirs, mine in ([(f"L2T-ww T={t}", f"official T={t}", f"ours T={t}")
+                                 for t in args.T]
+                                + [("scratch (CE step)", "official scratch", "ours scratch")]):
+        a, b = records[theirs], records[mine]
+        rows.append(f"| {label} | {_seconds(a):.2f} | {_seconds(b):.2f} | "
+                    f"{_seconds(a) / _seconds(b):.2f}x | {_memory_gib(a):.2f} | "
+                    f"{_memory_gib(b):.2f} | {b['compile_s']:.0f} |")
+    floors = ["", "| T | XLA GFLOP / iter | achieved GFLOP/s | large-matmul GFLOP/s | FLOP floor "
+              "(s) | step / floor |", "|---|---|---|---|---|---|"]
+    for t in args.T:
+        b = records[f"ours T={t}"]
+        floors.append(f"| {t} | {b['xla_flops_per_iter'] / 1e9:.0f} | {b['achieved_gflop_s']} "
+                      f"| {b['matmul_peak_gflop_s']} | {b['flop_floor_s']:.2f} | "
+                      f"{b['step_over_floor']:.2f} |")
+    phases = ["", "| T | phase | authors' s | l2t-jax s |", "|---|---|---|---|"]
+    for t in args.T:
+        mine = records[f"ours T={t}"].get("phases_s", {})
+        theirs = records[f"official T={t} phases"]["info"]["phase_median_s"]
+        for name, seconds in mine.items():
+            phases.append(f"| {t} | {name} | | {seconds:.2f} |")
+        for name, seconds in theirs.items():
+            phases.append(f"| {t} | {name} | {seconds:.2f} | |")
+    (out / "side_by_side.md").write_text("\n".join(rows + floors + phases) + "\n")
+
+    curve = ["| T | implementation | s / iter | peak RSS steps (GiB) | XLA temp (GiB) | "
+             "compile (s) |", "|---|---|---|---|---|---|"]
+    series = {}
+    for t in args.curve_T:
+        entries = [("authors'", records.get(f"official T={t}"))]
+        for remat in args.remat:
+            name = f"ours T={t}" if remat == "none" and t in args.T else (
+                f"ours T={t} remat={remat}")
+            entries.append((f"l2t-jax remat={remat}", records.get(name)))
+        entries.append(("l2t-jax scan loop", records.get(f"ours T={t} scan")))
+        for label, record in entries:
+            if record is None:
+                continue
+            series.setdefault(label, []).append((t, _seconds(record), _memory_gib(record)))
+            curve.append(f"| {t} | {label} | {_seconds(record):.2f} | "
+                         f"{_memory_gib(record):.2f} | {record.get('xla_temp_gib', '')} | "
+                         f"{record.get('compile_s', '')} |")
+    (out / "curve.md").write_text("\n".join(curve) + "\n")
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, points in series.items():
+        ts, seconds, memory = zip(*points)
+        style = "k--o" if label == "authors'" else "-o"
+        time_axis.plot(ts, seconds, style, label=label)
+        memory_axis.plot(ts, memory, style, label=label)
+    time_axis.set(xlabel="T (simulated steps)", ylabel="seconds per iteration",
+                  title="time per iteration (batch 64)")
+    memory_axis.set(xlabel="T (simulated steps)", ylabel="peak RSS while training (GiB)",
+                    title="memory")
+    for axis in (time_axis, memory_axis):
+        axis.set_xticks(args.curve_T)
+        axis.grid(alpha=0.3)
+    memory_axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "time_memory_vs_T.png", dpi=120)
+    print((out / "side_by_side.md").read_text())
+    print((out / "curve.md").read_text())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
