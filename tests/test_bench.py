@@ -16,8 +16,9 @@ TINY = ["--source", "resnet20", "--source_widths", "4,4,8", "--pairs", "2-0,5-1,
         "--target_widths", "4,4,8,8,8", "--batch", "2", "--warmup", "0", "--iters", "1"]
 
 
-def test_bench_reports_flops_memory_and_phases(capsys):
-    one = bench.main(TINY + ["--T", "1", "--phases", "--peak"])
+def test_bench_reports_flops_memory_and_the_floor(capsys):
+    # (--phases is left out: it compiles four more programs.)
+    one = bench.main(TINY + ["--T", "1", "--peak"])
     two = bench.main(TINY + ["--T", "2"])
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == [one, two]
@@ -30,8 +31,6 @@ def test_bench_reports_flops_memory_and_phases(capsys):
     assert two["xla_flops_per_iter"] > 1.1 * one["xla_flops_per_iter"]
     assert one["flop_floor_s"] == pytest.approx(
         one["xla_flops_per_iter"] / (one["matmul_peak_gflop_s"] * 1e9), rel=0.01)
-    assert set(one["phases_s"]) == {"source", "real_step", "simulation_forward",
-                                    "adaptation_forward", "meta_backward"}
     scratch = bench.main(["--mode", "scratch", "--target_widths", "4,4,8,8,8", "--batch",
                           "2", "--warmup", "0", "--iters", "1"])
     assert scratch["pairs"] == 0 and scratch["T"] is None
