@@ -38,11 +38,15 @@ def get_config(variant=None):
     # 1e-3 (5 per class, 3 seeds; README, "The offline demo").
     config.meta_learning_rate = 1e-2
     if variant == "smallest":
+        # Every part of the pipeline, at the least cost (CI runs it in the notebook): one
+        # budget, two seeds (a mean and a std), a source of one epoch, and T = 1 (each
+        # simulated step adds about a quarter to L2T-ww's compilation, most of this run).
         config.examples_per_class = (5,)
         config.seeds = (0, 1)
-        config.source_epochs = 2
+        config.source_epochs = 1
         config.epochs = 2
         config.steps_per_epoch = 3
+        config.T = 1
     elif variant == "all_methods":
         # Every row of the paper's table on the demo's target (issue: the honest CPU run).
         config.methods = ("scratch", "lwf", "at:one_to_one", "lwf_at:one_to_one",

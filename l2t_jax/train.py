@@ -807,8 +807,10 @@ def _write_transfer_weights(workdir, transfer, state, source_variables, split, c
     # Host copies of the replicated arrays: process 0 computes this alone, on its devices.
     meta_params, source_variables = jax.device_get((state.meta_params, source_variables))
 
+    # The weights are arguments, not constants, and every batch has one shape (the last is
+    # padded): one compilation, shared by every run of the same networks.
     @jax.jit
-    def weights(images):
+    def weights(meta_params, source_variables, images):
         _, features = transfer.source_model.apply(source_variables, images, train=False)
         pooled = tuple(jnp.mean(f, axis=(1, 2)) for f in features)
         return transfer.meta_networks.apply({"params": meta_params}, pooled)
@@ -818,10 +820,13 @@ def _write_transfer_weights(workdir, transfer, state, source_variables, split, c
                                                       config.data.image_size)):
         if b == max_batches:
             break
-        channel, pair = jax.device_get(weights(images))
-        batch_sums = jax.tree.map(lambda w: np.sum(w, axis=0), (channel, pair))
+        rows = len(images)
+        padded = np.zeros((config.eval_batch_size, *images.shape[1:]), images.dtype)
+        padded[:rows] = images
+        channel, pair = jax.device_get(weights(meta_params, source_variables, padded))
+        batch_sums = jax.tree.map(lambda w: np.sum(w[:rows], axis=0), (channel, pair))
         sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
-        count += len(images)
+        count += rows
     channel, pair = jax.tree.map(lambda w: (w / count).tolist(), sums)
     with open(os.path.join(workdir, "transfer_weights.json"), "w") as f:
         json.dump({"pairs": [list(p) for p in transfer.pairs],

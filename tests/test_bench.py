@@ -1,5 +1,5 @@
 """The benchmark tools: ``python -m l2t_jax.bench`` on tiny networks (its FLOP count grows
-with each simulated step, i.e. XLA counts an unrolled loop's every step) and the tables of
+with the simulated step: XLA counts what the loop unrolls) and the tables of
 ``experiments/bench_compare.py`` from given runs."""
 import importlib.util
 import json
@@ -18,16 +18,17 @@ TINY = ["--source", "resnet20", "--source_widths", "4,4,8", "--pairs", "2-0,5-1,
 
 def test_bench_reports_flops_memory_and_the_floor(capsys):
     # (--phases is left out: it compiles four more programs.)
-    one = bench.main(TINY + ["--T", "1", "--peak"])
-    two = bench.main(TINY + ["--T", "2"])
+    # (T = 0 and 1: each simulated step adds a quarter to the compilation.)
+    one = bench.main(TINY + ["--T", "0", "--peak"])
+    two = bench.main(TINY + ["--T", "1"])
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == [one, two]
     for result in (one, two):
         assert result["step_s_median"] > 0 and result["compile_s"] > 0
         assert result["peak_rss_steps_gib"] > 0 and result["xla_temp_gib"] > 0
         assert result["pairs"] == 3 and result["unroll"] and math.isfinite(result["final_ce"])
-    # One more simulated step adds its forward + backward and their reverse pass: more than
-    # a tenth of the T=1 iteration (an un-counted loop body would add nothing).
+    # One simulated step adds its forward + backward and their reverse pass: more than a
+    # tenth of the T=0 iteration (an un-counted loop body would add nothing).
     assert two["xla_flops_per_iter"] > 1.1 * one["xla_flops_per_iter"]
     assert one["flop_floor_s"] == pytest.approx(
         one["xla_flops_per_iter"] / (one["matmul_peak_gflop_s"] * 1e9), rel=0.01)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from l2t_jax import bilevel, data, losses, matching, methods, models, train
-from test_train import tiny_config, write_npz_splits, write_tiny_source  # noqa: F401
+from test_train import _final_params, tiny_config, write_npz_splits, write_tiny_source
 
 SOURCE = dict(widths=(4, 6, 8))          # ResNet-20: taps 0..8, candidates 2, 5, 8
 TARGET = dict(widths=(4, 6, 8, 8, 8))    # VGG-9: taps 0..4
@@ -32,40 +32,6 @@ def _changed(before, after):
     return {path for path, a, b in zip(
         [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(before)],
         jax.tree.leaves(before), jax.tree.leaves(after)) if not np.array_equal(a, b)}
-
-
-@pytest.mark.parametrize("method,scheme", [
-    ("scratch", "single"), ("lwf", "single"), ("at", "one_to_one"), ("lwf_at", "one_to_one"),
-    ("fm", "one_to_one"), ("l2t_w", "one_to_one"), ("l2t_ww", "all_to_all")])
-def test_each_method_builds_and_trains_exactly_its_parameters(method, scheme):
-    transfer, state, source_variables, images, labels = _setup(method, scheme)
-    spec = methods.METHODS[method]
-    assert (transfer.source_model is None) == (method == "scratch")
-    assert ("heads" in state.target_params) == spec.matching_heads
-    assert ("lwf_head" in state.target_params) == spec.lwf
-    assert (transfer.meta_networks is not None) == spec.meta_networks
-    assert (transfer.at_weight == 500.0) == spec.attention
-    if not spec.meta_networks:
-        assert state.meta_params == {}
-    before = jax.device_get(state)
-    step = jax.jit(lambda s: bilevel.train_step(transfer, lambda _: 0.1, s, source_variables,
-                                                images, labels))
-    after, metrics = jax.device_get(step(state))
-    # theta moves everywhere (SGD with weight decay touches every parameter).
-    assert _changed(before.target_params, after.target_params) == _changed(
-        before.target_params, jax.tree.map(lambda a: a + 1, before.target_params))
-    meta_changed = _changed(before.meta_params, after.meta_params)
-    names = {p.split("'")[1] for p in meta_changed}
-    if method == "l2t_w":        # f only: lambda = 1 is fixed, there is no g to move
-        assert names and all(n.startswith("what_") for n in names)
-        assert "pair_weights" not in metrics
-    elif method == "l2t_ww":
-        assert any(n.startswith("where_") for n in names)
-        assert any(n.startswith("what_") for n in names)
-        assert metrics["pair_weights"].shape == (len(transfer.pairs),)
-    else:
-        assert meta_changed == set() and "meta_loss" not in metrics
-    assert (float(metrics["matching"]) == 0.0) == (method == "scratch")
 
 
 def test_baseline_losses_are_the_sum_of_their_terms():
@@ -137,21 +103,82 @@ PAPER_ROWS = [("scratch", "single"), ("lwf", "single"), ("at", "one_to_one"),
               ("l2t_w", "single"), ("l2t_w", "one_to_one"), ("l2t_ww", "all_to_all")]
 
 
+@pytest.fixture(scope="module")
+def paper_row_run(method_assets, tmp_path_factory):
+    """run(method, scheme) -> (config, workdir, result) of that paper row through the
+    training program: tiny_config's networks, T = 1, 4 training images per class, 2 epochs
+    of 1 step (the cosine schedule trains epoch 0 at lr 0.05, epoch 1 at 0) and a checkpoint
+    at every step. Each row runs once per module: the parameter test and the program test
+    below read the same run (compiling a method's step is most of a run's time)."""
+    runs = {}
+
+    def run(method, scheme):
+        if (method, scheme) not in runs:
+            config = tiny_config(method_assets / "data", method_assets / "source",
+                                 method=method, pairs=scheme, T=1)
+            config.epochs, config.steps_per_epoch = 2, 1
+            config.data.train_examples_per_class = 4        # 12 images
+            workdir = tmp_path_factory.mktemp(f"{method}-{scheme}")
+            runs[(method, scheme)] = (config, workdir,
+                                      train.train_and_evaluate(config, str(workdir)))
+        return runs[(method, scheme)]
+    return run
+
+
+def _train_lines(workdir):
+    return [json.loads(line) for line in open(workdir / "metrics.jsonl") if "train/ce" in line]
+
+
+@pytest.mark.parametrize("method,scheme", [
+    ("scratch", "single"), ("lwf", "single"), ("at", "one_to_one"), ("lwf_at", "one_to_one"),
+    ("fm", "one_to_one"), ("l2t_w", "one_to_one"), ("l2t_ww", "all_to_all")])
+def test_each_method_builds_and_trains_exactly_its_parameters(method, scheme, paper_row_run):
+    """What the method builds, and what the program's first step of it changes: the
+    initial state (made from the run's seed, as train_and_evaluate makes it) against the
+    run's checkpoint of step 1."""
+    config, workdir, _ = paper_row_run(method, scheme)
+    transfer = train.build_transfer(config)
+    before = jax.device_get(bilevel.init_state(transfer, jax.random.key(config.seed),
+                                               (32, 32, 3)))
+    spec = methods.METHODS[method]
+    assert (transfer.source_model is None) == (method == "scratch")
+    assert ("heads" in before.target_params) == spec.matching_heads
+    assert ("lwf_head" in before.target_params) == spec.lwf
+    assert (transfer.meta_networks is not None) == spec.meta_networks
+    assert (transfer.at_weight == 500.0) == spec.attention
+    if not spec.meta_networks:
+        assert before.meta_params == {}
+    step, after = _final_params(workdir, 1)
+    metrics = _train_lines(workdir)[0]
+    assert step == 1 and metrics["step"] == 1
+    np.testing.assert_allclose(metrics["train/learning_rate"], 0.05, rtol=1e-6)
+    # theta moves everywhere (SGD with weight decay touches every parameter).
+    assert _changed(before.target_params, after["target_params"]) == _changed(
+        before.target_params, jax.tree.map(lambda a: a + 1, before.target_params))
+    meta_changed = _changed(before.meta_params, after.get("meta_params", {}))
+    names = {p.split("'")[1] for p in meta_changed}
+    pair_weights = [k for k in metrics if k.startswith("train/pair_weights/")]
+    if method == "l2t_w":        # f only: lambda = 1 is fixed, there is no g to move
+        assert names and all(n.startswith("what_") for n in names)
+        assert pair_weights == []
+    elif method == "l2t_ww":
+        assert any(n.startswith("where_") for n in names)
+        assert any(n.startswith("what_") for n in names)
+        assert len(pair_weights) == len(transfer.pairs) == 15
+    else:
+        assert meta_changed == set() and "train/meta_loss" not in metrics
+    assert (metrics["train/matching"] == 0.0) == (method == "scratch")
+
+
 @pytest.mark.parametrize("method,scheme", PAPER_ROWS)
-def test_every_paper_row_runs_two_steps_with_limited_data(method, scheme, method_assets,
-                                                          tmp_path):
-    config = tiny_config(method_assets / "data", method_assets / "source", method=method,
-                         pairs=scheme, T=1)
-    config.epochs, config.steps_per_epoch = 1, 2
-    config.data.train_examples_per_class = 4        # 12 images: the epoch repeats them
-    result = train.train_and_evaluate(config, str(tmp_path))
+def test_every_paper_row_runs_two_steps_with_limited_data(method, scheme, paper_row_run):
+    _, workdir, result = paper_row_run(method, scheme)
     assert result["method"] == method and result["train_examples"] == 12
     assert result["scheme"] == scheme
     expected_pairs = {"single": 1, "one_to_one": 3, "all_to_all": 15}[scheme]
     assert len(result["pairs"]) == (0 if method in ("scratch", "lwf") else expected_pairs)
-    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [line["step"] for line in lines if "train/ce" in line] == [1, 2]
-    assert (tmp_path / "transfer_weights.json").exists() == method.startswith("l2t")
+    assert [line["step"] for line in _train_lines(workdir)] == [1, 2]
+    assert (workdir / "transfer_weights.json").exists() == method.startswith("l2t")
 
 
 def test_two_sources_add_their_own_pairs_heads_and_meta_networks(method_assets, tmp_path):

@@ -6,6 +6,8 @@ rel L2 <= 1e-10 (conv biases that feed a BatchNorm have a true gradient of zero 
 compared in absolute terms), BN running statistics rel <= 1e-10, every loss of every step
 rel <= 1e-10, every meta-gradient tensor rel L2 <= 1e-8.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,20 +132,20 @@ def _run_both(released_resnet32_path, pair_weight_type="relu6", inner_steps=2,
             meta_params=meta_params,
             meta_opt_state=transfer.meta_optimizer().init(meta_params))
         assert jax.tree.leaves(state.target_params)[0].dtype == jnp.float64
-        # Meta-gradient directly (train_step only returns its norm), before the step donates
-        # the state's buffers.
-        @jax.jit
-        def meta_gradient(state, source_variables, images, labels):
+        # The meta-gradient directly (train_step only returns its norm), and the step, as
+        # one compiled program (the state donated, as jit_train_step does): the two hold
+        # the same unrolled iteration, and one program compiles in 3/4 of the time of two.
+        @functools.partial(jax.jit, donate_argnums=(0,))
+        def meta_gradient_and_step(state, source_variables, images, labels):
             objective = bilevel.meta_objective(transfer, state, source_variables, images,
                                                labels, 0.1)
-            return jax.grad(lambda phi: objective(phi)[0])(state.meta_params)
+            meta_grads = jax.grad(lambda phi: objective(phi)[0])(state.meta_params)
+            return meta_grads, bilevel.train_step(transfer, lambda _: 0.1, state,
+                                                  source_variables, images, labels)
 
         source_variables = jax.tree.map(jnp.asarray, source_variables)
-        meta_grads = meta_gradient(state, source_variables, jnp.asarray(images),
-                                   jnp.asarray(labels))
-        step = bilevel.jit_train_step(transfer, lambda _: 0.1)
-        new_state, metrics = step(state, source_variables, jnp.asarray(images),
-                                  jnp.asarray(labels))
+        meta_grads, (new_state, metrics) = meta_gradient_and_step(
+            state, source_variables, jnp.asarray(images), jnp.asarray(labels))
         got = {
             "theta": _theta_from_flax(target, new_state.target_params),
             "momentum": _theta_from_flax(target, new_state.momentum),

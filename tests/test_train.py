@@ -49,6 +49,9 @@ def tiny_config(data_dir, source_dir, **overrides):
     config.model_overrides = ml_collections.ConfigDict(
         {"source": {"widths": SOURCE_WIDTHS}, "target": {"widths": TARGET_WIDTHS}})
     config.pairs = "2-0,5-1,8-4,8-3"
+    # One simulated step: each adds about a quarter to the step's compilation, most of these
+    # tests' time. The T-step loop itself is checked in test_bilevel and test_parity (T = 2).
+    config.T = 1
     config.batch_size = 8
     config.eval_batch_size = 8
     config.epochs = 2
@@ -283,10 +286,12 @@ def test_image_folder_with_broken_file_and_empty_class(tmp_path):
         data.ImageFolderSource(str(tmp_path), "val")
 
 
-def test_broken_image_stops_training_with_its_name(tiny_assets, tmp_path):
+def test_broken_image_stops_training_with_its_name(tiny_assets, tmp_path, monkeypatch):
     """In a real run, the undecodable file surfaces as a DataError naming it, raised while
-    the batch is read: before any compiled code runs."""
+    the batch is read: before any compiled code runs. (One step of the 4 images per epoch:
+    the first batch holds the broken file.)"""
     from PIL import Image
+    from l2t_jax import parallel
     rng = np.random.default_rng(1)
     for split in ("train", "test"):
         for name in ("a", "b", "c"):
@@ -295,9 +300,13 @@ def test_broken_image_stops_training_with_its_name(tiny_assets, tmp_path):
                 tmp_path / "images" / split / name / "0.png")
     (tmp_path / "images" / "train" / "b" / "1.png").write_bytes(b"\x89PNG truncated")
     config = tiny_config(tmp_path / "images", tiny_assets / "source", batch_size=4,
-                         eval_batch_size=4)
+                         eval_batch_size=4, steps_per_epoch=1)
     config.data.kind = "image_folder"
     config.data.eval_splits = ("test",)
+
+    def never_run(*args, **kwargs):
+        raise AssertionError("the step ran before the broken image was read")
+    monkeypatch.setattr(parallel, "jit_sharded_step", lambda *args, **kwargs: never_run)
     with pytest.raises(data.DataError, match=r"cannot decode image .*b/1\.png"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
@@ -401,11 +410,23 @@ def test_every_experiment_config_builds(name):
         _load_config(name, "huge")
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# Two real steps run for one config per network family: each costs a compilation of the
+# family's bilevel step (a run takes about 50 s for the CIFAR family, 100 s for the
+# ImageNet one, on 2 cores). Every config builds its networks and pairs above; in a run, the
+# npz override below replaces what sets the configs of a family apart (data set kind and
+# name, split files, class count), so they would run the same program:
+# - CIFAR family (cifar100, stl10: ResNet-32 -> VGG-9-BN, 15 pairs, 32 px): cifar100's tiny
+#   variant runs the program twice below, with the released source and on mock TFDS data.
+# - ImageNet family (cub200, dogs, mit67, stanford40: ResNet-34 -> ResNet-18, 16 pairs,
+#   224 px, 64 px when tiny, random-resized crops): cub200, here.
+TWO_STEP_CONFIGS = ("cub200",)
+
+
+@pytest.mark.parametrize("name", TWO_STEP_CONFIGS)
 def test_every_experiment_config_runs_two_steps(name, tiny_assets, tmp_path):
-    """Each config's tiny variant, 2 steps on small npz data (3 classes, written by the
-    fixture) with an untrained source: the config's networks, pairs, image size and
-    augmentation run end to end. (Configs of one family then share one compiled step.)"""
+    """The tiny variant of one config per family (TWO_STEP_CONFIGS), 2 steps on small npz
+    data (3 classes, written by the fixture) with an untrained source: the family's
+    networks, pairs, image size and augmentation run end to end."""
     config = _load_config(name, "tiny")
     config.data.kind = "npz"
     config.data.data_dir = str(tiny_assets / "data")
@@ -413,6 +434,9 @@ def test_every_experiment_config_runs_two_steps(name, tiny_assets, tmp_path):
     config.data.num_classes = 3
     config.source_checkpoint = "random-init"
     config.epochs, config.steps_per_epoch = 1, 2
+    # One simulated step: each one adds a quarter to the compilation, and T's loop is the
+    # family-independent part (test_bilevel, test_parity check it at T = 2).
+    config.T = 1
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["steps"] == 2 and result["target"] == config.target_model
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
@@ -428,7 +452,7 @@ def test_cifar100_tiny_with_the_released_source(tiny_assets, tmp_path, monkeypat
     config.data.kind = "npz"            # CIFAR-100 itself cannot be downloaded here
     config.data.data_dir = str(tiny_assets / "data")
     config.data.official_split = ""
-    config.data.num_classes = 3
+    # (The config's 100 classes, for labels 0-2: the program of the mock TFDS test below.)
     config.epochs, config.steps_per_epoch = 1, 2
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["steps"] == 2 and result["source"] == "resnet32"
