@@ -275,16 +275,21 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool, stride 2, no padding (``nn.MaxPool2d(2, 2)``): (B, H, W, C) ->
     (B, H // 2, W // 2, C); an odd last row or column is dropped, as in PyTorch.
 
-    Written as a reshape and a max rather than ``nn.max_pool``: XLA fuses the max and its
-    first- and second-order derivatives into element-wise code, where reduce-window's
-    select-and-scatter gradients cost about a tenth of the L2T-ww step on CPU. The gradients
-    differ only on ties inside a window (split evenly here, all to the first element in
-    PyTorch); after a ReLU a tie is an all-zero window, whose gradient the ReLU zeroes in
-    both, so the results agree.
+    Written with reshapes and element-wise code rather than ``nn.max_pool``: XLA fuses it and
+    its first- and second-order derivatives, where reduce-window's select-and-scatter
+    gradients cost about a tenth of the L2T-ww step on CPU. The gradient goes to the first
+    maximum of each window in row-major order, as PyTorch's does. Ties are common in real
+    images, not only in all-zero windows after a ReLU: flat or saturated regions, and
+    up-sampled inputs such as the demo's digits. ``jnp.max`` would split the gradient
+    evenly among tied elements instead.
     """
     b, h, w, c = x.shape
     x = x[:, :h - h % 2, :w - w % 2, :].reshape(b, h // 2, 2, w // 2, 2, c)
-    return jnp.max(x, axis=(2, 4))
+    # (B, H/2, W/2, C, 4): a window's elements in PyTorch's scan order (row, then column).
+    windows = x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, c, 4)
+    first_max = jax.lax.stop_gradient(
+        jax.nn.one_hot(jnp.argmax(windows, axis=-1), 4, dtype=x.dtype))
+    return jnp.sum(windows * first_max, axis=-1)
 
 
 class MultiSource(nn.Module):
