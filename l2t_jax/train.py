@@ -808,7 +808,8 @@ def _write_transfer_weights(workdir, transfer, state, source_variables, split, c
     meta_params, source_variables = jax.device_get((state.meta_params, source_variables))
 
     # The weights are arguments, not constants, and every batch has one shape (the last is
-    # padded): one compilation, shared by every run of the same networks.
+    # padded): one compilation per run, which the persistent compilation cache (when on, as
+    # in the demo and the tests) shares between runs of the same networks.
     @jax.jit
     def weights(meta_params, source_variables, images):
         _, features = transfer.source_model.apply(source_variables, images, train=False)
