@@ -61,6 +61,10 @@ def get_config():
     config.remat = "none"
     config.unroll_inner = True
     config.replay_bn_update = True
+    # Initialise the networks in one compiled program, freed afterwards (bilevel.init_state):
+    # about 0.4 GiB less resident memory while training the CIFAR networks, for a few
+    # seconds of compilation (BENCHMARKS.md, "Time and memory against T").
+    config.jit_init = False
     # Baselines (l2t_jax/methods.py): AT weight (Zagoruyko & Komodakis' beta / 2), LwF's
     # weight and temperature (Li & Hoiem).
     config.at_weight = 500.0

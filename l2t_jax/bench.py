@@ -63,9 +63,10 @@ def build(args) -> tuple:
                 assets.resolve_source_checkpoint(args.source_checkpoint),
                 expect_model=args.source, expect_num_classes=args.source_classes)
         else:
-            source_variables = source.init(jax.random.fold_in(rng, 1),
-                                           jnp.zeros((1, size, size, 3)), train=False)
-    state = bilevel.init_state(transfer, rng, (size, size, 3))
+            source_init = functools.partial(source.init, train=False)
+            source_variables = (jax.jit(source_init) if args.jit_init else source_init)(
+                jax.random.fold_in(rng, 1), jnp.zeros((1, size, size, 3)))
+    state = bilevel.init_state(transfer, rng, (size, size, 3), jit=args.jit_init)
     dtype = DTYPES[args.dtype]
     cast = functools.partial(jax.tree.map, lambda a: a.astype(dtype)
                              if jnp.issubdtype(a.dtype, jnp.floating) else a)
@@ -205,6 +206,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
                         help="dtype of parameters and inputs (bfloat16: timing only)")
     parser.add_argument("--conv_impl", default="auto", choices=convolution.CONV_IMPLS)
+    parser.add_argument("--jit_init", action="store_true",
+                        help="initialise the networks in one compiled program each (as "
+                             "config.jit_init): less resident memory while stepping")
     parser.add_argument("--source", default="resnet32")
     parser.add_argument("--source_classes", type=int, default=200)
     parser.add_argument("--source_widths", default="", help="e.g. 8,16,16 (default: full)")
@@ -266,6 +270,7 @@ def main(argv=None) -> dict:
         "pairs": len(transfer.pairs), "batch": args.batch,
         "T": args.T if args.mode == "l2t" else None,
         "remat": args.remat, "unroll": args.unroll and args.remat == "none",
+        "jit_init": args.jit_init,
         "dtype": args.dtype,
         "conv_impl": convolution.resolve_impl(args.conv_impl),
         "compile_s": round(compile_seconds, 2),

@@ -194,13 +194,22 @@ def check_source_variables(transfer: Transfer, source_variables: PyTree) -> None
                              "mismatch between the source checkpoint and the config")
 
 
-def init_state(transfer: Transfer, rng: jax.Array, image_shape: Sequence[int]) -> TrainState:
+def init_state(transfer: Transfer, rng: jax.Array, image_shape: Sequence[int], *,
+               jit: bool = False) -> TrainState:
     """Fresh state: random target and heads, zero momentum, initial phi and Adam state.
 
     Args:
       rng: PRNG key.
       image_shape: one input's (H, W, C).
+      jit: initialise in one compiled program, freed on return. Op by op (the default),
+        every op's small executable stays in jax's caches for the life of the process:
+        about 0.5 GiB of resident memory for the CIFAR networks (BENCHMARKS.md). Op by op
+        is cheaper where many networks are initialised in one process (the tests), since
+        ops of the same shapes share executables.
     """
+    if jit:
+        image_shape = tuple(image_shape)
+        return jax.jit(lambda rng: init_state(transfer, rng, image_shape))(rng)
     model_rng, heads_rng, meta_rng, lwf_rng = jax.random.split(rng, 4)
     images = jnp.zeros((1, *image_shape), jnp.float32)
     variables = transfer.target_model.init(model_rng, images, train=False)

@@ -55,7 +55,7 @@ from l2t_jax import (assets, bilevel, convert, convolution, data, matching, meth
 PyTree = Any
 # Keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                  "eval_batch_size", "export_source", "on_nonfinite")
+                  "eval_batch_size", "export_source", "on_nonfinite", "jit_init")
 
 
 # ------------------------------------------------------------------------------ config
@@ -632,7 +632,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "%d-%d of each batch of %d", mesh.size, jax.process_count(),
                  jax.process_index(), rows.start, rows.stop - 1, batch_size)
     init = functools.partial(bilevel.init_state, transfer, jax.random.key(config.seed),
-                             (size, size, 3))
+                             (size, size, 3), jit=config.jit_init)
 
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     progress = {"epoch": 0, "best_val": -1.0, "test_at_best": -1.0, "best_epoch": -1,

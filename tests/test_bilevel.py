@@ -153,6 +153,18 @@ def test_remat_scan_loop_gives_the_unrolled_step():
                                rtol=1e-5)
 
 
+def test_jitted_init_gives_the_op_by_op_state():
+    """init_state(jit=True) (config.jit_init: one compiled program, less resident memory)
+    draws the same random bits and gives the same state as the default, op by op."""
+    transfer = _tiny_transfer()
+    op_by_op = bilevel.init_state(transfer, jax.random.key(5), (32, 32, 3))
+    jitted = bilevel.init_state(transfer, jax.random.key(5), (32, 32, 3), jit=True)
+    chex.assert_trees_all_close(jitted, op_by_op, rtol=1e-6, atol=0)
+    other_seed = bilevel.init_state(transfer, jax.random.key(6), (32, 32, 3), jit=True)
+    assert not np.allclose(other_seed.target_params["model"]["conv0"]["kernel"],
+                           op_by_op.target_params["model"]["conv0"]["kernel"])
+
+
 def test_bad_pairs_and_sources_are_clear_errors():
     source = models.get_model("resnet32", 200)
     target = models.get_model("vgg9_bn", 100)
