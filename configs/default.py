@@ -62,8 +62,9 @@ def get_config():
     config.unroll_inner = True
     config.replay_bn_update = True
     # Initialise the networks in one compiled program, freed afterwards (bilevel.init_state):
-    # about 0.4 GiB less resident memory while training the CIFAR networks, for a few
-    # seconds of compilation (BENCHMARKS.md, "Time and memory against T").
+    # about 0.4 GiB less resident memory while training the CIFAR networks, for one more
+    # compilation at start-up (BENCHMARKS.md, "Time and memory against T"). Off by default:
+    # a process that initialises many networks (the tests) shares op-by-op executables.
     config.jit_init = False
     # Baselines (l2t_jax/methods.py): AT weight (Zagoruyko & Komodakis' beta / 2), LwF's
     # weight and temperature (Li & Hoiem).
