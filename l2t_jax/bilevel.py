@@ -203,10 +203,9 @@ def init_state(transfer: Transfer, rng: jax.Array, image_shape: Sequence[int], *
       image_shape: one input's (H, W, C).
       jit: initialise in one compiled program, freed on return. Op by op (the default),
         every op's small executable stays in jax's caches for the life of the process:
-        with it, 0.4 GiB more resident memory while training the CIFAR networks
-        (BENCHMARKS.md, "Time and memory against T"). Op by op
-        is cheaper where many networks are initialised in one process (the tests), since
-        ops of the same shapes share executables.
+        0.4 GiB more resident memory while training the CIFAR networks (BENCHMARKS.md,
+        "Time and memory against T"). Op by op is cheaper where one process initialises
+        many networks (the tests): ops of the same shapes share executables.
     """
     if jit:
         image_shape = tuple(image_shape)
