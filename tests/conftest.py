@@ -18,6 +18,10 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# Before any test module computes with jax: the package's XLA flags (xla_workarounds) only
+# take effect when set before the backend starts, and the subprocesses inherit them.
+import l2t_jax  # noqa: E402,F401
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CI and developers keep the release beside the checkout (../shared/assets/...); elsewhere
 # point L2T_RELEASE_DIR at a copy (see README, "Assets").
