@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import functools
 import json
+import os
 import platform
 import resource
 import statistics
@@ -287,6 +288,7 @@ def main(argv=None) -> dict:
         "xla_flops_per_iter": flops, "achieved_gflop_s": round(flops / median / 1e9, 1),
         "jax": jax.__version__, "device": device.device_kind,
         "devices": jax.device_count(), "machine": platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),   # xla_workarounds' flag included
         "final_ce": float(metrics["ce"]),
     }
     if args.peak:
