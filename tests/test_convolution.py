@@ -17,8 +17,8 @@ from l2t_jax import convolution, xla_workarounds
 def test_second_order_matmul_convolution_compiles_without_transposes():
     """The meta-gradient differentiates through a gradient. XLA folds the transposes of
     reverse-mode differentiation into a dot only when its operands are rank 2; a rank-4
-    patch product compiles this to 4 transposes (measured), and in the L2T-ww step to 353
-    more than the rank-2 product, about 17% of its time (BENCHMARKS.md)."""
+    patch product compiles this to 4 transposes (measured), and the L2T-ww step to 353
+    more than the rank-2 product, 8-15% of its time (BENCHMARKS.md)."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 4)), jnp.float32)
     kernel = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 4, 8)), jnp.float32)
 
