@@ -20,6 +20,7 @@ import warnings
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_FUSION_VALUE = "-reduce"
+YNN_FUSION_SETTING = f"{YNN_FUSION_FLAG}={YNN_FUSION_VALUE}"   # as it appears in XLA_FLAGS
 # The first jaxlib with YNNPACK fusions and the flag; an older XLA aborts on unknown flags.
 FIRST_JAXLIB_WITH_FLAG = (0, 8, 1)
 
@@ -48,7 +49,7 @@ def apply() -> bool:
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if YNN_FUSION_FLAG in flags:
-        return f"{YNN_FUSION_FLAG}={YNN_FUSION_VALUE}" in flags.split()
+        return YNN_FUSION_SETTING in flags.split()
     if _jaxlib_version() < FIRST_JAXLIB_WITH_FLAG:
         return False
     if _backends_started():
@@ -59,8 +60,8 @@ def apply() -> bool:
             "l2t_jax was imported after jax started its backends, so XLA:CPU's YNNPACK "
             "reduce fusions stay on; on the CPU the meta-gradient may then differ between "
             "runs. Import l2t_jax before the first jax computation, or start the process "
-            f"with XLA_FLAGS={YNN_FUSION_FLAG}={YNN_FUSION_VALUE}.", RuntimeWarning,
+            f"with XLA_FLAGS={YNN_FUSION_SETTING}.", RuntimeWarning,
             stacklevel=3)
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} {YNN_FUSION_FLAG}={YNN_FUSION_VALUE}".strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {YNN_FUSION_SETTING}".strip()
     return True

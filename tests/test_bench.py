@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from l2t_jax import bench
+from l2t_jax import bench, xla_workarounds
 
 # A small graph (compile time dominates): ResNet-20 with 3 pairs, tiny widths.
 TINY = ["--source", "resnet20", "--source_widths", "4,4,8", "--pairs", "2-0,5-1,8-4",
@@ -27,7 +27,7 @@ def test_bench_reports_flops_memory_and_the_floor(capsys):
         assert result["step_s_median"] > 0 and result["compile_s"] > 0
         assert result["peak_rss_steps_gib"] > 0 and result["xla_temp_gib"] > 0
         assert result["pairs"] == 3 and result["unroll"] and math.isfinite(result["final_ce"])
-        assert "--xla_cpu_experimental_ynn_fusion_type=-reduce" in result["xla_flags"].split()
+        assert xla_workarounds.YNN_FUSION_SETTING in result["xla_flags"].split()
     # One simulated step adds its forward + backward and their reverse pass: more than a
     # tenth of the T=0 iteration (an un-counted loop body would add nothing).
     assert two["xla_flops_per_iter"] > 1.1 * one["xla_flops_per_iter"]

@@ -54,7 +54,7 @@ def test_import_turns_off_ynnpack_reduce_fusions():
         out = subprocess.run([sys.executable, "-c", YNN_PROBE, mode], env=env, check=True,
                              capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[mode] = out
-    flag = f"{xla_workarounds.YNN_FUSION_FLAG}={xla_workarounds.YNN_FUSION_VALUE}"
+    flag = xla_workarounds.YNN_FUSION_SETTING
     assert results["import"] == f"{flag} | False", results
     assert results["plain"] == "| True", results
     # This test process imported l2t_jax before any computation too (conftest, then tests).
