@@ -1,22 +1,6 @@
 """CIFAR-100: TinyImageNet ResNet-32 (released) -> VGG-9-BN, 15 pairs, the official split.
 
-    python -m l2t_jax.main --config=configs/cifar100.py --workdir=DIR
-    python -m l2t_jax.main --config=configs/cifar100.py:tiny --workdir=DIR   # smoke run
-
-Data: ``tfds build cifar100 --file_format=array_record`` once (needs the [prepare] extra).
+The config itself ships with the package: l2t_jax/configs/cifar100.py. This file is what
+`--config=configs/cifar100.py` loads from a checkout; `--config=cifar100` works from anywhere.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
-
-
-def get_config(variant=None):
-    config = default.get_config()
-    config.data.kind = "tfds"
-    config.data.name = "cifar100"
-    config.data.official_split = "cifar100"
-    config.data.num_classes = 100
-    config.batch_size = 128
-    return default.apply_variant(config, variant, "cifar100")
+from l2t_jax.configs.cifar100 import get_config  # noqa: F401

@@ -1,21 +1,6 @@
 """Stanford Dogs: ImageNet ResNet-34 (torchvision weights) -> ResNet-18, 16 pairs, batch 64.
 
-Data: ``tfds build stanford_dogs --file_format=array_record`` once (needs the [prepare]
-extra). The release's split lists index the sorted image-folder listing; records are put in
-that order by their ``image/filename`` (class folder, then file). An image folder
-``D/{train,test}/<class>/<image>`` works too: ``--config.data.kind=image_folder
---config.data.data_dir=D``. Train/val/test follow the release's official split
-`dog-*`.
+The config itself ships with the package: l2t_jax/configs/dogs.py. This file is what
+`--config=configs/dogs.py` loads from a checkout; `--config=dogs` works from anywhere.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
-
-
-def get_config(variant=None):
-    config = default.imagenet_transfer(default.get_config(), "dogs", 120, "dog")
-    config.data.kind = "tfds"
-    config.data.name = "stanford_dogs"
-    return default.apply_variant(config, variant, "dogs")
+from l2t_jax.configs.dogs import get_config  # noqa: F401

@@ -1,17 +1,6 @@
 """MIT Indoor-67: ImageNet ResNet-34 (torchvision weights) -> ResNet-18, 16 pairs, batch 64.
 
-Data: an image folder `data_dir/{train,test}/<class>/<image>` (class folders and files
-sorted; set --config.data.data_dir). The release has no official split for this data set: the
-configured eval split is the test folder (documented limitation, see README).
+The config itself ships with the package: l2t_jax/configs/mit67.py. This file is what
+`--config=configs/mit67.py` loads from a checkout; `--config=mit67` works from anywhere.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
-
-
-def get_config(variant=None):
-    config = default.imagenet_transfer(default.get_config(), "mit67", 67, "")
-    config.data.eval_splits = ("test",)
-    return default.apply_variant(config, variant, "mit67")
+from l2t_jax.configs.mit67 import get_config  # noqa: F401

@@ -1,27 +1,6 @@
 """Pre-train a CIFAR-10 ResNet-32 source (the paper's third STL-10 multi-source row).
 
-The same recipe as configs/pretrain_tinyimagenet.py (SGD lr 0.1, x0.1 at 50% and 75% of the
-epochs, batch 128, 200 epochs, cross-entropy); evaluated on CIFAR-10's test set (no official
-validation split exists for it). Writes the best network to ``WORKDIR/source``.
-
-Data, once: ``tfds build cifar10 --file_format=array_record`` (the [prepare] extra)::
-
-    python -m l2t_jax.main --config=configs/pretrain_cifar10.py \\
-        --workdir=runs/pretrain/cifar10-resnet32
+The config itself ships with the package: l2t_jax/configs/pretrain_cifar10.py. This file is what
+`--config=configs/pretrain_cifar10.py` loads from a checkout; `--config=pretrain_cifar10` works from anywhere.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
-import pretrain_tinyimagenet  # noqa: E402
-
-
-def get_config(variant=None):
-    config = default.get_config()
-    config.data.kind = "tfds"
-    config.data.name = "cifar10"
-    config.data.official_split = ""
-    config.data.eval_splits = ("test",)
-    config = pretrain_tinyimagenet.pretrain(config, "resnet32", 10)
-    return default.apply_variant(config, variant, "pretrain_cifar10")
+from l2t_jax.configs.pretrain_cifar10 import get_config  # noqa: F401

@@ -1,17 +1,6 @@
 """Stanford 40 Actions: ImageNet ResNet-34 (torchvision weights) -> ResNet-18, 16 pairs, batch 64.
 
-Data: an image folder `data_dir/{train,test}/<class>/<image>` (class folders and files
-sorted; set --config.data.data_dir). The release has no official split for this data set: the
-configured eval split is the test folder (documented limitation, see README).
+The config itself ships with the package: l2t_jax/configs/stanford40.py. This file is what
+`--config=configs/stanford40.py` loads from a checkout; `--config=stanford40` works from anywhere.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
-
-
-def get_config(variant=None):
-    config = default.imagenet_transfer(default.get_config(), "stanford40", 40, "")
-    config.data.eval_splits = ("test",)
-    return default.apply_variant(config, variant, "stanford40")
+from l2t_jax.configs.stanford40 import get_config  # noqa: F401

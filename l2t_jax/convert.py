@@ -183,9 +183,11 @@ def read_torch_checkpoint(path: str) -> tuple[dict, dict]:
     """
     try:
         import torch
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("converting PyTorch checkpoints needs torch: "
-                          "pip install 'l2t-jax[convert]'") from e
+    except ImportError as e:
+        raise ImportError(
+            f"reading the PyTorch checkpoint {path} needs torch, which is not installed: "
+            "pip install 'l2t-jax[convert]' (on a GPU machine, first the CPU wheel: pip "
+            "install torch --index-url https://download.pytorch.org/whl/cpu)") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     payload = torch.load(path, map_location="cpu", weights_only=False)

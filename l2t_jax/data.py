@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -117,9 +119,9 @@ class ImageFolderSource:
             self.files = [self.files[i] for i in keep]
             self.labels = self.labels[keep]
             for path in self.skipped:
-                logging.warning("skipping undecodable image %s", path)
+                logger.warning("skipping undecodable image %s", path)
         if self.empty_classes:
-            logging.warning("%s: empty class folders (labels kept in folder order): %s",
+            logger.warning("%s: empty class folders (labels kept in folder order): %s",
                             directory, ", ".join(self.empty_classes))
         if not self.files:
             raise DataError(f"{directory} has no readable images")
@@ -148,16 +150,27 @@ class TfdsSource:
 
     def __init__(self, name: str, split: str, data_dir: Optional[str] = None):
         import tensorflow_datasets as tfds
+        root = data_dir or os.environ.get("TFDS_DATA_DIR",
+                                          os.path.expanduser("~/tensorflow_datasets"))
+        prepare = (f"Prepare it once with: pip install 'l2t-jax[prepare]' && tfds build "
+                   f"{name} --file_format=array_record --data_dir={root}")
+        # Checked here: for a missing directory TFDS itself says the data set is "already
+        # prepared ... in the TFRECORD format", which sends the user the wrong way.
+        if data_dir and not os.path.isdir(data_dir):
+            raise DataError(f"config.data.data_dir={data_dir!r} does not exist. {prepare}")
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
                                             download=False)
         except Exception as e:
+            dataset_dir = os.path.join(root, name.split(":")[0].split("/")[0])
+            if not os.path.isdir(dataset_dir):
+                raise DataError(f"TFDS data set {name!r} is not prepared in {root} (no "
+                                f"{dataset_dir}). {prepare}") from None
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise DataError(
-                f"TFDS data set {name!r} (split {split!r}) is not prepared in "
-                f"{data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: {e}). Prepare it "
-                f"once with: pip install 'l2t-jax[prepare]' && tfds build {name} "
-                f"--file_format=array_record"
-                + (f" --data_dir={data_dir}" if data_dir else "")) from None
+                f"TFDS data set {name!r} (split {split!r}) in {dataset_dir} cannot be read "
+                f"by random access ({type(e).__name__}: {first_line}); it needs the "
+                f"array_record format. {prepare}") from None
         self.order = None
         self.labels = None      # replaces the records' labels when set (image-folder order)
 

@@ -37,6 +37,10 @@ import time
 import ml_collections
 import numpy as np
 
+from l2t_jax import logs
+
+logger = logging.getLogger(__name__)
+
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
 SOURCE_VAL_PER_CLASS = 20
@@ -144,13 +148,14 @@ def parse_method(entry: str) -> tuple[str, str]:
     return method, scheme
 
 
-def _run_if_unfinished(run_config, workdir: str) -> dict:
+def _run_if_unfinished(run_config, workdir: str) -> tuple[dict, bool]:
+    """(result, whether it had finished before): a finished run is read, not rerun."""
     from l2t_jax import train
     result_path = os.path.join(workdir, "result.json")
     if os.path.exists(result_path):
         with open(result_path) as f:
-            return json.load(f)
-    return train.train_and_evaluate(run_config, workdir)
+            return json.load(f), True
+    return train.train_and_evaluate(run_config, workdir), False
 
 
 def _use_compilation_cache(workdir: str) -> None:
@@ -171,11 +176,11 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     started = time.time()
     data_dir = os.path.join(workdir, "data")
     sizes = write_digits_data(data_dir, config.split_seed)
-    logging.info("digits data: %s", sizes)
+    logger.info("digits data: %s", sizes)
 
     source_dir = os.path.join(workdir, "source_run")
-    source_result = _run_if_unfinished(source_config(config, data_dir), source_dir)
-    logging.info("source ResNet-20 on digits 0-4: val accuracy %.2f%%",
+    source_result, _ = _run_if_unfinished(source_config(config, data_dir), source_dir)
+    logger.info("source ResNet-20 on digits 0-4: val accuracy %.2f%%",
                  source_result["best_val"])
     source_checkpoint = os.path.join(source_dir, "source")
 
@@ -183,15 +188,17 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run_dirs: dict[tuple[str, int], list[str]] = {}
     grid = [(entry, k, seed) for k in config.examples_per_class for entry in config.methods
             for seed in config.seeds]
+    progress = logs.GridProgress(len(grid))
     for i, (entry, k, seed) in enumerate(grid):
         method, scheme = parse_method(entry)
         run_dir = os.path.join(runs_root, entry.replace(":", "-"), f"epc{k}", f"seed{seed}")
-        logging.info("demo run %d/%d: %s, %d per class, seed %d", i + 1, len(grid), entry, k,
-                     seed)
-        result = _run_if_unfinished(
+        logger.info("demo %s", progress.line(i + 1, f"{entry}, {k} per class, seed {seed}"))
+        result, finished_before = _run_if_unfinished(
             target_config(config, data_dir, source_checkpoint, method, scheme, k, seed),
             run_dir)
-        logging.info("  test accuracy at best val: %.2f%%", result["test_at_best_val"])
+        progress.finished(skipped=finished_before)
+        logger.info("  test accuracy at best val: %.2f%%%s", result["test_at_best_val"],
+                    " (finished earlier)" if finished_before else "")
         run_dirs.setdefault((entry, k), []).append(run_dir)
 
     results = experiments.collect_results(runs_root)
@@ -222,7 +229,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
         json.dump({"data": sizes, "source_val_accuracy": source_result["best_val"],
                    "wall_seconds": round(time.time() - started, 1),
                    "pictures": [os.path.basename(p) for p in pictures]}, f, indent=1)
-    logging.info("demo finished in %.1f min: %s", (time.time() - started) / 60,
+    logger.info("demo finished in %.1f min: %s", (time.time() - started) / 60,
                  ", ".join(os.path.basename(p) for p in pictures))
     return {"table": table, "pictures": pictures}
 

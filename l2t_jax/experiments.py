@@ -37,7 +37,7 @@ import subprocess
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from l2t_jax import logs
 
 # ------------------------------------------------------------------ the paper's numbers
 PAPER_COLUMNS = ("CIFAR-100", "STL-10", "CUB200", "MIT67", "Stanford40", "Stanford Dogs")
@@ -203,18 +203,15 @@ TABLE_METHODS = {
     "multisource": (Method("fm", "one_to_one"), Method("l2t_ww", "all_to_all")),
     "limited": (Method("scratch"), Method("fm", "one_to_one"), Method("l2t_ww", "all_to_all")),
 }
-# Target name -> config file (the paper's column order).
-TARGET_CONFIGS = {
-    "cifar100": "configs/cifar100.py", "stl10": "configs/stl10.py",
-    "cub200": "configs/cub200.py", "mit67": "configs/mit67.py",
-    "stanford40": "configs/stanford40.py", "dogs": "configs/dogs.py",
-}
+# Target name -> shipped config (l2t_jax/configs; the paper's column order).
+TARGET_CONFIGS = {name: name for name in
+                  ("cifar100", "stl10", "cub200", "mit67", "stanford40", "dogs")}
 # The multi-source table's "targets": STL-10 with each second source (config variants).
 MULTI_SOURCE_CONFIGS = {
-    "none": "configs/stl10.py",
-    "plus_resnet20": "configs/stl10.py:plus_resnet20",
-    "plus_resnet32": "configs/stl10.py:plus_resnet32",
-    "plus_cifar10_resnet32": "configs/stl10.py:plus_cifar10_resnet32",
+    "none": "stl10",
+    "plus_resnet20": "stl10:plus_resnet20",
+    "plus_resnet32": "stl10:plus_resnet32",
+    "plus_cifar10_resnet32": "stl10:plus_cifar10_resnet32",
 }
 # Default grid of the limited-data table: STL-10 has 500 training images per class
 # (CIFAR-100 too), so these sizes are 5% to 50% of it.
@@ -226,7 +223,7 @@ LIMITED_DEFAULT_EXAMPLES = (25, 50, 100, 250)
 class Run:
     """One training run of a grid.
 
-    ``config`` is a path relative to the repository root, optionally with ``:variant``;
+    ``config`` is a shipped config's name or a config file, optionally with ``:variant``;
     ``examples_per_class`` 0 means the whole training set; ``extra_overrides`` are full
     ``--config.key=value`` flags appended last (so they win over the grid's own).
     """
@@ -289,16 +286,13 @@ def _select_methods(table: str, tokens: Iterable[str] | None) -> tuple[Method, .
 
 
 def _target_config(target: str) -> str:
-    """Config file of a target; names other than the paper's six are accepted when
-    ``configs/<name>.py`` exists in this checkout (e.g. the offline demo)."""
-    if target in TARGET_CONFIGS:
-        return TARGET_CONFIGS[target]
-    path = f"configs/{target}.py"
-    configs_dir = os.path.join(REPO_ROOT, "configs")
-    if os.path.isdir(configs_dir) and not os.path.isfile(os.path.join(REPO_ROOT, path)):
-        raise ValueError(f"unknown target {target!r}: no {path}; valid: "
-                         f"{', '.join(TARGET_CONFIGS)} or any configs/<name>.py")
-    return path
+    """Config of a target: one of the paper's six, any other shipped config
+    (:func:`l2t_jax.configs.names`, e.g. the offline demo's), or a config file."""
+    from l2t_jax import configs
+    if target in TARGET_CONFIGS or target in configs.names() or os.path.isfile(target):
+        return TARGET_CONFIGS.get(target, target)
+    raise ValueError(f"unknown target {target!r}: neither a config file nor a shipped config; "
+                     f"shipped: {', '.join(configs.names())}")
 
 
 def run_workdir(root: str, table: str, target: str, method: Method, seed: int,
@@ -322,7 +316,7 @@ def table_runs(table: str, root: str, seeds: Iterable[int],
       root: directory under which the workdirs go.
       seeds: e.g. ``(0, 1, 2)``.
       targets: main/limited: names of :data:`TARGET_CONFIGS` (default: all six for main,
-        ``stl10`` for limited) or any ``configs/<name>.py``; multisource: keys of
+        ``stl10`` for limited), any other shipped config or a config file; multisource: keys of
         :data:`MULTI_SOURCE_CONFIGS` (default: all four).
       methods: a subset of the table's rows, by method (``fm``), slug (``fm-one_to_one``)
         or label; default all.
@@ -380,7 +374,7 @@ def table_runs(table: str, root: str, seeds: Iterable[int],
 def command(run: Run) -> str:
     """The shell command of ``run``, to be started from the repository root::
 
-        python -m l2t_jax.main --config=configs/stl10.py \\
+        python -m l2t_jax.main --config=stl10 \\
             --workdir=runs/main/stl10/fm-one_to_one/epc_all/seed1 \\
             --config.method=fm --config.pairs=one_to_one --config.seed=1
 
@@ -392,13 +386,9 @@ def command(run: Run) -> str:
 
 
 def _subprocess_args(run: Run) -> list[str]:
-    """What :func:`run_grid` executes: this interpreter, the config resolved against the
-    repository root and an absolute workdir, so it works from any current directory."""
-    path, _, variant = run.config.partition(":")
-    if not os.path.isabs(path):
-        path = os.path.join(REPO_ROOT, path)
-    config = f"{path}:{variant}" if variant else path
-    return [sys.executable, "-m", "l2t_jax.main", f"--config={config}",
+    """What :func:`run_grid` executes: this interpreter and an absolute workdir, so it works
+    from any current directory (shipped configs are found by name)."""
+    return [sys.executable, "-m", "l2t_jax.main", f"--config={run.config}",
             f"--workdir={os.path.abspath(run.workdir)}", *run.overrides()]
 
 
@@ -436,9 +426,11 @@ def run_grid(runs: Sequence[Run], dry_run: bool = False,
     runner = runner or _default_runner
     report: dict[str, list[Run]] = {"skipped": [], "ran": [], "pending": []}
     total = len(runs)
+    progress = logs.GridProgress(total)
     for i, run in enumerate(runs, 1):
         if is_finished(run.workdir):
             report["skipped"].append(run)
+            progress.finished(skipped=True)
             print(f"[{i}/{total}] skip (finished, has result.json): {run.workdir}",
                   file=sys.stderr if dry_run else sys.stdout, flush=True)
             continue
@@ -446,8 +438,9 @@ def run_grid(runs: Sequence[Run], dry_run: bool = False,
             report["pending"].append(run)
             print(command(run), flush=True)
             continue
-        print(f"[{i}/{total}] run: {command(run)}", flush=True)
+        print(f"{progress.line(i, run.label)}\n  {command(run)}", flush=True)
         code = runner(_subprocess_args(run))
+        progress.finished()
         if code != 0:
             raise GridError(
                 f"run {i}/{total} failed with exit code {code}: {command(run)}\n"

@@ -1,40 +1,70 @@
-"""Entry point: ``python -m l2t_jax.main --config=configs/<experiment>.py --workdir=DIR``.
+"""Entry point: ``python -m l2t_jax.main --config=cifar100 --workdir=DIR``.
 
-Overrides on the command line: ``--config.T=5 --config.batch_size=64``. A variant after a
-colon selects a preset of the config file (``configs/cifar100.py:tiny``).
+``--config`` is a config file (``configs/cifar100.py`` in a checkout) or the name of one
+shipped in :mod:`l2t_jax.configs` (``cifar100``, from any directory and any install). A
+variant after a colon selects a preset (``cifar100:tiny``); overrides follow as
+``--config.T=5 --config.batch_size=64``. ``--log_libraries`` adds the libraries' INFO lines
+(orbax, absl, jax) to the program's own.
+
 All logic lives in :func:`l2t_jax.train.train_and_evaluate`, or for a config with
 ``program = "demo"`` (configs/demo.py) in :func:`l2t_jax.demo.run_demo`.
 
 Exit status: 0 when the run finished; 1 with a one-line message (no traceback) for config
-and data errors, a diverged run and a checkpoint that could not be written; 143 (as for a
-process ended by SIGTERM) when SIGTERM stopped the run after saving a checkpoint, so that
-schedulers and ``l2t_jax.experiments`` treat it as unfinished: the same command resumes.
-Several processes (multi-host) start jax's distributed runtime first
-(:func:`l2t_jax.parallel.maybe_initialize_distributed`).
+and data errors, a missing optional dependency, a diverged run and a checkpoint that could
+not be written; 143 (as for a process ended by SIGTERM) when SIGTERM stopped the run after
+saving a checkpoint, so that schedulers and ``l2t_jax.experiments`` treat it as unfinished:
+the same command resumes. Several processes (multi-host) start jax's distributed runtime
+first (:func:`l2t_jax.parallel.maybe_initialize_distributed`).
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from l2t_jax import demo, parallel, train
+from l2t_jax import configs, demo, logs, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py), optionally file.py:variant.",
-    lock_config=True)
+    "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
+    "optionally with :variant.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
                                "result.json; an existing one is resumed.")
+_LOG_LIBRARIES = flags.DEFINE_bool("log_libraries", False, "Also print the libraries' INFO "
+                                   "lines (orbax, absl, jax); by default only warnings.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _resolve_config_arguments(argv: list[str]) -> list[str]:
+    """``--config=NAME`` (or ``--config NAME``) with NAME a shipped config -> its path."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            argv[i] = "--config=" + configs.resolve(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(argv):
+            argv[i + 1] = configs.resolve(argv[i + 1])
+    return argv
+
+
+def _last_line(error: Exception) -> str:
+    """ml_collections reports an error raised inside ``get_config`` as the flag's message
+    followed by the whole traceback; the last line is the error itself."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if "Traceback" not in str(error) or not lines:
+        return str(error)
+    flag = lines[0].split(": Error whilst parsing config file")[0]
+    return f"{flag}: {lines[-1]}"
+
+
 def parse_flags(argv):
-    """absl's parser, with config-override mistakes (``--config.lr=3`` for a key that does
-    not exist, a value of the wrong type) reported in one line instead of a traceback."""
+    """absl's parser, with every mistake in one line instead of a traceback or absl's usage
+    text: an unknown config name, a bad variant, an override of a key that does not exist,
+    a value of the wrong type."""
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(_resolve_config_arguments(argv))
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     except flags.Error as e:
-        sys.exit(f"error: {e}\nPass --helpfull for the flags; configs/default.py lists "
-                 "every config key.")
+        sys.exit(f"error: {_last_line(e)}\nPass --helpfull for the flags; "
+                 "l2t_jax/configs/default.py lists every config key.")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         valid = ", ".join(sorted(train.default_config().keys()))
@@ -44,23 +74,25 @@ def parse_flags(argv):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+        sys.exit(f"error: unexpected arguments {argv[1:]}; flags are --config, --workdir "
+                 "and --config.KEY=VALUE overrides")
+    logs.configure(log_libraries=_LOG_LIBRARIES.value)
     try:
         parallel.maybe_initialize_distributed()    # before anything touches a jax backend
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        sys.exit(f"error: {e}")
     config = _CONFIG.value
     program = demo.run_demo if config.get("program") == "demo" else train.train_and_evaluate
     try:
-        result = program(config, _WORKDIR.value)
+        program(config, _WORKDIR.value)
     except train.Preempted:          # logged by train; the checkpoint is saved
         sys.exit(train.PREEMPTED_EXIT_CODE)
     except (train.DivergenceError, train.CheckpointError) as e:
         sys.exit(f"error: {e}")
-    except (ValueError, FileNotFoundError) as e:   # config and data errors: no traceback
-        raise app.UsageError(str(e)) from None
-    logging.info("result: %s", result)
+    # Config and data errors, and an optional dependency that is not installed (torch to
+    # read a .pth file): the message names the problem and the fix, a traceback would not.
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

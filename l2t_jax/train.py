@@ -49,8 +49,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from l2t_jax import (assets, bilevel, convert, convolution, data, matching, methods, models,
-                     parallel)
+from l2t_jax import (assets, bilevel, convert, convolution, data, logs, matching, methods,
+                     models, parallel, provenance)
+from l2t_jax.configs import default as configs_default
+
+logger = logging.getLogger(__name__)
 
 PyTree = Any
 # Keys that may change between a run and its resumption.
@@ -60,13 +63,8 @@ RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_c
 
 # ------------------------------------------------------------------------------ config
 def default_config() -> ml_collections.ConfigDict:
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "default.py")
-    spec = importlib.util.spec_from_file_location("l2t_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """Every config key with its default (``l2t_jax/configs/default.py``)."""
+    return configs_default.get_config()
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -277,12 +275,18 @@ def load_source_variables(config, transfer: bilevel.Transfer) -> PyTree:
     loaded = []
     for i, (spec, model) in enumerate(zip(specs, parts)):
         if spec["checkpoint"] == "random-init":
-            logging.warning("source %d (%s): random-init, the source network is untrained",
+            logger.warning("source %d (%s): random-init, the source network is untrained",
                             i, spec["model"])
             loaded.append(model.init(jax.random.key(config.seed + 7 + i),
                                      jnp.zeros((1, size, size, 3)), train=False))
         else:
             path = assets.resolve_source_checkpoint(spec["checkpoint"])
+            if os.path.isfile(path):
+                raise ValueError(
+                    f"source {i} ({spec['model']}): {path!r} is a file; the source must be "
+                    "converted once: python -m l2t_jax.convert --model "
+                    f"{spec['model']} --checkpoint {path} --output DIR (needs the [convert] "
+                    "extra), then --config.source_checkpoint=DIR")
             if not os.path.isdir(path):
                 raise FileNotFoundError(
                     f"source {i} ({spec['model']}): no checkpoint at {path!r}. Convert a "
@@ -382,6 +386,12 @@ class MetricLog:
                 self.tensorboard.add_scalar(key, value, step)
             self.tensorboard.flush()
 
+    def write_run(self, step: int, run: dict) -> None:
+        """The record that opens each start of a run: ``{"step": step, "run": run}``
+        (:func:`l2t_jax.provenance.run_metadata`)."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "run": run}) + "\n")
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
@@ -391,6 +401,9 @@ class _NoLog:
     """The metric log of processes other than 0: writes nothing."""
 
     def write(self, step: int, values: dict) -> None:
+        pass
+
+    def write_run(self, step: int, run: dict) -> None:
         pass
 
     def close(self) -> None:
@@ -460,7 +473,7 @@ def _restore_latest_readable(manager, abstract_state, workdir: str):
                 progress=ocp.args.JsonRestore()))
         except Exception as e:   # orbax / tensorstore raise several types for bad files
             message = str(e).splitlines()[0][:300] if str(e) else ""
-            logging.warning("checkpoint %d in %s cannot be read (%s: %s); trying the one "
+            logger.warning("checkpoint %d in %s cannot be read (%s: %s); trying the one "
                             "before it", step, directory, type(e).__name__, message)
             unreadable.append((step, f"{type(e).__name__}: {message}"))
             continue
@@ -473,7 +486,7 @@ def _restore_latest_readable(manager, abstract_state, workdir: str):
                     os.rename(os.path.join(directory, str(bad)), target)
             _barrier("l2t_moved_unreadable_checkpoints")
             manager.reload()
-            logging.warning("resumed from checkpoint %d, the newest readable one; the "
+            logger.warning("resumed from checkpoint %d, the newest readable one; the "
                             "unreadable checkpoints %s were moved to %s", step,
                             [bad for bad, _ in unreadable], aside)
         return restored["state"], restored["progress"]
@@ -532,7 +545,7 @@ class _StopRequest:
         if self.multiprocess:
             from jax._src import distributed
             if distributed.global_state.preemption_sync_manager is None:
-                logging.warning("jax's preemption service is off: SIGTERM will not save a "
+                logger.warning("jax's preemption service is off: SIGTERM will not save a "
                                 "checkpoint before the processes end")
                 self.multiprocess = None
         elif threading.current_thread() is threading.main_thread():
@@ -614,9 +627,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     main_process = parallel.is_main_process()
     os.makedirs(workdir, exist_ok=True)
     splits = load_splits(config)
+    if main_process:
+        logger.info("data %s (%s): %s examples", config.data.name, config.data.kind,
+                    ", ".join(f"{split} {len(source)}" for split, source in splits.items()))
     transfer = build_transfer(config)
     source_variables = load_source_variables(config, transfer)
     bilevel.check_source_variables(transfer, source_variables)
+    if main_process:
+        logger.info("%s: %s%s -> %s, %d pairs", config.method,
+                    config.source_model if transfer.source_model is not None else "no source",
+                    f" ({config.source_checkpoint})" if transfer.source_model is not None
+                    else "", config.target_model, len(transfer.pairs))
     steps_per_epoch = (config.steps_per_epoch if config.steps_per_epoch > 0
                        else len(splits["train"]) // config.batch_size)
     if steps_per_epoch < 1:
@@ -628,7 +649,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     size, batch_size = config.data.image_size, config.batch_size
     mesh = parallel.make_mesh()
     rows = parallel.process_batch_slice(batch_size, mesh)
-    logging.info("data parallel over %d devices (%d processes); process %d loads rows "
+    logger.info("data parallel over %d devices (%d processes); process %d loads rows "
                  "%d-%d of each batch of %d", mesh.size, jax.process_count(),
                  jax.process_index(), rows.start, rows.stop - 1, batch_size)
     init = functools.partial(bilevel.init_state, transfer, jax.random.key(config.seed),
@@ -642,8 +663,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         abstract = parallel.abstract_replicated(mesh, jax.eval_shape(init))
         state, restored_progress = _restore_latest_readable(manager, abstract, workdir)
         progress.update(restored_progress)
-        logging.info("resumed from step %d", int(state.step))
+        logger.info("resumed from step %d", int(state.step))
     else:
+        if main_process:
+            logger.info("initialising the training state (seed %d)...", config.seed)
         state = parallel.replicate(mesh, init())   # the same seed in every process
         if main_process:
             with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -706,10 +729,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "permissions) and run the same command again to resume") from e
 
     log = MetricLog(workdir) if main_process else _NoLog()
+    run_info = provenance.run_metadata()
     stop = _StopRequest()
     start_step, started = int(state.step), time.time()
+    log.write_run(start_step, run_info)
     wall_before = progress.get("wall_seconds", 0.0)
     examples, examples_epoch = None, None
+    compiled_step, stepping_since = None, None   # the clock of the ETA starts after compiling
     try:
         for step in range(start_step, total_steps):
             epoch, index = divmod(step, steps_per_epoch)
@@ -721,7 +747,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 examples_epoch = epoch
             images, labels = parallel.global_batch(
                 mesh, *_load_rows(examples, index, batch_size, rows))
-            state, metrics = step_fn(state, source_variables, images, labels)
+            if compiled_step is None:
+                compiled_step = compile_with_notice(
+                    f"training step ({config.method}, T={config.T})" if
+                    transfer.meta_networks is not None else f"training step ({config.method})",
+                    step_fn, state, source_variables, images, labels, notify=main_process)
+                stepping_since = time.time()
+            state, metrics = compiled_step(state, source_variables, images, labels)
             done = step + 1
             pending.append((done, metrics))
             saved = False
@@ -734,17 +766,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         metrics = dict(metrics, skipped=progress["skipped_steps"] -
                                        skipped_before, skipped_total=progress["skipped_steps"])
                     log.write(done, {f"train/{k}": v for k, v in metrics.items()})
-                    rate = (done - start_step) / (time.time() - started)
+                    rate = (done - start_step) / (time.time() - stepping_since)
                     if main_process:
-                        logging.info(
-                            "step %d/%d (epoch %d) ce %.4f transfer %.4f%s%s | %.2f steps/s, "
-                            "ETA %.0f min", done, total_steps, epoch, metrics["ce"],
+                        logger.info(
+"step %d/%d (epoch %d) ce %.4f transfer %.4f%s%s | %.2f steps/s, "
+                            "ETA %s", done, total_steps, epoch, metrics["ce"],
                             metrics["matching"],
                             f" meta {metrics['meta_loss']:.4f}" if "meta_loss" in metrics
                             else "",
                             f" | skipped {progress['skipped_steps']} steps"
                             if progress["skipped_steps"] else "",
-                            rate, (total_steps - done) / rate / 60)
+                            rate, logs.duration((total_steps - done) / rate))
             if done % steps_per_epoch == 0:
                 check_pending()
                 variables = {"params": state.target_params["model"],
@@ -760,7 +792,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     _save_best(workdir, variables)
                 log.write(done, {f"eval/{k}": v for k, v in accuracies.items()})
                 if main_process:
-                    logging.info("epoch %d: %s | best val %.2f (test %.2f)", epoch,
+                    logger.info("epoch %d: %s | best val %.2f (test %.2f)", epoch,
                                  " ".join(f"{k} {v:.2f}" for k, v in accuracies.items()),
                                  progress["best_val"], progress["test_at_best"])
                 save(state, progress)
@@ -772,7 +804,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if not saved:
                     save(state, progress)
                 preempted = Preempted(done, str(manager.directory))
-                logging.warning("%s", preempted)
+                logger.warning("%s", preempted)
                 raise preempted
     finally:
         stop.close()
@@ -792,11 +824,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "train_examples": len(splits["train"]),
               "extra_sources": [dict(s)["model"] for s in config.extra_sources],
               "skipped_steps": progress["skipped_steps"],
-              "wall_seconds": round(wall_before + time.time() - started, 1)}
+              "wall_seconds": round(wall_before + time.time() - started, 1),
+              "run": run_info}
     if main_process:
-        with open(os.path.join(workdir, "result.json"), "w") as f:
+        path = os.path.join(workdir, "result.json")
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
+        logger.info("test accuracy %.2f%% at the best val accuracy %.2f%% (epoch %d); "
+                    "wrote %s", result["test_at_best_val"], result["best_val"],
+                    result["best_epoch"], path)
     return result
+
+
+def compile_with_notice(what: str, jitted: Callable, *args, notify: bool = True):
+    """``jitted.lower(*args).compile()``, logged before and after: on a CPU the first
+    compile of a step can take minutes, and a silent program looks hung."""
+    if notify:
+        logger.info("compiling the %s...", what)
+    started = time.time()
+    compiled = jitted.lower(*args).compile()
+    if notify:
+        logger.info("compiled the %s in %s", what, logs.duration(time.time() - started))
+    return compiled
 
 
 def _write_transfer_weights(workdir, transfer, state, source_variables, split, config,
@@ -856,7 +905,7 @@ def _export_source(workdir: str, config, mesh) -> None:
         "model_overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in
                             dict(config.model_overrides.get("target", {})).items()},
         "trained_by": "l2t_jax.train"})
-    logging.info("exported the best target as a source checkpoint: %s", path)
+    logger.info("exported the best target as a source checkpoint: %s", path)
 
 
 def _save_best(workdir: str, variables: PyTree) -> None:

@@ -154,19 +154,19 @@ def test_command_is_exact():
     run = [r for r in experiments.table_runs("main", "runs", seeds=[1], targets=["stl10"])
            if r.label == "FM (one-to-one)"][0]
     assert experiments.command(run) == (
-        "python -m l2t_jax.main --config=configs/stl10.py "
+        "python -m l2t_jax.main --config=stl10 "
         "--workdir=runs/main/stl10/fm-one_to_one/epc_all/seed1 "
         "--config.method=fm --config.pairs=one_to_one --config.seed=1")
     scratch = experiments.table_runs("limited", "runs", seeds=[0], methods=["scratch"],
                                      examples_per_class=[25], extra_overrides=["epochs=2"])[0]
     assert experiments.command(scratch) == (
-        "python -m l2t_jax.main --config=configs/stl10.py "
+        "python -m l2t_jax.main --config=stl10 "
         "--workdir=runs/limited/stl10/scratch/epc25/seed0 --config.method=scratch "
         "--config.seed=0 --config.data.train_examples_per_class=25 --config.epochs=2")
     multi = experiments.table_runs("multisource", "runs", seeds=[2], methods=["l2t_ww"],
                                    targets=["plus_cifar10_resnet32"])[0]
     assert experiments.command(multi) == (
-        "python -m l2t_jax.main --config=configs/stl10.py:plus_cifar10_resnet32 "
+        "python -m l2t_jax.main --config=stl10:plus_cifar10_resnet32 "
         "--workdir=runs/multisource/stl10-plus_cifar10_resnet32/l2t_ww-all_to_all/epc_all/seed2 "
         "--config.method=l2t_ww --config.pairs=all_to_all --config.seed=2")
 
@@ -193,10 +193,11 @@ def test_run_grid_skips_finished_runs_and_stops_on_failure(tmp_path, capsys):
         experiments.run_grid(runs, runner=runner)
     out = capsys.readouterr().out
     assert f"[2/4] skip (finished, has result.json): {runs[1].workdir}" in out
-    assert f"[1/4] run: {experiments.command(runs[0])}" in out
+    assert "run 1/4 (" in out and f"\n  {experiments.command(runs[0])}" in out
+    assert "run 3/4 (" in out and "ETA" in out.split("run 3/4 (")[1].splitlines()[0]
     assert len(called) == 3
     assert called[0][1:3] == ["-m", "l2t_jax.main"]
-    assert called[0][3] == f"--config={os.path.join(REPO_ROOT, 'configs/cifar100.py')}"
+    assert called[0][3] == "--config=cifar100"
     assert called[0][4] == f"--workdir={os.path.abspath(runs[0].workdir)}"
     assert called[0][5:] == ["--config.method=scratch", "--config.seed=0"]
     assert [experiments.is_finished(r.workdir) for r in runs] == [True, True, True, False]

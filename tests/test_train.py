@@ -138,6 +138,29 @@ def test_trains_evaluates_and_writes_everything(straight_run):
     assert step == 6
 
 
+def test_result_and_metrics_carry_the_run_metadata(straight_run):
+    """result.json and the first metrics.jsonl record name the code, libraries and devices
+    (this test runs from the checkout, so the commit is this checkout's HEAD)."""
+    import flax
+    import l2t_jax
+    _, workdir, _, result = straight_run
+    with open(workdir / "metrics.jsonl") as f:
+        first = json.loads(f.readline())
+    run = result["run"]
+    assert first == {"step": 0, "run": run}
+    assert run["l2t_jax"] == l2t_jax.__version__
+    assert run["versions"]["jax"] == jax.__version__
+    assert run["versions"]["flax"] == flax.__version__
+    assert set(run["versions"]) >= {"jaxlib", "optax", "orbax-checkpoint"}
+    assert all(run["versions"].values())
+    assert run["backend"] == jax.default_backend()
+    assert run["device_kind"] == jax.devices()[0].device_kind
+    assert (run["device_count"], run["process_count"]) == (jax.device_count(), 1)
+    head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert run["git"]["commit"] == head and isinstance(run["git"]["dirty"], bool)
+
+
 # Run as `python KILL_DURING_SAVE <main args>`: l2t_jax.main, except that the process
 # SIGKILLs itself while saving checkpoint L2T_TEST_KILL_AT_SAVE, when every file of it is
 # written into orbax's temporary directory but the directory is not yet renamed to its step

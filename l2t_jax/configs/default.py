@@ -1,0 +1,156 @@
+"""Defaults of every experiment: the reference's CIFAR-100 setting (SPEC.md).
+
+Experiment files import ``get_config`` and override what differs. Every key is listed here;
+:func:`l2t_jax.train.validate_config` rejects unknown keys and invalid values.
+"""
+import ml_collections
+
+CIFAR_PAIRS = "4-0,4-1,4-2,4-3,4-4,9-0,9-1,9-2,9-3,9-4,14-0,14-1,14-2,14-3,14-4"
+IMAGENET_PAIRS = "4-4,4-3,4-2,4-1,3-4,3-3,3-2,3-1,2-4,2-3,2-2,2-1,1-4,1-3,1-2,1-1"
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # scratch | lwf | at | lwf_at | fm | l2t_w | l2t_ww (l2t_jax/methods.py: what each adds
+    # to CE, and where its hyperparameters come from).
+    config.method = "l2t_ww"
+
+    # Data. `kind`: "tfds" (a prepared TFDS data set), "image_folder" (root/split/class/img)
+    # or "npz" (arrays `images` uint8 NHWC and `labels` per split file `<split>.npz`).
+    config.data = ml_collections.ConfigDict()
+    config.data.kind = "tfds"
+    config.data.name = "cifar100"          # TFDS name, or a label for the other kinds
+    config.data.data_dir = ""              # TFDS data_dir / image-folder root / npz directory
+    config.data.official_split = "cifar100"  # name in the release's split/ files, or "" for none
+    config.data.num_classes = 100
+    config.data.image_size = 32            # network input; 32-px sets pad-crop-flip, else RRC
+    config.data.eval_splits = ("val", "test")
+    config.data.skip_corrupt = False       # image folders: skip undecodable files (logged)
+    config.data.hflip = True               # random horizontal flips in training
+    config.data.crop_padding = 4           # <= 64 px: zero-pad then random crop
+    # Limited data: keep this many examples of each class of the train split (drawn from
+    # the seed); 0 keeps all.
+    config.data.train_examples_per_class = 0
+
+    # Networks. The source checkpoint: "released:resnet32" (the authors' TinyImageNet
+    # ResNet-32, found through l2t_jax.assets) or a directory written by l2t_jax.convert.
+    config.source_model = "resnet32"
+    config.source_num_classes = 200
+    config.source_checkpoint = "released:resnet32"
+    config.target_model = "vgg9_bn"
+    config.model_overrides = ml_collections.ConfigDict()   # e.g. widths for tiny models
+    config.conv_impl = "auto"
+    # Multi-source: more frozen sources, each a dict with keys model, num_classes,
+    # checkpoint, pairs (indices into that source's own taps, a scheme, or "as_primary" for
+    # config.pairs) and optionally model_overrides. Each gets its own heads and meta-networks; the losses add up.
+    config.extra_sources = ()
+
+    # Transfer (SPEC.md defaults). `pairs`: an explicit "source-target" list or a scheme,
+    # single | one_to_one | all_to_all (l2t_jax/matching.py). CIFAR_PAIRS is all_to_all.
+    config.pairs = CIFAR_PAIRS
+    config.channel_weighting = True
+    config.pair_weight_type = "relu6"
+    config.pair_weight_init = 1.0
+    config.beta = 0.5
+    config.T = 2
+    # Memory/speed of the T simulated steps (BENCHMARKS.md): remat none | dots | full
+    # (jax.checkpoint policy of each simulated step: full keeps memory flat in T);
+    # unroll_inner unrolls their scan (14% faster at T = 2 on CPU; compile time grows with
+    # T), unless remat is on: remat only saves memory inside the loop.
+    config.remat = "none"
+    config.unroll_inner = True
+    config.replay_bn_update = True
+    # Initialise the networks in one compiled program, freed afterwards (bilevel.init_state):
+    # about 0.4 GiB less resident memory while training the CIFAR networks, for one more
+    # compilation at start-up (BENCHMARKS.md, "Time and memory against T"). Off by default:
+    # a process that initialises many networks (the tests) shares op-by-op executables.
+    config.jit_init = False
+    # Baselines (l2t_jax/methods.py): AT weight (Zagoruyko & Komodakis' beta / 2), LwF's
+    # weight and temperature (Li & Hoiem).
+    config.at_weight = 500.0
+    config.lwf_weight = 1.0
+    config.lwf_temperature = 2.0
+
+    # Optimisation: theta by SGD-momentum with a per-epoch schedule, phi by Adam.
+    # lr_schedule: "cosine" (the reference's) or "step" (x lr_decay_factor at each fraction
+    # of the epochs in lr_decay_at, the authors' source pre-training recipe).
+    config.batch_size = 128
+    config.eval_batch_size = 256
+    config.epochs = 200
+    config.learning_rate = 0.1
+    config.lr_schedule = "cosine"
+    config.lr_decay_at = (0.5, 0.75)
+    config.lr_decay_factor = 0.1
+    config.momentum = 0.9
+    config.weight_decay = 1e-4
+    config.meta_learning_rate = 1e-4
+    config.meta_weight_decay = 1e-4
+    config.steps_per_epoch = -1            # -1: len(train split) // batch_size
+
+    # Bookkeeping.
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 3
+    # Also write the best target as a source checkpoint (workdir/source), in the format
+    # config.source_checkpoint reads: how configs/pretrain_*.py make sources.
+    config.export_source = False
+    # A non-finite loss, meta-gradient or parameter: "stop" (raise, naming the step and the
+    # quantity; checkpoints only ever hold finite parameters) or "skip" (that batch's update
+    # is dropped inside the step; metrics train/skipped and result.json skipped_steps count
+    # them). May change when a run is resumed.
+    config.on_nonfinite = "stop"
+    return config
+
+
+def imagenet_transfer(config, name, num_classes, official_split=""):
+    """The 224-px experiments: torchvision ImageNet ResNet-34 -> ResNet-18, 16 pairs, batch
+    64, data from an image folder ``root/{train,test}/<class>/<image>``."""
+    config.data.kind = "image_folder"
+    config.data.name = name
+    config.data.official_split = official_split
+    config.data.num_classes = num_classes
+    config.data.image_size = 224
+    config.source_model = "resnet34"
+    config.source_num_classes = 1000
+    config.source_checkpoint = "released:resnet34-imagenet"
+    config.target_model = "resnet18"
+    config.pairs = IMAGENET_PAIRS
+    config.batch_size = 64
+    return config
+
+
+def apply_variant(config, variant, name, extra_variants=None):
+    """``file.py:variant`` on the command line: None for the full experiment, ``tiny``, or a
+    variant of ``extra_variants`` (name -> function(config)); several join with commas, e.g.
+    ``stl10.py:plus_resnet20,tiny``."""
+    extra_variants = extra_variants or {}
+    for part in (variant or "").split(","):
+        if part == "tiny":
+            config = tiny(config)
+        elif part in extra_variants:
+            config = extra_variants[part](config)
+        elif part:
+            raise ValueError(f"unknown variant {part!r} of {name}; valid: "
+                             f"{', '.join(['tiny', *extra_variants])}")
+    return config
+
+
+# Per model family: VGG has 5 stages, CIFAR ResNets 3, ImageNet ResNets 4.
+TINY_WIDTHS = {"vgg9_bn": (8, 8, 16, 16, 16), "resnet20": (8, 16, 16), "resnet32": (8, 16, 16),
+               "resnet56": (8, 16, 16), "resnet18": (8, 8, 16, 16), "resnet34": (8, 8, 16, 16)}
+
+
+def tiny(config):
+    """Shrinks a config to run in seconds (smoke runs and tests): tiny widths, small batch."""
+    config.batch_size = 8
+    config.eval_batch_size = 16
+    config.epochs = 2
+    config.steps_per_epoch = 2
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    config.model_overrides = ml_collections.ConfigDict({
+        "target": {"widths": TINY_WIDTHS[config.target_model]}})
+    if config.data.image_size > 64:
+        config.data.image_size = 64
+    return config

@@ -1,0 +1,17 @@
+"""Stanford Dogs: ImageNet ResNet-34 (torchvision weights) -> ResNet-18, 16 pairs, batch 64.
+
+Data: ``tfds build stanford_dogs --file_format=array_record`` once (needs the [prepare]
+extra). The release's split lists index the sorted image-folder listing; records are put in
+that order by their ``image/filename`` (class folder, then file). An image folder
+``D/{train,test}/<class>/<image>`` works too: ``--config.data.kind=image_folder
+--config.data.data_dir=D``. Train/val/test follow the release's official split
+`dog-*`.
+"""
+from l2t_jax.configs import default
+
+
+def get_config(variant=None):
+    config = default.imagenet_transfer(default.get_config(), "dogs", 120, "dog")
+    config.data.kind = "tfds"
+    config.data.name = "stanford_dogs"
+    return default.apply_variant(config, variant, "dogs")

@@ -1,0 +1,23 @@
+"""Pre-train a CIFAR-10 ResNet-32 source (the paper's third STL-10 multi-source row).
+
+The same recipe as configs/pretrain_tinyimagenet.py (SGD lr 0.1, x0.1 at 50% and 75% of the
+epochs, batch 128, 200 epochs, cross-entropy); evaluated on CIFAR-10's test set (no official
+validation split exists for it). Writes the best network to ``WORKDIR/source``.
+
+Data, once: ``tfds build cifar10 --file_format=array_record`` (the [prepare] extra)::
+
+    python -m l2t_jax.main --config=configs/pretrain_cifar10.py \\
+        --workdir=runs/pretrain/cifar10-resnet32
+"""
+from l2t_jax.configs import default
+from l2t_jax.configs import pretrain_tinyimagenet
+
+
+def get_config(variant=None):
+    config = default.get_config()
+    config.data.kind = "tfds"
+    config.data.name = "cifar10"
+    config.data.official_split = ""
+    config.data.eval_splits = ("test",)
+    config = pretrain_tinyimagenet.pretrain(config, "resnet32", 10)
+    return default.apply_variant(config, variant, "pretrain_cifar10")

@@ -1,0 +1,87 @@
+"""Where a result came from: package and library versions, git commit, devices.
+
+:func:`run_metadata` is written into ``result.json`` (key ``run``) and into the first record
+of ``metrics.jsonl`` of every start of a run (a resumed run adds one), so that a number can
+be traced to the code and the machine that produced it.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+
+# Distributions whose versions decide numbers or file formats.
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit(directory: str | None = None) -> dict | None:
+    """``{'commit': sha, 'dirty': bool}`` of the checkout holding ``directory`` (default:
+    this package), or None when the package is not in a git checkout (a wheel install) or
+    git is missing."""
+    directory = directory or os.path.dirname(os.path.abspath(__file__))
+    try:
+        top = subprocess.run(["git", "-C", directory, "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True, timeout=10)
+        if top.returncode != 0:
+            return None
+        # Only this project's own checkout: a wheel unpacked inside some other repository
+        # (a site-packages under a user's project) must not report that repository.
+        if not os.path.isfile(os.path.join(top.stdout.strip(), "l2t_jax", "__init__.py")):
+            return None
+        commit = subprocess.run(["git", "-C", directory, "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True)
+        status = subprocess.run(["git", "-C", directory, "status", "--porcelain",
+                                 "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def run_metadata() -> dict:
+    """Versions, commit and devices of this process (starts jax's backends).
+
+    Returns:
+      ``{'l2t_jax': version, 'git': {'commit', 'dirty'} or None, 'python': '3.11.7',
+      'versions': {distribution: version}, 'backend': 'cpu', 'device_kind': ...,
+      'device_count': global devices, 'local_device_count': ..., 'process_count': ...,
+      'xla_flags': XLA_FLAGS, 'host': platform node, 'cpu': CPU model}``.
+    """
+    import jax
+    import l2t_jax
+    devices = jax.devices()
+    return {
+        "l2t_jax": l2t_jax.__version__,
+        "git": git_commit(),
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in LIBRARIES},
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+    }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows: results on the CPU can
+    depend on its instruction set."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
