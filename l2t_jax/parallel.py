@@ -64,7 +64,7 @@ lists all of them, and the global batch is split over all of them.
 One host, several GPUs (or TPU chips): one process sees all local devices; nothing to
 configure::
 
-    python -m l2t_jax.main --config=configs/cifar100.py --workdir=runs/c100
+    python -m l2t_jax.main --config=cifar100 --workdir=runs/c100
 
 TPU pod slice (e.g. v4-32: 4 hosts x 4 chips). jax finds the coordinator, the process count
 and the process id from the TPU VM's metadata; :func:`maybe_initialize_distributed` starts
@@ -72,7 +72,7 @@ the distributed runtime when it sees a Cloud TPU VM. The workdir must be shared 
 or NFS)::
 
     gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="
-      cd l2t-jax && .venv/bin/python -m l2t_jax.main --config=configs/cifar100.py \\
+      cd l2t-jax && .venv/bin/python -m l2t_jax.main --config=cifar100 \\
         --workdir=gs://BUCKET/runs/c100"
 
 Several GPU nodes under SLURM: one process per GPU. jax reads the SLURM environment
@@ -81,7 +81,7 @@ SLURM_LOCALID). Ask for all of a node's GPUs per task rather than ``--gpus-per-t
 jax picks the GPU with index SLURM_LOCALID among the visible ones::
 
     srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 \\
-      python -m l2t_jax.main --config=configs/cifar100.py --workdir=/shared/runs/c100
+      python -m l2t_jax.main --config=cifar100 --workdir=/shared/runs/c100
 
 Anything else (plain ssh, a container scheduler, processes on one machine): give each
 process the coordinator (host:port of process 0, reachable from all), the process count
