@@ -1,4 +1,5 @@
-"""Summarizes finished runs as the paper's tables; the logic is in l2t_jax.experiments.
+"""Summarizes finished runs as the paper's tables; the logic is in l2t_jax.summaries
+(and l2t_jax.plots for the figure).
 
     python experiments/summarize.py --root=runs                       # main table
     python experiments/summarize.py --root=runs --table=multisource --out=reports
@@ -15,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from l2t_jax import experiments  # noqa: E402
+from l2t_jax import grid, summaries  # noqa: E402
 
 TITLES = {"main": "Main table: test accuracy (%)",
           "multisource": "Multi-source transfer to STL-10: test accuracy (%)",
@@ -26,7 +27,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="directory holding the runs")
-    parser.add_argument("--table", choices=experiments.TABLES, default="main")
+    parser.add_argument("--table", choices=grid.TABLES, default="main")
     parser.add_argument("--out", default=None,
                         help="output directory (default: <root>/<table>, or --root)")
     args = parser.parse_args(argv)
@@ -34,20 +35,21 @@ def main(argv=None):
     search_root = table_root if os.path.isdir(table_root) else args.root
     out = args.out or search_root
     try:
-        results = experiments.select_table(experiments.collect_results(search_root),
-                                           args.table)
-        rows = experiments.summarize(results, by=experiments.TABLE_GROUPING[args.table])
+        results = summaries.select_table(summaries.collect_results(search_root),
+                                         args.table)
+        rows = summaries.summarize(results, by=summaries.TABLE_GROUPING[args.table])
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    markdown = experiments.to_markdown(rows, title=TITLES[args.table])
+    markdown = summaries.to_markdown(rows, title=TITLES[args.table])
     print(markdown)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(markdown)
     written = [os.path.join(out, "table.md"),
-               experiments.to_csv(rows, os.path.join(out, "table.csv"))]
+               summaries.to_csv(rows, os.path.join(out, "table.csv"))]
     if args.table == "limited" and results:
-        written.append(experiments.plot_limited_data(
+        from l2t_jax import plots   # matplotlib only when there is a figure to draw
+        written.append(plots.plot_limited_data(
             results, os.path.join(out, "limited_data.png")))
     print(f"{len(results)} runs from {search_root}; wrote {', '.join(written)}")
 

@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from l2t_jax import assets, bilevel, convert, convolution, matching, models
+from l2t_jax import assets, bilevel, convert, convolution, matching, models, parallel, train
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -50,8 +50,7 @@ def build(args) -> tuple:
     rng = jax.random.key(args.seed)
     size = args.image_size
     if args.mode == "scratch":
-        transfer = bilevel.make_transfer(None, target, (), matching_heads=False,
-                                         meta_networks=False)
+        transfer = bilevel.make_transfer(None, target, (), terms=(), meta_networks=False)
         source_variables = {}
     else:
         source = models.get_model(args.source, args.source_classes, conv_impl=args.conv_impl,
@@ -158,7 +157,7 @@ def phase_seconds(transfer: bilevel.Transfer, state: bilevel.TrainState,
     learning_rate = jnp.float32(0.1)
 
     def batch_prefix(state, source_variables, images, labels):
-        return bilevel._batch_constants(transfer, state, source_variables, images, labels)
+        return bilevel.batch_constants(transfer, state, source_variables, images, labels)
 
     def real_prefix(state, source_variables, images, labels):
         batch = batch_prefix(state, source_variables, images, labels)
@@ -239,8 +238,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     transfer, state, source_variables = build(args)
-    step = bilevel.jit_train_step(transfer, lambda _: 0.1)
-    batches = _random_batches(args, args.warmup + args.iters)
+    # The program training runs (train.step_program), on a one-device mesh.
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    step = train.step_program(transfer, lambda _: 0.1, mesh)
+    state, source_variables = parallel.replicate(mesh, (state, source_variables))
+    batches = [parallel.global_batch(mesh, *batch)
+               for batch in _random_batches(args, args.warmup + args.iters)]
 
     start = time.perf_counter()
     compiled = step.lower(state, source_variables, *batches[0]).compile()

@@ -19,9 +19,10 @@ The source network runs once per batch (eval-mode BN); its features, pooled feat
 resized maps are constants of the whole iteration.
 
 The baselines share this module (:mod:`l2t_jax.methods` chooses what a method builds): a
-transfer without meta-networks takes only step 1, on CE plus its transfer losses (plain
-feature matching through the heads, attention transfer, LwF distillation), and leaves phi
-empty.
+transfer without meta-networks takes only step 1, on CE plus its transfer loss terms
+(:mod:`l2t_jax.terms`: plain feature matching through the heads, attention transfer, LwF
+distillation), and leaves phi empty. With meta-networks, the simulated steps minimise only
+the terms phi weights (the weighted feature matching), the real step all of them.
 
 SGD follows ``torch.optim.SGD`` with momentum mu, weight decay wd and no dampening:
 buf <- mu * buf + (g + wd * p); p <- p - lr * buf, on every parameter of theta at every step,
@@ -40,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from l2t_jax import losses, models
+from l2t_jax import losses, models, terms as loss_terms
 from l2t_jax.matching import LwfHead, MatchingHeads, Pair, validate_pairs
-from l2t_jax.meta import PAIR_WEIGHT_TYPES, MetaNetworks, channel_weight_entropy
+from l2t_jax.meta import MetaNetworks, channel_weight_entropy
 
 PyTree = Any
 
@@ -87,9 +88,11 @@ class Transfer:
     """Static description of one source -> target transfer (hashable, bound before jit).
 
     Build it with :func:`make_transfer`, which validates pairs against the networks' taps.
-    Hyperparameter defaults are the reference's (SPEC.md). Parts a method does not use are
-    None (no source for ``scratch``, no heads for AT and LwF, no meta-networks for the
-    baselines); ``at_weight`` and ``lwf_weight`` are 0 unless the method uses those losses.
+    Hyperparameter defaults are the reference's (SPEC.md). ``terms`` are the method's
+    transfer loss terms (:mod:`l2t_jax.terms`), summed in order; parts a method does not use
+    are None (no source for ``scratch``, no heads without feature matching, no LwF head
+    without distillation, no meta-networks for the baselines). The terms' weights (beta,
+    at_weight, lwf_weight, lwf_temperature) are read only by the terms that use them.
     """
 
     source_model: Optional[nn.Module]
@@ -97,6 +100,7 @@ class Transfer:
     heads: Optional[MatchingHeads]
     meta_networks: Optional[MetaNetworks]
     pairs: tuple[Pair, ...]
+    terms: tuple[loss_terms.LossTerm, ...] = ()
     lwf_head: Optional[LwfHead] = None
     at_weight: float = 0.0
     lwf_weight: float = 0.0
@@ -111,6 +115,11 @@ class Transfer:
     unroll_inner: bool = True     # unroll the T-step scan (faster); ignored under remat
     replay_bn_update: bool = True
 
+    @property
+    def inner_terms(self) -> tuple[loss_terms.LossTerm, ...]:
+        """The terms the simulated steps minimise: those phi weights."""
+        return tuple(t for t in self.terms if t.meta_weighted)
+
     def meta_optimizer(self) -> optax.GradientTransformation:
         """torch.optim.Adam(lr, weight_decay): L2 decay added to the gradient, not AdamW."""
         return optax.chain(optax.add_decayed_weights(self.meta_weight_decay),
@@ -118,58 +127,69 @@ class Transfer:
 
 
 def make_transfer(source_model: Optional[nn.Module], target_model: nn.Module,
-                  pairs: Sequence[Pair], *, matching_heads: bool = True,
-                  meta_networks: bool = True, lwf: bool = False,
-                  channel_weighting: bool = True, pair_weight_type: Optional[str] = "relu6",
-                  pair_weight_init: float = 1.0, conv_impl: str = "auto",
-                  **hyperparameters) -> Transfer:
-    """Validates the pairs and builds the matching heads and meta-networks for them.
+                  pairs: Sequence[Pair], *,
+                  terms: Sequence[str | loss_terms.LossTerm] = ("feature_matching",),
+                  meta_networks: bool = True, channel_weighting: bool = True,
+                  pair_weight_type: Optional[str] = "relu6", pair_weight_init: float = 1.0,
+                  conv_impl: str = "auto", **hyperparameters) -> Transfer:
+    """Validates the pairs and builds the parts of theta and phi the terms need (each part
+    validates its own settings when built: :class:`~l2t_jax.meta.MetaNetworks` its pair
+    weight type).
 
     Args:
       source_model, target_model: models from :func:`l2t_jax.models.get_model` (the source
         may be a :class:`~l2t_jax.models.MultiSource`, or None when nothing is transferred).
       pairs: (source tap, target tap) index pairs.
-      matching_heads: build the 1x1 regressors and the feature-matching loss.
-      meta_networks: build phi and train it through the bilevel step (L2T-w/ww); without
-        it the step is a plain SGD step on CE + the transfer losses.
-      lwf: build LwF's head for the source's classes (loss weight ``lwf_weight``).
+      terms: the transfer loss terms (names of :data:`l2t_jax.terms.TERMS`, or terms); the
+        default is L2T-ww's feature matching. The 1x1 matching heads and LwF's head are
+        built when a term reads them.
+      meta_networks: build phi and train it through the bilevel step (L2T-w/ww); it weights
+        the ``meta_weighted`` terms. Without it the step is a plain SGD step on CE + terms.
       channel_weighting, pair_weight_type, pair_weight_init: see
         :class:`~l2t_jax.meta.MetaNetworks`.
       conv_impl: convolution implementation of the 1x1 heads.
       **hyperparameters: any other :class:`Transfer` field (inner_steps, beta, at_weight,
         ...).
+
+    Raises:
+      ValueError: pairs that do not fit the networks' taps, unknown terms, remat policy or
+        pair-weight type, T < 0, meta-networks without a term for them to weight.
     """
     pairs = tuple(tuple(p) for p in pairs)
-    if source_model is None:
-        if pairs or meta_networks or matching_heads or lwf:
-            raise ValueError("a transfer without a source network can have no pairs, heads, "
-                             "meta-networks or LwF head")
-        return Transfer(source_model=None, target_model=target_model, heads=None,
-                        meta_networks=None, pairs=(), **hyperparameters)
-    if meta_networks and not matching_heads:
-        raise ValueError("meta-networks weight the feature-matching loss; they need the "
-                         "matching heads")
-    source_taps = source_model.feature_taps()
-    validate_pairs(pairs, source_taps, target_model.feature_taps(),
-                   models.model_name(source_model), models.model_name(target_model))
+    terms = tuple(loss_terms.get_terms([t])[0] if isinstance(t, str) else t for t in terms)
     if hyperparameters.get("remat", "none") not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {hyperparameters['remat']!r}; valid: "
                          f"{', '.join(REMAT_POLICIES)}")
     if hyperparameters.get("inner_steps", 2) < 0:
-        raise ValueError(f"inner_steps (T) must be >= 0, got {hyperparameters['inner_steps']}")
-    if pair_weight_type not in PAIR_WEIGHT_TYPES + (None,):
-        raise ValueError(f"unknown pair_weight_type {pair_weight_type!r}; valid: "
-                         f"{', '.join(PAIR_WEIGHT_TYPES)} or None")
+        raise ValueError(f"config.T must be >= 0, got {hyperparameters['inner_steps']} (the "
+                         "simulated steps per iteration, Transfer.inner_steps)")
+    if source_model is None:
+        if pairs or meta_networks or terms:
+            raise ValueError("a transfer without a source network can have no pairs, loss "
+                             "terms or meta-networks")
+        return Transfer(source_model=None, target_model=target_model, heads=None,
+                        meta_networks=None, pairs=(), **hyperparameters)
+    if meta_networks and not any(t.meta_weighted for t in terms):
+        raise ValueError("meta-networks weight the feature-matching loss; the method has no "
+                         "term for them to weight (terms: "
+                         f"{', '.join(t.name for t in terms) or 'none'})")
+    if any(t.needs_pairs for t in terms) != bool(pairs):
+        raise ValueError(f"terms {[t.name for t in terms]} and pairs {list(pairs)} do not "
+                         "fit: terms that match feature maps need pairs, others none")
+    source_taps = source_model.feature_taps()
+    validate_pairs(pairs, source_taps, target_model.feature_taps(),
+                   models.model_name(source_model), models.model_name(target_model))
+    reads = {part for t in terms for part in t.reads}
     source_channels = tuple(t.channels for t in source_taps)
     return Transfer(
         source_model=source_model, target_model=target_model,
         heads=(MatchingHeads(pairs, source_channels, conv_impl=conv_impl)
-               if matching_heads else None),
+               if "heads" in reads else None),
         meta_networks=(MetaNetworks(pairs, source_channels, channel_weighting,
                                     pair_weight_type, pair_weight_init)
                        if meta_networks else None),
-        lwf_head=LwfHead(source_model.num_classes) if lwf else None,
-        pairs=pairs, **hyperparameters)
+        lwf_head=LwfHead(source_model.num_classes) if "lwf_head" in reads else None,
+        pairs=pairs, terms=terms, **hyperparameters)
 
 
 def check_source_variables(transfer: Transfer, source_variables: PyTree) -> None:
@@ -240,6 +260,13 @@ def sgd_momentum(params: PyTree, buffers: PyTree, grads: PyTree, learning_rate: 
 
     Differentiable, so the simulated steps can be unrolled under ``jax.grad``.
     Returns (new params, new buffers).
+
+    Not ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum))``: optax sums
+    ``(g + wd * p) + mu * buf``, this ``(mu * buf + g) + wd * p``, the same to the last bit
+    or two (float64 parity holds either way) but not bitwise: on a (1000, 1000) float32
+    step 29% of the buffers and 0.6% of the parameters differ in the last place, so every
+    recorded result would move. theta's per-epoch schedules (:mod:`l2t_jax.build`) stay
+    hand-written for the same reason.
     """
     buffers = jax.tree.map(lambda b, g, p: momentum * b + g + weight_decay * p,
                            buffers, grads, params)
@@ -248,7 +275,7 @@ def sgd_momentum(params: PyTree, buffers: PyTree, grads: PyTree, learning_rate: 
 
 
 @flax.struct.dataclass
-class _BatchConstants:
+class BatchConstants:
     """Per-batch quantities that no step of the iteration changes."""
 
     images: jax.Array
@@ -258,69 +285,94 @@ class _BatchConstants:
     source_logits: Optional[jax.Array]      # (B, source classes), for LwF
 
 
-def _target_losses(transfer: Transfer, theta: PyTree, batch_stats: PyTree,
-                   batch: _BatchConstants, channel_weights, pair_weights):
-    """Train-mode forward of the target.
+def target_losses(transfer: Transfer, theta: PyTree, batch_stats: PyTree,
+                  batch: BatchConstants, terms: Sequence[loss_terms.LossTerm],
+                  channel_weights=None, pair_weights=None):
+    """Train-mode forward of the target and the values of ``terms`` on the batch.
 
-    Returns (ce, transfer loss, logits, new batch_stats). The transfer loss is the sum of the
-    method's terms: (weighted) feature matching, attention transfer, LwF distillation; 0.0
-    for scratch.
+    Args:
+      theta: ``{'model', 'heads'?, 'lwf_head'?}`` (:class:`TrainState` ``target_params``).
+      terms: the loss terms to evaluate (a subset of ``transfer.terms``; () for CE only).
+      channel_weights, pair_weights: phi's outputs for the weighted terms, or None.
+
+    Returns:
+      (ce, {term name: value}, logits, new batch_stats).
     """
     (logits, target_features), updated = transfer.target_model.apply(
         {"params": theta["model"], "batch_stats": batch_stats}, batch.images, train=True,
         mutable=["batch_stats"])
-    transfer_loss = 0.0
-    if transfer.heads is not None:
-        regressed = transfer.heads.apply({"params": theta["heads"]}, target_features)
-        transfer_loss += losses.weighted_matching_loss(
-            batch.matched_source, regressed, channel_weights, pair_weights, transfer.beta)
-    if transfer.at_weight:
-        transfer_loss += losses.attention_transfer_loss(
-            batch.matched_source, [target_features[n] for _, n in transfer.pairs],
-            transfer.at_weight)
-    if transfer.lwf_head is not None:
-        old_task_logits = transfer.lwf_head.apply({"params": theta["lwf_head"]},
-                                                  target_features)
-        transfer_loss += transfer.lwf_weight * losses.distillation_loss(
-            old_task_logits, batch.source_logits, transfer.lwf_temperature)
-    return (losses.cross_entropy(logits, batch.labels), transfer_loss, logits,
+    reads = {part for term in terms for part in term.reads}
+    inputs = loss_terms.TermInputs(
+        target_features=target_features,
+        regressed=(transfer.heads.apply({"params": theta["heads"]}, target_features)
+                   if "heads" in reads else None),
+        lwf_logits=(transfer.lwf_head.apply({"params": theta["lwf_head"]}, target_features)
+                    if "lwf_head" in reads else None),
+        matched_source=batch.matched_source, source_logits=batch.source_logits,
+        channel_weights=channel_weights, pair_weights=pair_weights)
+    values = {term.name: term.fn(inputs, transfer) for term in terms}
+    return (losses.cross_entropy(logits, batch.labels), values, logits,
             updated["batch_stats"])
 
 
-def _batch_constants(transfer: Transfer, state: TrainState, source_variables: PyTree,
-                     images: jax.Array, labels: jax.Array) -> _BatchConstants:
+def total(values: dict) -> jax.Array:
+    """The sum of term values, in their order (0.0 without terms)."""
+    result = 0.0
+    for value in values.values():
+        result += value
+    return result
+
+
+def source_forward(transfer: Transfer, source_variables: PyTree, images: jax.Array):
+    """The frozen source on ``images`` (eval-mode BN, no gradient).
+
+    Returns (logits, features per source tap, pooled features per tap (B, C_m)).
+    """
+    logits, features = jax.lax.stop_gradient(
+        transfer.source_model.apply(source_variables, images, train=False))
+    pooled = tuple(jnp.mean(f, axis=(1, 2)) for f in features)
+    return logits, features, pooled
+
+
+def meta_weights(transfer: Transfer, meta_params: PyTree, pooled_source):
+    """phi's outputs: (channel weights per pair (B, C_m) or None, pair weights per pair
+    (B, 1) or None), from the pooled source features (:func:`source_forward`)."""
+    return transfer.meta_networks.apply({"params": meta_params}, pooled_source)
+
+
+def batch_constants(transfer: Transfer, state: TrainState, source_variables: PyTree,
+                    images: jax.Array, labels: jax.Array) -> BatchConstants:
     """Runs the source once (eval mode) and prepares its maps for every pair."""
     if transfer.source_model is None:
-        return _BatchConstants(images, labels, (), (), None)
-    source_logits, source_features = jax.lax.stop_gradient(
-        transfer.source_model.apply(source_variables, images, train=False))
+        return BatchConstants(images, labels, (), (), None)
+    source_logits, source_features, pooled = source_forward(transfer, source_variables,
+                                                            images)
     # Static target map sizes, to resize the source maps once rather than at every step.
     _, target_shapes = jax.eval_shape(
         functools.partial(transfer.target_model.apply, train=False),
         {"params": state.target_params["model"], "batch_stats": state.batch_stats}, images)
     matched = tuple(losses.bilinear_resize(source_features[m], target_shapes[n].shape[1:3])
                     for m, n in transfer.pairs)
-    pooled = tuple(jnp.mean(f, axis=(1, 2)) for f in source_features)
-    return _BatchConstants(images, labels, matched, pooled, source_logits)
+    return BatchConstants(images, labels, matched, pooled, source_logits)
 
 
 def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree,
-                        momentum_1: PyTree, batch_stats_1: PyTree, batch: _BatchConstants,
+                        momentum_1: PyTree, batch_stats_1: PyTree, batch: BatchConstants,
                         learning_rate: jax.Array):
     """Steps 2-4 as a function of phi: returns (meta loss, aux).
 
-    aux: ``sim_matching`` (T,) matching loss at the start of each simulated step,
-    ``adapt_ce`` CE at the start of the adaptation step, ``replay_batch_stats`` the running
-    statistics after one train-mode forward at theta_1 from ``batch_stats_1``, ``weights``
-    the meta-networks' (channel weights, pair weights).
+    aux: ``sim_matching`` (T,) the simulated steps' objective (the phi-weighted terms) at
+    the start of each, ``adapt_ce`` CE at the start of the adaptation step,
+    ``replay_batch_stats`` the running statistics after one train-mode forward at theta_1
+    from ``batch_stats_1``, ``weights`` the meta-networks' (channel weights, pair weights).
     """
-    channel_weights, pair_weights = transfer.meta_networks.apply(
-        {"params": meta_params}, batch.pooled_source)
+    channel_weights, pair_weights = meta_weights(transfer, meta_params, batch.pooled_source)
 
     def matching_objective(theta):
-        _, matching, _, stats = _target_losses(transfer, theta, batch_stats_1, batch,
-                                               channel_weights, pair_weights)
-        return matching, stats
+        _, values, _, stats = target_losses(transfer, theta, batch_stats_1, batch,
+                                            transfer.inner_terms, channel_weights,
+                                            pair_weights)
+        return total(values), stats
 
     def simulated_step(carry, _):
         theta, buffers = carry
@@ -333,7 +385,7 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
         simulated_step = jax.checkpoint(simulated_step, policy=REMAT_POLICIES[transfer.remat])
 
     def ce_objective(theta):
-        ce, _, _, stats = _target_losses(transfer, theta, batch_stats_1, batch, None, None)
+        ce, _, _, stats = target_losses(transfer, theta, batch_stats_1, batch, ())
         return ce, stats
 
     # Remat saves memory only inside the scan loop: unrolled, XLA schedules the recomputed
@@ -357,29 +409,30 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
                        "weights": jax.lax.stop_gradient((channel_weights, pair_weights))}
 
 
-def real_step(transfer: Transfer, state: TrainState, batch: _BatchConstants,
+def real_step(transfer: Transfer, state: TrainState, batch: BatchConstants,
               learning_rate: jax.Array):
-    """Step 1: SGD on CE + matching at theta_0 with phi's outputs held constant (the
-    reference discards this step's phi gradient).
+    """Step 1: SGD on CE + every transfer term at theta_0 with phi's outputs held constant
+    (the reference discards this step's phi gradient).
 
-    Without meta-networks this is the whole step of a baseline (CE + its transfer losses).
-    Returns (theta_1, momentum_1, batch_stats_1, (ce, transfer loss, logits)).
+    Without meta-networks this is the whole step of a baseline (CE + its transfer terms).
+    Returns (theta_1, momentum_1, batch_stats_1, (ce, {term: value}, logits)).
     """
     channel_weights = pair_weights = None
     if transfer.meta_networks is not None:
-        channel_weights, pair_weights = jax.lax.stop_gradient(transfer.meta_networks.apply(
-            {"params": state.meta_params}, batch.pooled_source))
+        channel_weights, pair_weights = jax.lax.stop_gradient(
+            meta_weights(transfer, state.meta_params, batch.pooled_source))
 
     def objective(theta):
-        ce, matching, logits, stats = _target_losses(transfer, theta, state.batch_stats, batch,
-                                                     channel_weights, pair_weights)
-        return ce + matching, (ce, matching, logits, stats)
+        ce, values, logits, stats = target_losses(transfer, theta, state.batch_stats, batch,
+                                                  transfer.terms, channel_weights,
+                                                  pair_weights)
+        return ce + total(values), (ce, values, logits, stats)
 
-    grads, (ce, matching, logits, batch_stats_1) = jax.grad(objective, has_aux=True)(
+    grads, (ce, values, logits, batch_stats_1) = jax.grad(objective, has_aux=True)(
         state.target_params)
     theta_1, momentum_1 = sgd_momentum(state.target_params, state.momentum, grads,
                                        learning_rate, transfer.momentum, transfer.weight_decay)
-    return theta_1, momentum_1, batch_stats_1, (ce, matching, logits)
+    return theta_1, momentum_1, batch_stats_1, (ce, values, logits)
 
 
 def meta_objective(transfer: Transfer, state: TrainState, source_variables: PyTree,
@@ -389,7 +442,7 @@ def meta_objective(transfer: Transfer, state: TrainState, source_variables: PyTr
     Runs the source and the real step, then returns ``phi -> (meta loss, aux)`` (see
     :func:`_simulate_and_adapt`); ``jax.grad`` of it is the exact meta-gradient.
     """
-    batch = _batch_constants(transfer, state, source_variables, images, labels)
+    batch = batch_constants(transfer, state, source_variables, images, labels)
     theta_1, momentum_1, batch_stats_1, _ = real_step(transfer, state, batch, learning_rate)
     return _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learning_rate)
 
@@ -403,7 +456,8 @@ def _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learn
 def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.Array],
                state: TrainState, source_variables: PyTree, images: jax.Array,
                labels: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One L2T-ww iteration (module docstring). Pure; jit it with :func:`jit_train_step`.
+    """One L2T-ww iteration (module docstring). Pure; the training program and the benchmark
+    jit it with :func:`l2t_jax.train.step_program`.
 
     Args:
       transfer: static description (bind with functools.partial).
@@ -413,18 +467,19 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
       images: (B, H, W, 3) normalised inputs; labels: (B,) int.
 
     Returns:
-      (new state, metrics): scalars ``ce``, ``matching`` (the transfer loss), ``accuracy``
-      (of the real step), ``learning_rate``; with meta-networks also ``adapt_ce``,
+      (new state, metrics): scalars ``ce``, ``transfer`` (the sum of the transfer terms)
+      and one per term under its name (``feature_matching``, ``attention``, ...),
+      ``accuracy`` (of the real step), ``learning_rate``; with meta-networks also ``adapt_ce``,
       ``meta_loss``, ``meta_grad_norm``, ``sim_matching`` (T,), and per pair
       ``pair_weights`` (mean lambda) and ``channel_weight_entropy`` (nats).
     """
     learning_rate = learning_rate_fn(state.step)
-    batch = _batch_constants(transfer, state, source_variables, images, labels)
+    batch = batch_constants(transfer, state, source_variables, images, labels)
     # 1. The real step.
-    theta_1, momentum_1, batch_stats_1, (ce, matching, logits) = real_step(
+    theta_1, momentum_1, batch_stats_1, (ce, values, logits) = real_step(
         transfer, state, batch, learning_rate)
-    metrics = {"ce": ce, "matching": matching, "accuracy": losses.accuracy(logits, labels),
-               "learning_rate": learning_rate}
+    metrics = {"ce": ce, "transfer": total(values), **values,
+               "accuracy": losses.accuracy(logits, labels), "learning_rate": learning_rate}
     if transfer.meta_networks is None:   # a baseline: step 1 is the whole iteration
         return state.replace(step=state.step + 1, target_params=theta_1, momentum=momentum_1,
                              batch_stats=batch_stats_1), metrics
@@ -452,14 +507,3 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
         metrics["channel_weight_entropy"] = jnp.stack(
             [channel_weight_entropy(w) for w in channel_weights])
     return new_state, metrics
-
-
-def jit_train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.Array]):
-    """``jax.jit`` of :func:`train_step` with ``transfer`` and the schedule bound.
-
-    The returned function is ``step(state, source_variables, images, labels)``; ``state``
-    is donated (its buffers are reused for the new state, so do not read it afterwards).
-    """
-    return jax.jit(functools.partial(train_step, transfer, learning_rate_fn),
-                   donate_argnums=(0,))
-

@@ -20,14 +20,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from l2t_jax import xla_workarounds
+
+# Every network of the package is built from this module's convolutions, so this is the
+# first of its modules that any program computing a network imports: set XLA's flags now,
+# before a backend starts (importing jax does not start one).
+xla_workarounds.apply()
+
 CONV_IMPLS = ("native", "matmul", "auto")
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it is one of :data:`CONV_IMPLS`, else ValueError naming the config key."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"config.conv_impl={impl!r}; valid: {', '.join(CONV_IMPLS)}")
+    return impl
 
 
 def resolve_impl(impl: str) -> str:
     """Maps ``auto`` to the implementation for the current default backend."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"unknown conv implementation {impl!r}; valid: {', '.join(CONV_IMPLS)}")
-    if impl == "auto":
+    if check_impl(impl) == "auto":
         return "matmul" if jax.default_backend() == "cpu" else "native"
     return impl
 

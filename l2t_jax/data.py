@@ -443,6 +443,3 @@ def eval_examples(source, image_size: int):
             .map(lambda example: eval_example(example, image_size)))
 
 
-def eval_batches(source, batch_size: int, image_size: int):
-    """Sequential batches (the last one possibly smaller) for evaluation."""
-    return eval_examples(source, image_size).batch(batch_size, drop_remainder=False)

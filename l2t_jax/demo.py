@@ -84,8 +84,8 @@ def write_digits_data(directory: str, split_seed: int) -> dict:
 
 def _base_config(config, data_dir: str, name: str):
     """Settings shared by the source and the target runs."""
-    from l2t_jax import train
-    run = train.default_config()
+    from l2t_jax import build
+    run = build.default_config()
     run.data.kind = "npz"
     run.data.name = name
     run.data.data_dir = data_dir
@@ -169,7 +169,7 @@ def _use_compilation_cache(workdir: str) -> None:
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the whole demo in ``workdir``; returns {'table': markdown, 'pictures': paths}."""
-    from l2t_jax import experiments, plots
+    from l2t_jax import methods, plots, summaries
     validate_demo_config(config)
     os.makedirs(workdir, exist_ok=True)
     _use_compilation_cache(workdir)
@@ -201,19 +201,20 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     " (finished earlier)" if finished_before else "")
         run_dirs.setdefault((entry, k), []).append(run_dir)
 
-    results = experiments.collect_results(runs_root)
-    rows = experiments.summarize(results)
-    table = experiments.to_markdown(rows)
+    results = summaries.collect_results(runs_root)
+    rows = summaries.summarize(results)
+    table = summaries.to_markdown(rows)
     header = (f"Offline demo: digits 0-4 -> 5-9, ResNet-20 source -> VGG-9-BN target, "
               f"{len(config.seeds)} seeds; test accuracy (%) at the best val accuracy.\n\n")
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(header + table + "\n")
-    experiments.to_csv(rows, os.path.join(workdir, "results.csv"))
+    summaries.to_csv(rows, os.path.join(workdir, "results.csv"))
     print(header + table)
 
     pictures = []
     largest = max(config.examples_per_class)
-    meta_entries = [e for e in config.methods if parse_method(e)[0] in ("l2t_w", "l2t_ww")]
+    meta_entries = [e for e in config.methods
+                    if methods.get_method(parse_method(e)[0]).meta_networks]
     if meta_entries:
         example = run_dirs[(meta_entries[-1], largest)][0]
         pictures.append(plots.plot_pair_weights(example, os.path.join(workdir,
@@ -221,7 +222,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pictures.append(plots.plot_channel_weights(
             example, os.path.join(workdir, "channel_weights.png")))
     for k in config.examples_per_class:
-        curves = {experiments.row_label(*parse_method(entry)): run_dirs[(entry, k)]
+        curves = {methods.row_label(*parse_method(entry)): run_dirs[(entry, k)]
                   for entry in config.methods}
         pictures.append(plots.plot_learning_curves(
             curves, os.path.join(workdir, f"learning_curves_epc{k}.png")))

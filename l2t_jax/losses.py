@@ -100,12 +100,6 @@ def weighted_matching_loss(
     return total
 
 
-def feature_matching_loss(source_features: Sequence[jax.Array],
-                          regressed_targets: Sequence[jax.Array], beta: float) -> jax.Array:
-    """FitNets-style matching: beta * mean squared difference, summed over pairs."""
-    return weighted_matching_loss(source_features, regressed_targets, None, None, beta)
-
-
 def attention_map(features: jax.Array) -> jax.Array:
     """Zagoruyko & Komodakis' spatial attention: mean over channels of x^2, flattened and
     L2-normalised per example. (B, H, W, C) -> (B, H*W)."""

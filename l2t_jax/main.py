@@ -12,7 +12,7 @@ All logic lives in :func:`l2t_jax.train.train_and_evaluate`, or for a config wit
 Exit status: 0 when the run finished; 1 with a one-line message (no traceback) for config
 and data errors, a missing optional dependency, a diverged run and a checkpoint that could
 not be written; 143 (as for a process ended by SIGTERM) when SIGTERM stopped the run after
-saving a checkpoint, so that schedulers and ``l2t_jax.experiments`` treat it as unfinished:
+saving a checkpoint, so that schedulers and :mod:`l2t_jax.grid` treat it as unfinished:
 the same command resumes. Several processes (multi-host) start jax's distributed runtime
 first (:func:`l2t_jax.parallel.maybe_initialize_distributed`).
 """
@@ -21,7 +21,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from l2t_jax import configs, demo, logs, parallel, train
+from l2t_jax import build, checkpoints, configs, demo, logs, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
@@ -67,7 +67,7 @@ def parse_flags(argv):
                  "l2t_jax/configs/default.py lists every config key.")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        valid = ", ".join(sorted(train.default_config().keys()))
+        valid = ", ".join(sorted(build.default_config().keys()))
         sys.exit(f"error: a config override failed ({type(e).__name__}: {e}); overrides "
                  f"given: {' '.join(overrides) or 'none'}. Valid top-level keys: {valid}")
 
@@ -87,7 +87,7 @@ def main(argv):
         program(config, _WORKDIR.value)
     except train.Preempted:          # logged by train; the checkpoint is saved
         sys.exit(train.PREEMPTED_EXIT_CODE)
-    except (train.DivergenceError, train.CheckpointError) as e:
+    except (train.DivergenceError, checkpoints.CheckpointError) as e:
         sys.exit(f"error: {e}")
     # Config and data errors, and an optional dependency that is not installed (torch to
     # read a .pth file): the message names the problem and the fix, a traceback would not.

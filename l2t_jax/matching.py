@@ -26,8 +26,7 @@ from l2t_jax.models import (Tap, model_name, torch_default_bias_init,
 Pair = tuple[int, int]
 
 # The reference's default pair lists (SPEC.md).
-CIFAR_PAIRS = "4-0,4-1,4-2,4-3,4-4,9-0,9-1,9-2,9-3,9-4,14-0,14-1,14-2,14-3,14-4"
-IMAGENET_PAIRS = "4-4,4-3,4-2,4-1,3-4,3-3,3-2,3-1,2-4,2-3,2-2,2-1,1-4,1-3,1-2,1-1"
+from l2t_jax.paper import CIFAR_PAIRS, IMAGENET_PAIRS  # noqa: E402,F401  (re-exported)
 
 
 def parse_pairs(spec: str | Sequence[Sequence[int]]) -> tuple[Pair, ...]:

@@ -44,11 +44,15 @@ class MetaNetworks(nn.Module):
     pair_weight_type: Optional[str] = "relu6"
     pair_weight_init: float = 1.0
 
-    @nn.compact
-    def __call__(self, pooled_source: Sequence[jax.Array]):
+    def __post_init__(self):
+        # When built (before anything is traced), not when first applied.
         if self.pair_weight_type not in PAIR_WEIGHT_TYPES + (None,):
             raise ValueError(f"unknown pair_weight_type {self.pair_weight_type!r}; valid: "
                              f"{', '.join(PAIR_WEIGHT_TYPES)} or None")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, pooled_source: Sequence[jax.Array]):
         channel_weights = None
         if self.channel_weighting:
             channel_weights = tuple(

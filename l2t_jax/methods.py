@@ -1,9 +1,11 @@
-"""The methods of the paper's table, as choices of transfer losses over the shared step.
+"""The methods of the paper's table as one table of plain data (no JAX).
 
-``config.method`` picks one; :func:`build_transfer` turns it into a
-:class:`~l2t_jax.bilevel.Transfer`. Every method trains the target with the same SGD,
-schedule, data and networks; they differ only in the loss terms added to CE and in whether
-phi exists:
+A method is one :class:`Method` row: the transfer loss terms it adds to CE (names of
+:mod:`l2t_jax.terms`), whether it trains meta-networks (phi) and which of their outputs, its
+default pair scheme, and how summaries and pictures name and colour it. The training
+program builds a run from the row (:func:`l2t_jax.build.build_transfer`); the summaries,
+plots and the demo read the same row without importing JAX. A new method is a new row
+(:func:`register`); a new loss term is a function in :mod:`l2t_jax.terms` plus a row.
 
 ==========  ===============================================  =====================  ========
 method      loss on theta                                    pairs (config.pairs)   phi
@@ -17,7 +19,7 @@ l2t_w       CE + beta * sum_pairs sum_c w_c d_c, lambda = 1  single / one_to_one
 l2t_ww      CE + beta * sum_pairs lambda sum_c w_c d_c       all_to_all             f and g
 ==========  ===============================================  =====================  ========
 
-Hyperparameters (configs/default.py) and where they come from:
+Hyperparameters (l2t_jax/configs/default.py) and where they come from:
 
 - ``beta = 0.5`` for FM, L2T-w and L2T-ww: the L2T-ww reference's default, the same for all
   three, so that FM is L2T-ww without f and g (SPEC.md, "Losses").
@@ -34,44 +36,75 @@ Hyperparameters (configs/default.py) and where they come from:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional
 
-import flax.linen as nn
-
-from l2t_jax import bilevel
-from l2t_jax.matching import Pair
+SCHEME_NAMES = {"single": "single", "one_to_one": "one-to-one", "all_to_all": "all-to-all"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """What a method builds. ``scheme`` is the paper's matching scheme for its main row."""
+    """One row of the method table.
 
-    uses_source: bool
-    matching_heads: bool = False
+    Attributes:
+      name: the ``config.method`` value.
+      display: how tables name it (``"FM"``; the scheme is added: ``"FM (one-to-one)"``).
+      terms: the transfer loss terms added to CE, by name (:data:`l2t_jax.terms.TERMS`), in
+        the order they are summed. Empty: no source network at all (scratch).
+      meta_networks: trains phi; the terms that phi weights (``meta_weighted``) are then
+        the objective of the simulated steps.
+      learned_pair_weights: phi has g (where); without it lambda = 1 (L2T-w).
+      scheme: the pair scheme of its main row; None for methods that match no feature maps
+        (no ``config.pairs``).
+      color: its colour in figures (matplotlib colour string).
+    """
+
+    name: str
+    display: str
+    terms: tuple[str, ...] = ()
     meta_networks: bool = False
     learned_pair_weights: bool = False
-    attention: bool = False
-    lwf: bool = False
     scheme: Optional[str] = None
+    color: Optional[str] = None
+
+    @property
+    def uses_source(self) -> bool:
+        return bool(self.terms)
+
+    @property
+    def uses_pairs(self) -> bool:
+        """Whether it matches source and target feature maps (needs ``config.pairs``)."""
+        return self.scheme is not None
+
+    def label(self, scheme=None) -> str:
+        """The table row: ``"FM (one-to-one)"``, ``"L2T-ww (4-0,9-1)"``, ``"Scratch"`` (a
+        method without pairs drops the scheme)."""
+        text = scheme_text(scheme) if self.uses_pairs else ""
+        return f"{self.display} ({text})" if text else self.display
 
 
-METHODS: dict[str, Method] = {
-    "scratch": Method(uses_source=False),
-    "lwf": Method(uses_source=True, lwf=True),
-    "at": Method(uses_source=True, attention=True, scheme="one_to_one"),
-    "lwf_at": Method(uses_source=True, attention=True, lwf=True, scheme="one_to_one"),
-    "fm": Method(uses_source=True, matching_heads=True, scheme="one_to_one"),
-    "l2t_w": Method(uses_source=True, matching_heads=True, meta_networks=True,
-                    scheme="one_to_one"),
-    "l2t_ww": Method(uses_source=True, matching_heads=True, meta_networks=True,
-                     learned_pair_weights=True, scheme="all_to_all"),
-}
+METHODS: dict[str, Method] = {}
 
 
-def uses_pairs(method: str) -> bool:
-    """Whether the method matches source and target feature maps (needs config.pairs)."""
-    spec = METHODS[method]
-    return spec.matching_heads or spec.attention
+def register(method: Method) -> Method:
+    """Adds a row (a new method); a name already taken raises ValueError."""
+    if method.name in METHODS and METHODS[method.name] != method:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+for _row in (
+        Method("scratch", "Scratch", color="#7f7f7f"),
+        Method("lwf", "LwF", ("distillation",), color="#9467bd"),
+        Method("at", "AT", ("attention",), scheme="one_to_one", color="#8c564b"),
+        Method("lwf_at", "LwF+AT", ("attention", "distillation"), scheme="one_to_one",
+               color="#e377c2"),
+        Method("fm", "FM", ("feature_matching",), scheme="one_to_one", color="#1f77b4"),
+        Method("l2t_w", "L2T-w", ("feature_matching",), meta_networks=True,
+               scheme="one_to_one", color="#ff7f0e"),
+        Method("l2t_ww", "L2T-ww", ("feature_matching",), meta_networks=True,
+               learned_pair_weights=True, scheme="all_to_all", color="#d62728")):
+    register(_row)
 
 
 def get_method(name: str) -> Method:
@@ -80,32 +113,24 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def build_transfer(method: str, source_model: Optional[nn.Module], target_model: nn.Module,
-                   pairs: Sequence[Pair], *, channel_weighting: bool = True,
-                   pair_weight_type: Optional[str] = "relu6", pair_weight_init: float = 1.0,
-                   at_weight: float = 500.0, lwf_weight: float = 1.0,
-                   lwf_temperature: float = 2.0, conv_impl: str = "auto",
-                   **hyperparameters) -> bilevel.Transfer:
-    """The :class:`~l2t_jax.bilevel.Transfer` of ``method``.
+def scheme_text(scheme) -> str:
+    """A pair scheme as text: ``"one_to_one"`` -> ``"one-to-one"``; an explicit list
+    (``"4-0,9-1"`` or ``[[4, 0], [9, 1]]``) -> ``"4-0,9-1"``, or ``"15 pairs"`` when long."""
+    if scheme is None or scheme == "":
+        return ""
+    if isinstance(scheme, str) and scheme in SCHEME_NAMES:
+        return SCHEME_NAMES[scheme]
+    if isinstance(scheme, str):
+        pairs = [p.strip() for p in scheme.split(",") if p.strip()]
+    else:
+        pairs = [f"{m}-{n}" for m, n in scheme]
+    return ",".join(pairs) if len(pairs) <= 3 else f"{len(pairs)} pairs"
 
-    Args:
-      method: a key of :data:`METHODS`.
-      source_model: the (possibly multi-) source network; ignored by ``scratch``.
-      pairs: resolved (source tap, target tap) pairs; ignored by methods without pairs.
-      channel_weighting, pair_weight_type, pair_weight_init: L2T-ww's meta-networks
-        (L2T-w drops g, so lambda = 1).
-      at_weight, lwf_weight, lwf_temperature: the baselines' loss weights (module
-        docstring).
-      **hyperparameters: :class:`~l2t_jax.bilevel.Transfer` fields (inner_steps, beta, ...).
-    """
-    spec = get_method(method)
-    return bilevel.make_transfer(
-        source_model if spec.uses_source else None, target_model,
-        pairs if uses_pairs(method) else (),
-        matching_heads=spec.matching_heads, meta_networks=spec.meta_networks, lwf=spec.lwf,
-        channel_weighting=channel_weighting,
-        pair_weight_type=pair_weight_type if spec.learned_pair_weights else None,
-        pair_weight_init=pair_weight_init, conv_impl=conv_impl,
-        at_weight=at_weight if spec.attention else 0.0,
-        lwf_weight=lwf_weight if spec.lwf else 0.0, lwf_temperature=lwf_temperature,
-        **hyperparameters)
+
+def row_label(method: str, scheme=None) -> str:
+    """result.json ``method`` + ``scheme`` -> the table row: ``("fm", "one_to_one") ->
+    "FM (one-to-one)"``, ``("lwf", anything) -> "LwF"``; unknown methods keep their name."""
+    if method not in METHODS:
+        text = scheme_text(scheme)
+        return f"{method} ({text})" if text else method
+    return METHODS[method].label(scheme)

@@ -311,14 +311,6 @@ class MultiSource(nn.Module):
     def feature_taps(self) -> tuple[Tap, ...]:
         return tuple(tap for source in self.sources for tap in source.feature_taps())
 
-    def tap_offsets(self) -> tuple[int, ...]:
-        """Index of each source's first tap in the concatenated list."""
-        offsets, total = [], 0
-        for source in self.sources:
-            offsets.append(total)
-            total += len(source.feature_taps())
-        return tuple(offsets)
-
     def __call__(self, images: jax.Array, train: bool):
         outputs = [source(images, train) for source in self.sources]
         return outputs[0][0], tuple(f for _, features in outputs for f in features)
@@ -375,4 +367,6 @@ def get_model(name: str, num_classes: int, **overrides) -> nn.Module:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if "conv_impl" in overrides:   # when built, not when first traced
+        convolution.check_impl(overrides["conv_impl"])
     return _REGISTRY[name](num_classes=num_classes, **overrides)

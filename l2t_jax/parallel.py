@@ -206,6 +206,13 @@ def is_main_process() -> bool:
 
 
 # ---------------------------------------------------------------------- mesh and shardings
+def barrier(name: str) -> None:
+    """All processes wait here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A 1-D mesh with axis ``data`` over ``devices`` (default: all global devices).
 

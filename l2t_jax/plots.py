@@ -1,9 +1,9 @@
-"""Pictures of one training workdir: where transfer happens, what is transferred, and how
-training went.
+"""Pictures of training workdirs: where transfer happens, what is transferred, how training
+went, and how accuracy grows with the training set.
 
     python -m l2t_jax.plots --workdir=DIR [--out=DIR] [--compare=LABEL=DIR[,DIR...] ...]
 
-This module owns the figures drawn from a workdir's files (written by
+This module owns the figures drawn from workdirs' files (written by
 :mod:`l2t_jax.train`):
 
 - :func:`plot_pair_weights` ("where"): the learned pair weights lambda as a source-tap x
@@ -17,6 +17,11 @@ This module owns the figures drawn from a workdir's files (written by
 - :func:`plot_learning_curves`: test (or val) accuracy per epoch and train CE per step for
   several runs, each label's seeds drawn as mean and a ±1 sample-std band.
 - :func:`plot_workdir`: every picture the workdir's files allow; the command line calls it.
+- :func:`plot_limited_data`: accuracy against training examples per class over a grid's
+  runs (the limited-data table, summarised by :mod:`l2t_jax.summaries`).
+
+Files are read through :mod:`l2t_jax.workdir`; methods are named and coloured by
+:mod:`l2t_jax.methods` (:func:`label_color`).
 
 Figures are ``matplotlib.figure.Figure`` objects saved directly (the Agg canvas), without
 pyplot, so nothing here changes matplotlib's global backend or leaks open figures. Missing
@@ -29,16 +34,13 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from l2t_jax import experiments
-from l2t_jax.experiments import read_json, read_metrics
-
-TRANSFER_WEIGHTS = "transfer_weights.json"
-METRICS = "metrics.jsonl"
+from l2t_jax import methods, summaries
+from l2t_jax import workdir as wd   # `workdir` is an argument here
 
 
 # ---------------------------------------------------------------------- reading files
@@ -47,8 +49,8 @@ def load_transfer_weights(workdir: str) -> dict[str, Any]:
     ``target_taps`` (channels per tap), ``pair_weights`` (one mean lambda per pair, or None)
     and ``channel_weights`` (per pair a list of C_m mean weights, or None). ValueError names
     the file and what is wrong."""
-    path = os.path.join(workdir, TRANSFER_WEIGHTS)
-    weights = read_json(path)
+    path = os.path.join(workdir, wd.TRANSFER_WEIGHTS)
+    weights = wd.read_json(path)
 
     def fail(what):
         raise ValueError(f"{path}: {what}")
@@ -84,10 +86,10 @@ def load_transfer_weights(workdir: str) -> dict[str, Any]:
 
 def _workdir_method(workdir: str) -> str | None:
     """The run's method from result.json or config.json, None if neither says."""
-    for name in ("result.json", "config.json"):
+    for name in (wd.RESULT, wd.CONFIG):
         path = os.path.join(workdir, name)
         if os.path.isfile(path):
-            content = read_json(path)
+            content = wd.read_json(path)
             if isinstance(content, dict) and content.get("method"):
                 return content["method"]
     return None
@@ -95,13 +97,13 @@ def _workdir_method(workdir: str) -> str | None:
 
 def _workdir_label(workdir: str) -> str:
     """Row label (``L2T-ww (all-to-all)``) of a workdir, or its directory name."""
-    for name in ("result.json", "config.json"):
+    for name in (wd.RESULT, wd.CONFIG):
         path = os.path.join(workdir, name)
         if os.path.isfile(path):
-            content = read_json(path)
+            content = wd.read_json(path)
             if isinstance(content, dict) and content.get("method"):
-                return experiments.row_label(content["method"],
-                                             content.get("scheme", content.get("pairs")))
+                return methods.row_label(content["method"],
+                                         content.get("scheme", content.get("pairs")))
     return os.path.basename(os.path.normpath(workdir))
 
 
@@ -122,6 +124,17 @@ def _indexed_keys(records: Sequence[Mapping[str, Any]], prefix: str) -> list[int
             if key.startswith(prefix + "/") and key[len(prefix) + 1:].isdigit():
                 indices.add(int(key[len(prefix) + 1:]))
     return sorted(indices)
+
+
+def label_color(label: str, index: int) -> str:
+    """The colour of a row label: its method's (:attr:`l2t_jax.methods.Method.color`) when
+    the label is the method's main row (``"FM (one-to-one)"``, ``"Scratch"``), so a method
+    looks the same in every figure; otherwise (``"FM (single)"``, a label of one's own)
+    matplotlib's default cycle, ``C<index>``."""
+    for method in methods.METHODS.values():
+        if method.color and label == method.label(method.scheme):
+            return method.color
+    return f"C{index}"
 
 
 def _save(fig: Figure, path: str) -> str:
@@ -235,8 +248,8 @@ def plot_pair_weights(workdir: str, path: str) -> str:
     training batches). Returns ``path``."""
     weights = load_transfer_weights(workdir)
     grid = pair_weight_grid(weights)
-    metrics_path = os.path.join(workdir, METRICS)
-    records = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
+    metrics_path = os.path.join(workdir, wd.METRICS)
+    records = wd.read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
     indices = _indexed_keys(records, "train/pair_weights")
 
     fig = Figure(figsize=(13 if indices else 7, 4.8), layout="constrained")
@@ -271,10 +284,10 @@ def plot_channel_weights(workdir: str, path: str) -> str:
     ``train/channel_weight_entropy/<i>``): entropy per pair against step, divided by log C
     (1.0 = uniform) when C is known from transfer_weights.json, else in nats.
     Returns ``path``; ValueError if neither source has channel weights."""
-    weights_path = os.path.join(workdir, TRANSFER_WEIGHTS)
+    weights_path = os.path.join(workdir, wd.TRANSFER_WEIGHTS)
     weights = load_transfer_weights(workdir) if os.path.isfile(weights_path) else None
-    metrics_path = os.path.join(workdir, METRICS)
-    records = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
+    metrics_path = os.path.join(workdir, wd.METRICS)
+    records = wd.read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
     entropy_indices = _indexed_keys(records, "train/channel_weight_entropy")
     has_final = weights is not None and weights.get("channel_weights") is not None
     if not has_final and not entropy_indices:
@@ -319,7 +332,7 @@ def plot_channel_weights(workdir: str, path: str) -> str:
             ax.axhline(1.0, color="black", ls="--", lw=1, label="uniform")
             ax.set_ylabel("entropy / log C (1 = uniform)")
         else:
-            ax.set_ylabel(f"entropy (nats; C unknown without {TRANSFER_WEIGHTS})")
+            ax.set_ylabel(f"entropy (nats; C unknown without {wd.TRANSFER_WEIGHTS})")
         ax.set_xlabel("training step")
         ax.set_title("What: channel-weight entropy during training"
                      + ("\n(legend: both panels)" if has_final else ""))
@@ -362,10 +375,10 @@ def plot_learning_curves(workdirs: Mapping[str, str | Sequence[str]], path: str)
     drawn, most_runs = 0, 1
     for i, (label, dirs) in enumerate(workdirs.items()):
         dirs = [dirs] if isinstance(dirs, str) else list(dirs)
-        color = experiments.METHOD_COLORS.get(label, f"C{i}")
+        color = label_color(label, i)
         accuracy, ce = [], []
         for workdir in dirs:
-            records = read_metrics(os.path.join(workdir, METRICS))
+            records = wd.read_metrics(os.path.join(workdir, wd.METRICS))
             for split in ("eval/test", "eval/val"):
                 steps, values = metric_series(records, split)
                 if len(steps):
@@ -405,6 +418,73 @@ def plot_learning_curves(workdirs: Mapping[str, str | Sequence[str]], path: str)
     return _save(fig, path)
 
 
+# ---------------------------------------------------------------------- limited data
+def plot_limited_data(results: Iterable[dict[str, Any]], path: str) -> str:
+    """PNG: test accuracy (%) against training examples per class, one line per method
+    (mean over seeds, error bars = sample std), log-scale x with a tick per size; and a
+    second panel with each method's relative gain over Scratch, (acc - scratch) / scratch
+    in %, the quantity the paper says grows as data shrinks. One row of panels per data
+    set. ``results`` are :func:`l2t_jax.summaries.collect_results` dicts; those with
+    examples_per_class 0 are left out. Returns ``path``."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    cells = summaries.summarize(summaries.select_table(results, "limited"),
+                                by=("row", "column", "examples_per_class"))
+    if not cells:
+        raise ValueError("no results with train_examples_per_class > 0 to plot")
+    datasets = []
+    for cell in cells:
+        if cell["column"] not in datasets:
+            datasets.append(cell["column"])
+    fig = Figure(figsize=(12, 4.6 * len(datasets)), layout="constrained")
+    axes = fig.subplots(len(datasets), 2, squeeze=False)
+    for (accuracy_ax, gain_ax), dataset in zip(axes, datasets):
+        mine = [c for c in cells if c["column"] == dataset]
+        sizes = sorted({c["examples_per_class"] for c in mine})
+        labels = []
+        for c in mine:
+            if c["row"] not in labels:
+                labels.append(c["row"])
+        scratch = {c["examples_per_class"]: c["mean"] for c in mine if c["row"] == "Scratch"}
+        for i, label in enumerate(labels):
+            line = sorted((c for c in mine if c["row"] == label),
+                          key=lambda c: c["examples_per_class"])
+            x = [c["examples_per_class"] for c in line]
+            color = label_color(label, i)
+            n_runs = "/".join(sorted({str(c["n"]) for c in line}))
+            accuracy_ax.errorbar(x, [c["mean"] for c in line], yerr=[c["std"] for c in line],
+                                 marker="o", capsize=4, color=color,
+                                 label=f"{label} (n={n_runs})")
+            if label != "Scratch" and scratch:
+                gains = [(c["examples_per_class"],
+                          100.0 * (c["mean"] - scratch[c["examples_per_class"]])
+                          / scratch[c["examples_per_class"]])
+                         for c in line if c["examples_per_class"] in scratch]
+                if gains:
+                    gain_ax.plot(*zip(*gains), marker="o", color=color, label=label)
+        for ax in (accuracy_ax, gain_ax):
+            if len(sizes) > 1 and sizes[-1] / sizes[0] >= 4:   # log-x spreads 25..250 evenly
+                ax.set_xscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(sizes))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([str(s) for s in sizes])
+            ax.set_xlabel("training examples per class")
+            ax.grid(True, alpha=0.3)
+        accuracy_ax.set_ylabel("test accuracy at best val (%)")
+        accuracy_ax.set_title(f"{dataset}: accuracy vs. training-set size\n"
+                              "(mean ± sample std over seeds)")
+        accuracy_ax.legend(loc="lower right", fontsize=9)
+        gain_ax.set_ylabel("relative gain over Scratch (%)")
+        gain_ax.set_title(f"{dataset}: (accuracy − Scratch) / Scratch")
+        if scratch and len(labels) > 1:
+            gain_ax.axhline(0.0, color=methods.METHODS["scratch"].color, lw=1, ls="--")
+            gain_ax.legend(loc="upper right", fontsize=9)
+        else:
+            gain_ax.text(0.5, 0.5, "no Scratch runs to compare with", ha="center",
+                         va="center", transform=gain_ax.transAxes)
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------- one workdir
 def plot_workdir(workdir: str, out_dir: str) -> list[str]:
     """Writes every picture the workdir's files allow into ``out_dir``:
@@ -414,20 +494,21 @@ def plot_workdir(workdir: str, out_dir: str) -> list[str]:
     pictures are noted on stdout. Returns the paths written."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} is not a directory")
-    metrics_path = os.path.join(workdir, METRICS)
-    records = read_metrics(metrics_path)   # raises, naming the file, when missing
+    metrics_path = os.path.join(workdir, wd.METRICS)
+    records = wd.read_metrics(metrics_path)   # raises, naming the file, when missing
     written = [plot_learning_curves({_workdir_label(workdir): workdir},
                                     os.path.join(out_dir, "learning_curves.png"))]
     method = _workdir_method(workdir)
-    weights_path = os.path.join(workdir, TRANSFER_WEIGHTS)
+    weights_path = os.path.join(workdir, wd.TRANSFER_WEIGHTS)
     has_weights_file = os.path.isfile(weights_path)
-    if method is not None and method not in experiments.METHODS_WITH_META:
+    if method is not None and (method not in methods.METHODS
+                               or not methods.METHODS[method].meta_networks):
         print(f"note: method {method!r} has no meta-networks: no pair- or channel-weight "
               "pictures")
         return written
     if method is None and not has_weights_file and not _indexed_keys(
             records, "train/channel_weight_entropy"):
-        print(f"note: no method in config.json/result.json and no {TRANSFER_WEIGHTS}: "
+        print(f"note: no method in {wd.CONFIG}/{wd.RESULT} and no {wd.TRANSFER_WEIGHTS}: "
               "no weight pictures")
         return written
     weights = load_transfer_weights(workdir) if has_weights_file else None

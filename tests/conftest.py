@@ -1,10 +1,11 @@
-"""Shared fixtures: the authors' released assets and small input batches."""
+"""The test session's environment (compilation cache, XLA flags) and the fixtures several
+files share: the authors' released checkpoint and the tiny training assets. Helpers that
+are not fixtures are in helpers.py."""
 import atexit
 import os
 import shutil
 import tempfile
 
-import numpy as np
 import pytest
 
 # One persistent XLA compilation cache for the whole test session (set before jax is
@@ -19,18 +20,13 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Before any test module computes with jax: the package's XLA flags (xla_workarounds) only
-# take effect when set before the backend starts, and the subprocesses inherit them.
-import l2t_jax  # noqa: E402,F401
+# take effect when set before the backend starts, and the subprocesses inherit them
+# (importing l2t_jax.models would set them too; this does not depend on the import order).
+from l2t_jax import xla_workarounds  # noqa: E402
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# CI and developers keep the release beside the checkout (../shared/assets/...); elsewhere
-# point L2T_RELEASE_DIR at a copy (see README, "Assets").
-RELEASE_DIR = os.environ.get(
-    "L2T_RELEASE_DIR", os.path.join(REPO_ROOT, "..", "shared", "assets", "l2t-ww-release"))
-RESNET32_SHA256 = "049f81f8bea8504e90818d6c614f15c485ac2d891348330b433110e161f66d68"
+xla_workarounds.apply()
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+from helpers import RELEASE_DIR, write_npz_splits, write_tiny_source  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -42,42 +38,11 @@ def released_resnet32_path():
     return path
 
 
-def normalized_images(batch, size, seed=0, dtype=np.float32):
-    """NHWC images uniform in [0, 1], normalised with the reference's mean/std."""
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(size=(batch, size, size, 3))
-    return ((images - IMAGENET_MEAN) / IMAGENET_STD).astype(dtype)
-
-
-def nchw(array):
-    return np.ascontiguousarray(np.transpose(np.asarray(array), (0, 3, 1, 2)))
-
-
-def randomize_bn_statistics(torch_model, seed=0):
-    """Gives every BN layer non-trivial affine parameters and running statistics, so that
-    a conversion that dropped or swapped them would show."""
-    import torch
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in torch_model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
-                module.weight.copy_(1.0 + 0.1 * torch.randn(shape, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
-
-
-def calibrate_bn_statistics(torch_model, images_nchw):
-    """Sets every BN's running statistics to those of one batch (as a trained network's
-    would roughly be), so that deep random networks keep activations of order one."""
-    import torch
-    bns = [m for m in torch_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None          # cumulative average: after one batch, the batch's stats
-    with torch.no_grad():
-        torch_model.train()(torch.as_tensor(images_nchw))
-    for bn in bns:
-        bn.momentum = 0.1
-    torch_model.eval()
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """helpers.tiny_config's data (npz arrays, 3 classes) and source (a tiny converted
+    ResNet-20, untrained): the directory holding data/ and source/."""
+    root = tmp_path_factory.mktemp("assets")
+    write_npz_splits(root / "data")
+    write_tiny_source(str(root / "source"))
+    return root

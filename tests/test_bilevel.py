@@ -176,7 +176,7 @@ def test_bad_pairs_and_sources_are_clear_errors():
         bilevel.make_transfer(source, target, [(4, 5)])
     with pytest.raises(ValueError, match="bad pair '4:0'"):
         matching.parse_pairs("4:0")
-    with pytest.raises(ValueError, match=r"inner_steps \(T\) must be >= 0"):
+    with pytest.raises(ValueError, match=r"config.T must be >= 0"):
         bilevel.make_transfer(source, target, [(4, 0)], inner_steps=-1)
     with pytest.raises(ValueError, match="unknown pair_weight_type 'sigmoid'.*relu6"):
         bilevel.make_transfer(source, target, [(4, 0)], pair_weight_type="sigmoid")

@@ -1,17 +1,13 @@
-"""How the matmul convolution and the package's XLA flags compile on XLA:CPU.
-
-The numbers of both convolution paths are compared on the real networks in
-``test_convert.py``; these tests pin what makes the CPU step fast and deterministic.
+"""The matmul convolution: it gives the native convolution's numbers on the real networks,
+and its second-order gradient compiles on XLA:CPU without transposes. (The package's XLA
+flags, which keep the CPU step deterministic: test_xla_workarounds.py.)
 """
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2t_jax import convolution, xla_workarounds
+from helpers import normalized_images
+from l2t_jax import convert, convolution, models
 
 
 def test_second_order_matmul_convolution_compiles_without_transposes():
@@ -33,35 +29,16 @@ def test_second_order_matmul_convolution_compiles_without_transposes():
     assert hlo.count(" transpose(") == 0, [l for l in hlo.splitlines() if " transpose(" in l]
 
 
-YNN_PROBE = """
-import os, sys
-if sys.argv[1] == "import":
-    import l2t_jax
-import jax, jax.numpy as jnp
-hlo = jax.jit(lambda x: jnp.sum(jnp.exp(x), axis=0)).lower(jnp.ones((64, 64))).compile().as_text()
-print(os.environ.get("XLA_FLAGS", ""), "|", "__ynn_fusion" in hlo)
-"""
-
-
-def test_import_turns_off_ynnpack_reduce_fusions():
-    """``import l2t_jax`` keeps XLA:CPU from compiling reductions into YNNPACK fusions (the
-    meta-gradient differed between processes with them; see ``xla_workarounds``). The
-    same probe without the import shows the fusion, so the check can tell them apart."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    results = {}
-    for mode in ("import", "plain"):
-        out = subprocess.run([sys.executable, "-c", YNN_PROBE, mode], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results[mode] = out
-    flag = xla_workarounds.YNN_FUSION_SETTING
-    assert results["import"] == f"{flag} | False", results
-    assert results["plain"] == "| True", results
-    # This test process imported l2t_jax before any computation too (conftest, then tests).
-    assert flag in os.environ["XLA_FLAGS"].split()
-
-
-def test_a_user_choice_of_the_flag_is_kept(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", f"{xla_workarounds.YNN_FUSION_FLAG}=dot")
-    assert xla_workarounds.apply() is False
-    assert os.environ["XLA_FLAGS"] == f"{xla_workarounds.YNN_FUSION_FLAG}=dot"
+def test_matmul_convolution_equals_native(released_resnet32_path):
+    """Both convolution implementations give the same numbers on the real networks."""
+    state_dict, _ = convert.read_torch_checkpoint(released_resnet32_path)
+    images = jnp.asarray(normalized_images(4, 32, seed=4))
+    for name, classes, weights in [("resnet32", 200, state_dict), ("vgg9_bn", 100, None)]:
+        native = models.get_model(name, classes, conv_impl="native")
+        matmul = models.get_model(name, classes, conv_impl="matmul")
+        variables = (convert.flax_variables_from_torch(native, weights) if weights
+                     else native.init(jax.random.key(0), images, train=False))
+        out_native = native.apply(variables, images, train=False)
+        out_matmul = matmul.apply(variables, images, train=False)
+        for a, b in zip(jax.tree.leaves(out_native), jax.tree.leaves(out_matmul)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)

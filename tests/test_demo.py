@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from l2t_jax import demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -5,8 +5,8 @@ Each test breaks something the way it breaks in practice and checks what the pro
 - config mistakes: one error naming the key and the valid choices, before anything
   compiles (and a fuzz of a few hundred random configs: ValueError or nothing);
 - data: undecodable images skipped only with config.data.skip_corrupt (the other data
-  faults are in test_train.py: unprepared TFDS set, split sha256 and index range, a broken
-  image in a run);
+  faults: an unprepared TFDS set, split sha256 and index range in test_data.py, a broken
+  image in a run in test_train.py);
 - checkpoints: the newest one truncated (resume from the one before, logged), a workdir of
   another config (refused, keys named), a save that fails (the directory named, earlier
   checkpoints intact, and the rerun recovers);
@@ -16,8 +16,8 @@ Each test breaks something the way it breaks in practice and checks what the pro
   quantity with only finite checkpoints, or (on_nonfinite='skip') the batch is skipped;
 - determinism, and a long run's hygiene: no recompilation after the first step, flat RSS.
 
-Most tests train the ``scratch`` method on the tiny networks of test_train.py (seconds to
-compile). The meta-gradient test uses test_train.tiny_config itself (L2T-ww, the program
+Most tests train the ``scratch`` method on the tiny networks of helpers.tiny_config (seconds
+to compile). The meta-gradient test uses helpers.tiny_config itself (L2T-ww, the program
 test_train.py compiles too: with the session compilation cache of conftest.py the suite
 compiles it once); the exact resume of the L2T-ww state is test_train's SIGKILL test.
 """
@@ -38,10 +38,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
-from l2t_jax import bilevel, convert, data, main, models, parallel, train
-from test_train import (SOURCE_WIDTHS, _final_params, assert_same_leaves, main_command,
-                        tiny_config, write_config_file, write_npz_splits, write_tiny_source)
+from helpers import (REPO_ROOT, SOURCE_WIDTHS, assert_same_leaves, final_params, main_command,
+                     tiny_config, write_config_file, write_npz_splits, write_tiny_source)
+from l2t_jax import bilevel, build, convert, data, main, models, parallel, train
+from l2t_jax import workdir as workdir_files
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def scratch_reference(assets, tmp_path_factory):
     config = scratch_config(assets)
     workdir = tmp_path_factory.mktemp("scratch-reference")
     train.train_and_evaluate(config, str(workdir))
-    return config, _final_params(workdir)[1], workdir
+    return config, final_params(workdir)[1], workdir
 
 
 def _steps(workdir):
@@ -206,7 +206,7 @@ def test_config_fuzz_raises_only_value_errors(assets):
     build_networks: each passes or raises ValueError (DataError is one) or
     FileNotFoundError with a message; nothing else. Types are ConfigDict's business (a
     value of the wrong type fails on assignment; on the command line, main's one-line
-    error: test_train.test_command_line_config_mistakes_are_one_line_errors)."""
+    error: test_main.test_command_line_config_mistakes_are_one_line_errors)."""
     rng = random.Random(8)
     outcomes = {"passed": 0, "rejected": 0, "wrong type": 0}
     for trial in range(300):
@@ -222,8 +222,8 @@ def test_config_fuzz_raises_only_value_errors(assets):
                 continue
             changes[key] = value
         try:
-            train.validate_config(config)
-            train.build_networks(config)
+            build.validate_config(config)
+            build.build_networks(config)
             outcomes["passed"] += 1
         except (ValueError, FileNotFoundError) as e:
             assert str(e), f"empty message for {changes}"
@@ -279,13 +279,13 @@ def test_corrupt_images_are_skipped_only_when_the_config_says_so(assets, tmp_pat
     config = tiny_config(tmp_path / "images", assets / "source")
     config.data.kind = "image_folder"
     config.data.eval_splits = ("test",)
-    strict = train.load_splits(config)["train"]
+    strict = build.load_splits(config)["train"]
     assert len(strict) == 6
     with pytest.raises(data.DataError, match=r"cannot decode image .*b/1\.png.*skip_corrupt"):
         [strict[i] for i in range(len(strict))]
     config.data.skip_corrupt = True
     with caplog.at_level(logging.WARNING):
-        skipping = train.load_splits(config)["train"]
+        skipping = build.load_splits(config)["train"]
     assert len(skipping) == 5 and [os.path.basename(p) for p in skipping.skipped] == ["1.png"]
     assert "skipping undecodable image" in caplog.text and "b/1.png" in caplog.text
     assert sorted(int(skipping[i][1]) for i in range(5)) == [0, 0, 1, 2, 2]
@@ -317,7 +317,7 @@ def test_unreadable_latest_checkpoint_resumes_from_the_previous(scratch_referenc
     assert "resumed from checkpoint 5, the newest readable one" in caplog.text
     (moved,) = os.listdir(workdir / "unreadable_checkpoints")     # kept, not deleted
     assert moved.startswith("6-")
-    step, resumed = _final_params(workdir)
+    step, resumed = final_params(workdir)
     assert step == 6 and _steps(workdir) == [4, 5, 6]
     assert_same_leaves(expected, resumed)           # step 6 recomputed exactly
 
@@ -409,7 +409,7 @@ def test_failed_save_names_the_directory_and_keeps_the_earlier_checkpoints(
     assert _steps(workdir) == [4, 5] and _tree_digest(checkpoints) == before
     # Once the directory is writable again the same command resumes, exactly.
     train.train_and_evaluate(config, str(workdir))
-    assert_same_leaves(expected, _final_params(workdir)[1])
+    assert_same_leaves(expected, final_params(workdir)[1])
 
 
 # -------------------------------------------------------------------------- interruption
@@ -419,13 +419,13 @@ def test_failed_save_names_the_directory_and_keeps_the_earlier_checkpoints(
 SIGTERM_AT_STEP = """
 import os, signal
 from absl import app
-from l2t_jax import main, train
-_write = train.MetricLog.write
+from l2t_jax import main, workdir
+_write = workdir.MetricLog.write
 def write(self, step, values):
     _write(self, step, values)
     if step == int(os.environ["L2T_TEST_SIGTERM_AT_STEP"]) and "train/ce" in values:
         os.kill(os.getpid(), signal.SIGTERM)
-train.MetricLog.write = write
+workdir.MetricLog.write = write
 app.run(main.main, flags_parser=main.parse_flags)
 """
 
@@ -452,7 +452,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(scratch_referenc
     finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "resumed from step 2" in finished.stderr
-    step, resumed = _final_params(workdir)
+    step, resumed = final_params(workdir)
     assert step == 6
     assert_same_leaves(expected, resumed)
 
@@ -480,13 +480,13 @@ def test_nonfinite_meta_gradient_stops_with_only_finite_checkpoints(assets, tmp_
     _scaled_source(source, 1.0)
     config = tiny_config(assets / "data", source)
     workdir = tmp_path / "run"
-    write = train.MetricLog.write
+    write = workdir_files.MetricLog.write
 
     def sigterm_after_step_3(self, step, values):      # a preemption, in this process
         write(self, step, values)
         if step == 3 and "train/ce" in values:
             os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(train.MetricLog, "write", sigterm_after_step_3)
+    monkeypatch.setattr(workdir_files.MetricLog, "write", sigterm_after_step_3)
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(train.Preempted, match="after step 3"):
         train.train_and_evaluate(config, str(workdir))
@@ -501,7 +501,7 @@ def test_nonfinite_meta_gradient_stops_with_only_finite_checkpoints(assets, tmp_
     print(info.value)
     assert _steps(workdir) == [1, 2, 3]
     for step in (1, 2, 3):
-        assert _all_finite(_final_params(workdir, step)[1]), step
+        assert _all_finite(final_params(workdir, step)[1]), step
 
 
 LR_DIVERGES = 1e12   # SGD's weight decay multiplies theta by ~1 - lr * 1e-4 per step
@@ -520,7 +520,7 @@ def test_learning_rate_divergence_stops_before_anything_nonfinite_is_saved(asset
         train.train_and_evaluate(config, str(tmp_path / "every-step"))
     print(info.value)
     assert _steps(tmp_path / "every-step") == [1]
-    assert _all_finite(_final_params(tmp_path / "every-step")[1])
+    assert _all_finite(final_params(tmp_path / "every-step")[1])
 
     config.checkpoint_every_steps = 100
     with pytest.raises(train.DivergenceError,
@@ -539,7 +539,7 @@ def test_skip_mode_drops_nonfinite_updates_and_counts_them(assets, tmp_path):
              if "train/ce" in line]
     assert sum(line["train/skipped"] for line in lines) == result["skipped_steps"]
     assert lines[-1]["train/skipped_total"] == result["skipped_steps"]
-    step, state = _final_params(tmp_path / "run")
+    step, state = final_params(tmp_path / "run")
     assert step == 12 and _all_finite(state)
 
 
@@ -565,12 +565,12 @@ def test_skip_step_keeps_the_old_state_inside_jit():
 def test_same_seed_same_parameters_other_seed_differs(assets, scratch_reference, tmp_path):
     config, expected, _ = scratch_reference
     train.train_and_evaluate(config, str(tmp_path / "again"))
-    assert_same_leaves(expected, _final_params(tmp_path / "again")[1])
+    assert_same_leaves(expected, final_params(tmp_path / "again")[1])
     other = ml_collections.ConfigDict(config.to_dict())
     other.seed = 1
     train.train_and_evaluate(other, str(tmp_path / "seed1"))
     differing = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
-        jax.tree.leaves(expected), jax.tree.leaves(_final_params(tmp_path / "seed1")[1]))]
+        jax.tree.leaves(expected), jax.tree.leaves(final_params(tmp_path / "seed1")[1]))]
     assert sum(differing) > len(differing) // 2
 
 
@@ -617,13 +617,13 @@ def test_long_run_compiles_once_and_keeps_memory_flat(assets, tmp_path, monkeypa
         if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
             compiles.append(kwargs.get("fun_name"))
     jax.monitoring.register_event_duration_secs_listener(on_event)
-    write = train.MetricLog.write
+    write = workdir_files.MetricLog.write
 
     def sampling_write(self, step, values):
         if "train/ce" in values:
             samples[step] = (len(compiles), _rss_mb())
         return write(self, step, values)
-    monkeypatch.setattr(train.MetricLog, "write", sampling_write)
+    monkeypatch.setattr(workdir_files.MetricLog, "write", sampling_write)
     try:
         train.train_and_evaluate(config, str(tmp_path / "run"))
     finally:

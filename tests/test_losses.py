@@ -54,8 +54,6 @@ def test_weighted_matching_loss_by_hand():
     for name, (cw, pw) in args.items():
         value = losses.weighted_matching_loss(source, regressed, cw, pw, beta)
         np.testing.assert_allclose(value, expected[name], rtol=1e-5, err_msg=name)
-    np.testing.assert_allclose(losses.feature_matching_loss(source, regressed, beta),
-                               expected["none"], rtol=1e-5)
 
 
 def test_matching_resizes_the_source_to_the_target():

@@ -1,6 +1,7 @@
 """The paper's methods over the shared step: what each builds and trains, how its loss is
-composed, the matching schemes, limited data, and every method (and two sources) running
-through the training program on small data."""
+composed, and every method (and two sources) running through the training program on small
+data, with limited data. (The matching schemes: test_matching.py; the per-class subsets:
+test_data.py; the step schedule: test_build.py.)"""
 import json
 
 import jax
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2t_jax import bilevel, data, losses, matching, methods, models, train
-from test_train import _final_params, tiny_config, write_npz_splits, write_tiny_source
+from helpers import final_params, tiny_config, write_npz_splits, write_tiny_source
+from l2t_jax import bilevel, build, losses, matching, methods, models, train
 
 SOURCE = dict(widths=(4, 6, 8))          # ResNet-20: taps 0..8, candidates 2, 5, 8
 TARGET = dict(widths=(4, 6, 8, 8, 8))    # VGG-9: taps 0..4
@@ -19,7 +20,7 @@ def _setup(method, scheme):
     source = models.get_model("resnet20", 5, **SOURCE)
     target = models.get_model("vgg9_bn", 3, **TARGET)
     pairs = matching.resolve_pairs(scheme, source, target)
-    transfer = methods.build_transfer(method, source, target, pairs, inner_steps=1)
+    transfer = build.method_transfer(method, source, target, pairs, inner_steps=1)
     rng = jax.random.key(0)
     state = bilevel.init_state(transfer, rng, (32, 32, 3))
     source_variables = source.init(jax.random.fold_in(rng, 1), jnp.zeros((1, 32, 32, 3)),
@@ -38,9 +39,11 @@ def test_baseline_losses_are_the_sum_of_their_terms():
     """lwf_at's transfer loss = at_weight * AT over its pairs + lwf_weight * KD(T=2) of the
     LwF head against the source logits, computed here from the networks' outputs."""
     transfer, state, source_variables, images, labels = _setup("lwf_at", "one_to_one")
-    batch = bilevel._batch_constants(transfer, state, source_variables, images, labels)
-    ce, transfer_loss, _, _ = bilevel._target_losses(
-        transfer, state.target_params, state.batch_stats, batch, None, None)
+    batch = bilevel.batch_constants(transfer, state, source_variables, images, labels)
+    ce, values, _, _ = bilevel.target_losses(transfer, state.target_params,
+                                             state.batch_stats, batch, transfer.terms)
+    assert list(values) == ["attention", "distillation"]
+    transfer_loss = bilevel.total(values)
     source_logits, source_features = transfer.source_model.apply(source_variables, images,
                                                                   train=False)
     (logits, target_features), _ = transfer.target_model.apply(
@@ -54,40 +57,6 @@ def test_baseline_losses_are_the_sum_of_their_terms():
     assert float(at) > 0 and float(kd) > 0
     np.testing.assert_allclose(transfer_loss, at + kd, rtol=1e-5)
     np.testing.assert_allclose(ce, losses.cross_entropy(logits, labels), rtol=1e-6)
-
-
-def test_matching_schemes():
-    resnet32, vgg = models.get_model("resnet32", 200), models.get_model("vgg9_bn", 100)
-    assert matching.resolve_pairs("single", resnet32, vgg) == ((14, 4),)
-    assert matching.resolve_pairs("one_to_one", resnet32, vgg) == ((4, 0), (9, 1), (14, 2))
-    assert matching.resolve_pairs("all_to_all", resnet32, vgg) == matching.parse_pairs(
-        matching.CIFAR_PAIRS)
-    resnet34, resnet18 = models.get_model("resnet34", 1000), models.get_model("resnet18", 200)
-    assert matching.resolve_pairs("single", resnet34, resnet18) == ((4, 4),)
-    assert matching.resolve_pairs("one_to_one", resnet34, resnet18) == (
-        (1, 1), (2, 2), (3, 3), (4, 4))
-    assert sorted(matching.resolve_pairs("all_to_all", resnet34, resnet18)) == sorted(
-        matching.parse_pairs(matching.IMAGENET_PAIRS))
-    assert matching.resolve_pairs("9-1,4-0", resnet32, vgg) == ((9, 1), (4, 0))
-    with pytest.raises(ValueError, match="unknown matching scheme 'one-to-one'"):
-        matching.resolve_pairs("one-to-one", resnet32, vgg)
-
-
-def test_per_class_subset_is_seeded_and_checked():
-    labels = np.repeat(np.arange(4), [5, 7, 9, 6])
-    source = data.ArraySource(np.zeros((len(labels), 2, 2, 3), np.uint8), labels)
-    first = data.per_class_subset(source, 3, seed=0)
-    assert np.bincount(data.source_labels(first)).tolist() == [3, 3, 3, 3]
-    np.testing.assert_array_equal(first.indices, data.per_class_subset(source, 3, 0).indices)
-    assert not np.array_equal(first.indices, data.per_class_subset(source, 3, 1).indices)
-    with pytest.raises(data.DataError, match="class 0 has 5 examples"):
-        data.per_class_subset(source, 6, seed=0)
-
-
-def test_step_schedule_is_multistep_lr():
-    rates = train.step_learning_rate(0.1, 8, 10, (0.5, 0.75), 0.1)
-    values = [float(rates(epoch * 10)) for epoch in range(8)]
-    np.testing.assert_allclose(values, [0.1] * 4 + [0.01] * 2 + [0.001] * 2, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -137,18 +106,18 @@ def test_each_method_builds_and_trains_exactly_its_parameters(method, scheme, pa
     initial state (made from the run's seed, as train_and_evaluate makes it) against the
     run's checkpoint of step 1."""
     config, workdir, _ = paper_row_run(method, scheme)
-    transfer = train.build_transfer(config)
+    transfer = build.build_transfer(config)
     before = jax.device_get(bilevel.init_state(transfer, jax.random.key(config.seed),
                                                (32, 32, 3)))
     spec = methods.METHODS[method]
     assert (transfer.source_model is None) == (method == "scratch")
-    assert ("heads" in before.target_params) == spec.matching_heads
-    assert ("lwf_head" in before.target_params) == spec.lwf
+    assert ("heads" in before.target_params) == ("feature_matching" in spec.terms)
+    assert ("lwf_head" in before.target_params) == ("distillation" in spec.terms)
     assert (transfer.meta_networks is not None) == spec.meta_networks
-    assert (transfer.at_weight == 500.0) == spec.attention
+    assert tuple(t.name for t in transfer.terms) == spec.terms
     if not spec.meta_networks:
         assert before.meta_params == {}
-    step, after = _final_params(workdir, 1)
+    step, after = final_params(workdir, 1)
     metrics = _train_lines(workdir)[0]
     assert step == 1 and metrics["step"] == 1
     np.testing.assert_allclose(metrics["train/learning_rate"], 0.05, rtol=1e-6)
@@ -167,7 +136,11 @@ def test_each_method_builds_and_trains_exactly_its_parameters(method, scheme, pa
         assert len(pair_weights) == len(transfer.pairs) == 15
     else:
         assert meta_changed == set() and "train/meta_loss" not in metrics
-    assert (metrics["train/matching"] == 0.0) == (method == "scratch")
+    assert (metrics["train/transfer"] == 0.0) == (method == "scratch")
+    for term in spec.terms:      # each term logged under its own name, summing to transfer
+        assert metrics[f"train/{term}"] > 0
+    np.testing.assert_allclose(sum(metrics[f"train/{t}"] for t in spec.terms),
+                               metrics["train/transfer"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("method,scheme", PAPER_ROWS)
@@ -188,7 +161,7 @@ def test_two_sources_add_their_own_pairs_heads_and_meta_networks(method_assets, 
                              "checkpoint": str(method_assets / "source"),
                              "pairs": "one_to_one", "model_overrides": {"widths": (4, 6, 8)}},)
     config.epochs, config.steps_per_epoch = 1, 2
-    transfer = train.build_transfer(config)
+    transfer = build.build_transfer(config)
     assert isinstance(transfer.source_model, models.MultiSource)
     # The second source's taps follow the first's 9: its one-to-one pairs are offset by 9.
     assert transfer.pairs[15:] == ((11, 0), (14, 1), (17, 2))
@@ -201,4 +174,4 @@ def test_two_sources_add_their_own_pairs_heads_and_meta_networks(method_assets, 
     bad.extra_sources = ({"model": "resnet20", "num_classes": 5, "checkpoint": "x",
                           "pairs": "9-0"},)
     with pytest.raises(ValueError, match=r"extra_sources\[0\].pairs: pair 9-0"):
-        train.validate_config(bad)
+        build.validate_config(bad)

@@ -1,6 +1,8 @@
 """The package as a user gets it: a wheel installed outside the checkout trains a shipped
-config, a run prints the program's own lines (libraries' only with --log_libraries), and
-each mistake a newcomer makes is a one-line error that names the fix."""
+config, and a run prints the program's own lines (libraries' only with --log_libraries).
+(Each mistake a newcomer makes is a one-line error that names the fix: test_main.py for
+config names and variants, test_configs.py for short names, test_data.py for a missing
+TFDS data_dir, test_convert.py and test_build.py for PyTorch files.)"""
 import json
 import os
 import subprocess
@@ -9,9 +11,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO_ROOT
-from l2t_jax import configs, convert, data, train
-from test_train import tiny_config, write_npz_splits
+from helpers import REPO_ROOT, write_npz_splits
 
 # A shipped config (read from the installed package, not from configs/), shrunk to two
 # steps of a method without a source on small arrays.
@@ -95,67 +95,3 @@ def test_log_libraries_brings_the_library_lines_back(wheel_install, installed_ru
     assert again.returncode == 0, again.stderr[-3000:]
     assert "checkpoint_manager.py" in again.stderr
     assert "resumed from step 2" in again.stderr
-
-
-def _main(*args, cwd=REPO_ROOT):
-    return subprocess.run([sys.executable, "-m", "l2t_jax.main", *args], cwd=cwd,
-                          capture_output=True, text=True)
-
-
-def _one_line_error(completed) -> str:
-    assert completed.returncode == 1, completed.stderr[-3000:]
-    assert "Traceback" not in completed.stderr and "flags:" not in completed.stderr
-    errors = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, completed.stderr[-3000:]
-    return errors[0]
-
-
-def test_config_name_and_variant_mistakes_are_one_line(tmp_path):
-    typo = _one_line_error(_main("--config=configs/cifar100.py:tyni", f"--workdir={tmp_path}"))
-    assert "unknown variant 'tyni' of cifar100; valid: tiny" in typo
-    unknown = _one_line_error(_main("--config=cifar10", f"--workdir={tmp_path}", cwd=tmp_path))
-    assert "'cifar10' is not a shipped config" in unknown and "cifar100, cub200" in unknown
-
-
-def test_short_config_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):
-    shipped = os.path.join(configs.CONFIG_DIR, "stl10.py")
-    monkeypatch.chdir(REPO_ROOT)            # a file that exists is taken as given
-    assert configs.resolve("configs/stl10.py:tiny") == "configs/stl10.py:tiny"
-    monkeypatch.chdir(tmp_path)             # elsewhere the same words name the shipped file
-    assert configs.resolve("configs/stl10.py:tiny") == shipped + ":tiny"
-    assert configs.resolve("stl10") == shipped
-    assert configs.resolve("stl10.py:plus_resnet20,tiny") == shipped + ":plus_resnet20,tiny"
-    with pytest.raises(FileNotFoundError, match="shipped: cifar100"):
-        configs.resolve("nowhere/cifar100.py")
-
-
-def test_missing_tfds_data_dir_says_so_and_how_to_prepare(tmp_path):
-    missing = tmp_path / "no-such-dir"
-    with pytest.raises(data.DataError) as error:
-        data.TfdsSource("cifar100", "train", str(missing))
-    message = str(error.value)
-    assert f"config.data.data_dir='{missing}' does not exist" in message
-    assert "tfds build cifar100 --file_format=array_record" in message
-    assert "TFRECORD" not in message and "already prepared" not in message
-    line = _one_line_error(_main("--config=cifar100:tiny", f"--workdir={tmp_path / 'run'}",
-                                 f"--config.data.data_dir={missing}"))
-    assert "does not exist" in line
-
-
-def test_a_pytorch_file_without_torch_names_the_extra(tmp_path, monkeypatch):
-    checkpoint = tmp_path / "model.pth"
-    checkpoint.write_bytes(b"not read")
-    monkeypatch.setitem(sys.modules, "torch", None)      # `import torch` raises ImportError
-    with pytest.raises(ImportError, match=r"model\.pth needs torch, which is not installed: "
-                                          r"pip install 'l2t-jax\[convert\]'"):
-        convert.read_torch_checkpoint(str(checkpoint))
-
-
-def test_a_pytorch_file_as_source_says_to_convert_it(tmp_path):
-    checkpoint = tmp_path / "resnet20.pth"
-    checkpoint.write_bytes(b"not read")
-    write_npz_splits(tmp_path / "data")
-    config = tiny_config(tmp_path / "data", checkpoint)
-    with pytest.raises(ValueError, match=r"is a file; the source must be converted once: "
-                                         r"python -m l2t_jax.convert --model resnet20"):
-        train.train_and_evaluate(config, str(tmp_path / "run"))

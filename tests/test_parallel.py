@@ -23,7 +23,8 @@ import time
 import numpy as np
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO_ROOT
+
 GLOBAL_BATCH, STEPS, IMAGE_SIZE, NUM_CLASSES = 8, 3, 32, 3
 TIMEOUT_S = 240           # for all the workers; a hang fails with the processes' output
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import torch_reference as ref
-from conftest import nchw, normalized_images
+from helpers import nchw, normalized_images
 from l2t_jax import bilevel, convert, matching, models
 
 BATCH = 4
@@ -133,7 +133,7 @@ def _run_both(released_resnet32_path, pair_weight_type="relu6", inner_steps=2,
             meta_opt_state=transfer.meta_optimizer().init(meta_params))
         assert jax.tree.leaves(state.target_params)[0].dtype == jnp.float64
         # The meta-gradient directly (train_step only returns its norm), and the step, as
-        # one compiled program (the state donated, as jit_train_step does): the two hold
+        # one compiled program (the state donated, as train.step_program does): the two hold
         # the same unrolled iteration, and one program compiles in 3/4 of the time of two.
         @functools.partial(jax.jit, donate_argnums=(0,))
         def meta_gradient_and_step(state, source_variables, images, labels):
@@ -189,7 +189,7 @@ def test_bn_statistics_after_the_iteration(relu6_run):
 def test_losses_at_every_step(relu6_run):
     expected, got, _ = relu6_run
     metrics = got["metrics"]
-    pairs = [(metrics["ce"], expected["real_ce"]), (metrics["matching"], expected["real_matching"]),
+    pairs = [(metrics["ce"], expected["real_ce"]), (metrics["transfer"], expected["real_matching"]),
              (metrics["adapt_ce"], expected["adapt_ce"]),
              (metrics["meta_loss"], expected["meta_loss"])]
     pairs += list(zip(metrics["sim_matching"], expected["sim_matching"]))

@@ -1,5 +1,6 @@
-"""l2t_jax.plots on fake workdirs (no JAX): the files exist, are PNGs of some size, and
-the heat map puts each pair's weight in its (source tap, target tap) cell."""
+"""l2t_jax.plots on fake workdirs (no JAX): the files exist, are PNGs of some size, the
+heat map puts each pair's weight in its (source tap, target tap) cell, and the limited-data
+figure draws a grid's runs."""
 import json
 import math
 import os
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from l2t_jax import plots
+from helpers import write_limited_runs
+from l2t_jax import plots, summaries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The CIFAR setting: ResNet-32's 15 taps -> VGG-9-BN's 5, all-to-all over taps 4, 9, 14.
@@ -214,3 +216,15 @@ def test_command_line(tmp_path):
     for name in ("learning_curves.png", "pair_weights.png", "channel_weights.png",
                  "learning_curves_compare.png"):
         assert_png(os.path.join(workdir, "plots", name))
+
+
+def test_limited_data_figure(tmp_path):
+    write_limited_runs(tmp_path)
+    results = summaries.collect_results(str(tmp_path))
+    path = plots.plot_limited_data(results, str(tmp_path / "limited.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    assert os.path.getsize(path) > 10_000
+    with pytest.raises(ValueError, match="train_examples_per_class > 0"):
+        plots.plot_limited_data(summaries.select_table(results, "main"),
+                                str(tmp_path / "none.png"))

@@ -1,5 +1,7 @@
 """The training program end to end on small data the tests write: npz arrays and an image
-folder, checkpoints, metrics, result.json, exact resume after SIGKILL, config errors."""
+folder, checkpoints, metrics, result.json and the run metadata, exact resume after SIGKILL,
+2 devices, a broken image in a run, and the experiment configs' tiny variants run for real
+(the released source, TFDS mock data)."""
 import json
 import os
 import signal
@@ -8,103 +10,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
-from l2t_jax import convert, data, models, train
-
-SOURCE_WIDTHS = (4, 6, 8)
-TARGET_WIDTHS = (4, 6, 8, 8, 8)
-
-
-def write_npz_splits(directory, sizes=(("train", 40), ("val", 12), ("test", 12)), seed=0):
-    rng = np.random.default_rng(seed)
-    os.makedirs(directory, exist_ok=True)
-    for split, n in sizes:
-        np.savez(os.path.join(directory, f"{split}.npz"),
-                 images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 labels=rng.integers(0, 3, n))
-
-
-def write_tiny_source(directory):
-    model = models.get_model("resnet20", 5, widths=SOURCE_WIDTHS)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    convert.save_converted(directory, variables, {
-        "model": "resnet20", "num_classes": 5, "model_overrides": {"widths": SOURCE_WIDTHS}})
-
-
-def tiny_config(data_dir, source_dir, **overrides):
-    config = train.default_config()
-    config.data.kind = "npz"
-    config.data.name = "test-arrays"
-    config.data.data_dir = str(data_dir)
-    config.data.official_split = ""
-    config.data.num_classes = 3
-    config.source_model = "resnet20"
-    config.source_num_classes = 5
-    config.source_checkpoint = str(source_dir)
-    config.model_overrides = ml_collections.ConfigDict(
-        {"source": {"widths": SOURCE_WIDTHS}, "target": {"widths": TARGET_WIDTHS}})
-    config.pairs = "2-0,5-1,8-4,8-3"
-    # One simulated step: each adds about a quarter to the step's compilation, most of these
-    # tests' time. The T-step loop itself is checked in test_bilevel and test_parity (T = 2).
-    config.T = 1
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.epochs = 2
-    config.steps_per_epoch = 3
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 1
-    for key, value in overrides.items():
-        config[key] = value
-    return config
-
-
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    write_npz_splits(root / "data")
-    write_tiny_source(str(root / "source"))
-    return root
-
-
-def _final_params(workdir, step=None):
-    """(step, state as a dict of host arrays) of the latest (or the given) checkpoint,
-    whatever device count wrote it."""
-    import orbax.checkpoint as ocp
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "progress"))
-    step = manager.latest_step() if step is None else step
-    metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "state"))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            metadata.item_metadata)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-    return step, jax.device_get(restored["state"])
-
-
-def write_config_file(config, path):
-    """A config file for ``python -m l2t_jax.main --config=path``."""
-    path.write_text("import ml_collections\n"
-                    f"def get_config():\n    return ml_collections.ConfigDict("
-                    f"{config.to_dict()!r})\n")
-    return path
-
-
-def main_command(config_file, workdir):
-    return [sys.executable, "-m", "l2t_jax.main", f"--config={config_file}",
-            f"--workdir={workdir}"]
-
-
-def assert_same_leaves(expected, actual):
-    expected, actual = jax.tree.leaves(expected), jax.tree.leaves(actual)
-    assert len(expected) == len(actual)
-    for a, b in zip(expected, actual):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+from helpers import (RELEASE_DIR, REPO_ROOT, assert_same_leaves, final_params, load_config,
+                     main_command, tiny_config, write_config_file)
+from l2t_jax import data, train
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +25,7 @@ def straight_run(tiny_assets, tmp_path_factory):
     config = tiny_config(tiny_assets / "data", tiny_assets / "source", keep_checkpoints=6)
     workdir = tmp_path_factory.mktemp("straight")
     result = train.train_and_evaluate(config, str(workdir))
-    return config, workdir, _final_params(workdir)[1], result
+    return config, workdir, final_params(workdir)[1], result
 
 
 def test_trains_evaluates_and_writes_everything(straight_run):
@@ -134,7 +45,7 @@ def test_trains_evaluates_and_writes_everything(straight_run):
     assert [line["step"] for line in evals] == [3, 6]
     assert os.listdir(tmp_path / "tensorboard")
     assert os.path.isdir(tmp_path / "best")
-    step, _ = _final_params(tmp_path)
+    step, _ = final_params(tmp_path)
     assert step == 6
 
 
@@ -221,7 +132,7 @@ def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
     finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "resumed from step" in finished.stderr
-    step, resumed = _final_params(interrupted)
+    step, resumed = final_params(interrupted)
     assert step == 6 and not [n for n in os.listdir(checkpoints) if "tmp" in n]
     assert_same_leaves(expected, resumed)
 
@@ -267,8 +178,8 @@ def test_two_devices_give_the_one_device_run(straight_run, tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "data parallel over 2 devices (1 processes)" in finished.stderr
     for step in (2, 6):
-        _assert_close_per_leaf(_final_params(straight, step)[1],
-                               _final_params(tmp_path / "run", step)[1],
+        _assert_close_per_leaf(final_params(straight, step)[1],
+                               final_params(tmp_path / "run", step)[1],
                                f"1 vs 2 devices, step {step}")
     evals = [[json.loads(line) for line in open(workdir / "metrics.jsonl")
               if "eval/val" in line] for workdir in (straight, tmp_path / "run")]
@@ -278,35 +189,6 @@ def test_two_devices_give_the_one_device_run(straight_run, tmp_path):
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert odd.returncode != 0 and "Traceback" not in odd.stderr
     assert "config.batch_size=5 is not divisible by the 2 devices" in odd.stderr
-
-
-def test_image_folder_with_broken_file_and_empty_class(tmp_path):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in ("train",):
-        for name in ("ant", "bee", "cat"):
-            os.makedirs(tmp_path / split / name)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(
-                tmp_path / split / "ant" / f"{i}.png")
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
-                tmp_path / split / "cat" / f"{i}.jpg")
-    (tmp_path / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
-    source = data.ImageFolderSource(str(tmp_path), "train")
-    assert source.classes == ["ant", "bee", "cat"] and source.empty_classes == ["bee"]
-    assert source.labels.tolist() == [0, 0, 0, 2, 2, 2, 2]
-    image, label = source[0]
-    assert image.shape == (40, 30, 3) and image.dtype == np.uint8 and label == 0
-    with pytest.raises(data.DataError, match=r"cannot decode image .*broken\.jpg"):
-        source[6]                      # sorted: broken.jpg comes after 2.jpg in cat
-    skipping = data.ImageFolderSource(str(tmp_path), "train", skip_corrupt=True)
-    assert len(skipping) == 6 and [os.path.basename(p) for p in skipping.skipped] == ["broken.jpg"]
-    images, labels = data.train_batches(skipping, 4, 32, seed=0, epoch=0)[0]
-    assert images.shape == (4, 32, 32, 3) and images.dtype == np.float32
-    images, _ = data.eval_batches(skipping, 4, 224)[0]
-    assert images.shape == (4, 224, 224, 3)
-    with pytest.raises(data.DataError, match="no 'val' split at"):
-        data.ImageFolderSource(str(tmp_path), "val")
 
 
 def test_broken_image_stops_training_with_its_name(tiny_assets, tmp_path, monkeypatch):
@@ -334,110 +216,11 @@ def test_broken_image_stops_training_with_its_name(tiny_assets, tmp_path, monkey
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def test_official_split_mapping(tmp_path):
-    # TFDS stores CIFAR shuffled and keeps the original position in 'id'.
-    original = np.arange(10) * 7             # example k of the original order
-    record_order = np.random.default_rng(0).permutation(10)
-    ids = [f"train_{k:05d}" for k in record_order]
-    order = data.original_order_from_ids(ids)
-    records = original[record_order]          # what the TFDS records hold
-    np.testing.assert_array_equal(records[order], original)
-    subset = data.Subset(data.ArraySource(np.zeros((10, 2, 2, 3), np.uint8), original),
-                         [3, 0, 9])
-    assert [int(subset[i][1]) for i in range(3)] == [21, 0, 63]
-    with pytest.raises(data.DataError, match="split index 10 is outside"):
-        data.Subset(subset.source, [1, 10])
-    # The release's class lists relabel (the reference's FolderSubset).
-    relabeled = data.Subset(data.ArraySource(np.zeros((3, 2, 2, 3), np.uint8), [5, 9, 5]),
-                            [0, 1, 2], classes=[9, 5])
-    assert [int(relabeled[i][1]) for i in range(3)] == [1, 0, 1]
-
-    # CUB / Dogs: the lists index the sorted image-folder listing; TFDS keeps file names.
-    names = ["b/2.jpg", "a/9.jpg", "b/10.jpg", "a/1.jpg"]
-    order, labels = data.original_order_from_filenames(names)
-    assert [names[i] for i in order] == ["a/1.jpg", "a/9.jpg", "b/10.jpg", "b/2.jpg"]
-    assert labels.tolist() == [0, 0, 1, 1]
-
-    from conftest import RELEASE_DIR
-    indices, classes = data.official_split(RELEASE_DIR, "stl10", "val")
-    assert len(indices) == 500 and len(set(indices)) == 500 and classes == list(range(10))
-    os.makedirs(tmp_path / "splits")
-    (tmp_path / "splits" / "stl10-val.json").write_text('{"classes": [], "indices": [1]}')
-    with pytest.raises(data.DataError, match="sha256"):
-        data.official_split(str(tmp_path), "stl10", "val")
-    with pytest.raises(data.DataError, match="is missing"):
-        data.official_split(str(tmp_path), "stl10", "test")
-
-
-def test_augmentation_matches_the_reference_recipe():
-    image = np.full((32, 32, 3), 255, np.uint8)
-    crop = data.pad_crop_flip(image, 32, np.random.default_rng(3))
-    assert crop.shape == (32, 32, 3) and (crop == 0).any()   # zero padding shows
-    normalized = data.normalize(np.zeros((1, 1, 3), np.uint8))
-    np.testing.assert_allclose(normalized[0, 0], -data.MEAN / data.STD, rtol=1e-6)
-    # Batches are a pure function of (seed, epoch, index): read twice, in any order.
-    source = data.ArraySource(np.random.default_rng(0).integers(
-        0, 256, (16, 32, 32, 3), dtype=np.uint8), np.arange(16))
-    first = data.train_batches(source, 4, 32, seed=1, epoch=2)
-    again = data.train_batches(source, 4, 32, seed=1, epoch=2)
-    for i in (3, 0, 2, 1):
-        np.testing.assert_array_equal(first[i][0], again[i][0])
-        np.testing.assert_array_equal(first[i][1], again[i][1])
-    other_epoch = data.train_batches(source, 4, 32, seed=1, epoch=3)
-    assert not np.array_equal(first[0][1], other_epoch[0][1])
-    assert sorted(np.concatenate([first[i][1] for i in range(4)]).tolist()) == list(range(16))
-
-
-def test_config_errors_name_the_key(tiny_assets):
-    config = tiny_config(tiny_assets / "data", tiny_assets / "source")
-    with pytest.raises(ValueError, match="unknown config key 'lr'"):
-        bad = ml_collections.ConfigDict(config.to_dict())
-        bad.lr = 0.1
-        train.validate_config(bad)
-    for key, value, message in [
-            ("target_model", "vgg11", "config.target_model='vgg11' is not a model"),
-            ("T", -1, "config.T must be >= 0"),
-            ("pairs", "8-5", "target index 5 is out of range"),
-            ("batch_size", 0, "config.batch_size must be >= 1")]:
-        bad = ml_collections.ConfigDict(config.to_dict())
-        bad[key] = value
-        with pytest.raises(ValueError, match=message):
-            train.validate_config(bad)
-
-
-def test_missing_tfds_data_says_how_to_prepare(tmp_path):
-    with pytest.raises(data.DataError, match="tfds build cifar100 --file_format=array_record"):
-        data.TfdsSource("cifar100", "train", str(tmp_path))
-
-
-CONFIGS = ("cifar100", "stl10", "cub200", "dogs", "mit67", "stanford40")
-
-
-def _load_config(name, variant=None):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        f"config_{name}", os.path.join(REPO_ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_every_experiment_config_builds(name):
-    for variant in (None, "tiny"):
-        config = _load_config(name, variant)
-        train.validate_config(config)
-        transfer = train.build_transfer(config)
-        assert len(transfer.pairs) == (15 if config.source_model == "resnet32" else 16)
-    with pytest.raises(ValueError, match="unknown variant 'huge'"):
-        _load_config(name, "huge")
-
-
 # Two real steps run for one config per network family: each costs a compilation of the
 # family's bilevel step (a run takes about 50 s for the CIFAR family, 100 s for the
-# ImageNet one, on 2 cores). Every config builds its networks and pairs above; in a run, the
-# npz override below replaces what sets the configs of a family apart (data set kind and
-# name, split files, class count), so they would run the same program:
+# ImageNet one, on 2 cores). Every config builds its networks and pairs in test_configs.py;
+# in a run, the npz override below replaces what sets the configs of a family apart (data
+# set kind and name, split files, class count), so they would run the same program:
 # - CIFAR family (cifar100, stl10: ResNet-32 -> VGG-9-BN, 15 pairs, 32 px): cifar100's tiny
 #   variant runs the program twice below, with the released source and on mock TFDS data.
 # - ImageNet family (cub200, dogs, mit67, stanford40: ResNet-34 -> ResNet-18, 16 pairs,
@@ -450,7 +233,7 @@ def test_every_experiment_config_runs_two_steps(name, tiny_assets, tmp_path):
     """The tiny variant of one config per family (TWO_STEP_CONFIGS), 2 steps on small npz
     data (3 classes, written by the fixture) with an untrained source: the family's
     networks, pairs, image size and augmentation run end to end."""
-    config = _load_config(name, "tiny")
+    config = load_config(name, "tiny")
     config.data.kind = "npz"
     config.data.data_dir = str(tiny_assets / "data")
     config.data.official_split = ""
@@ -468,10 +251,9 @@ def test_every_experiment_config_runs_two_steps(name, tiny_assets, tmp_path):
 
 def test_cifar100_tiny_with_the_released_source(tiny_assets, tmp_path, monkeypatch):
     """The released ResNet-32 found through the asset module, converted once, cached."""
-    from conftest import RELEASE_DIR
     monkeypatch.setenv("L2T_RELEASE_DIR", RELEASE_DIR)
     monkeypatch.setenv("L2T_CACHE_DIR", str(tmp_path / "cache"))
-    config = _load_config("cifar100", "tiny")
+    config = load_config("cifar100", "tiny")
     config.data.kind = "npz"            # CIFAR-100 itself cannot be downloaded here
     config.data.data_dir = str(tiny_assets / "data")
     config.data.official_split = ""
@@ -486,7 +268,7 @@ def test_cifar100_tiny_on_mock_tfds(tmp_path, monkeypatch):
     """The real cifar100 config (tiny) through tfds.data_source + grain, on TFDS mock data."""
     import tensorflow_datasets as tfds
     monkeypatch.setenv("L2T_CACHE_DIR", str(tmp_path / "cache"))
-    config = _load_config("cifar100", "tiny")
+    config = load_config("cifar100", "tiny")
     # Mock records carry random ids and only a few examples: not the official split.
     config.data.official_split = ""
     config.data.eval_splits = ("test",)
@@ -498,35 +280,3 @@ def test_cifar100_tiny_on_mock_tfds(tmp_path, monkeypatch):
     assert 0 <= result["test_at_best_val"] <= 100
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
     assert "tensorflow" not in sys.modules
-
-
-def test_stl10_binary_keeps_the_file_order(tmp_path):
-    """Images written in the official binary layout come back in file order, labels 0..9."""
-    from l2t_jax import prepare
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)
-    images[:, 0, 0, 0] = np.arange(5)          # position markers
-    labels = np.array([1, 10, 3, 3, 7], np.uint8)
-    for split in ("train", "test"):
-        images.transpose(0, 3, 2, 1).tofile(tmp_path / f"{split}_X.bin")
-        labels.tofile(tmp_path / f"{split}_y.bin")
-    prepare.main(["stl10", "--binary_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
-    source = data.npz_source(str(tmp_path / "out"), "train")
-    np.testing.assert_array_equal(source.images, images)
-    assert source.labels.tolist() == [0, 9, 2, 2, 6]
-    (tmp_path / "test_X.bin").write_bytes(b"\0" * 100)
-    with pytest.raises(data.DataError, match="truncated"):
-        prepare.read_stl10_binary(str(tmp_path), "test")
-
-
-def test_command_line_config_mistakes_are_one_line_errors(tmp_path):
-    command = [sys.executable, "-m", "l2t_jax.main", "--config=configs/cifar100.py",
-               f"--workdir={tmp_path}"]
-    unknown = subprocess.run(command + ["--config.lr=3"], cwd=REPO_ROOT, capture_output=True,
-                             text=True)
-    assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
-    assert "overrides given: --config.lr" in unknown.stderr and "learning_rate" in unknown.stderr
-    bad_model = subprocess.run(command + ["--config.target_model=vgg11"], cwd=REPO_ROOT,
-                               capture_output=True, text=True)
-    assert bad_model.returncode != 0 and "Traceback" not in bad_model.stderr
-    assert "'vgg11' is not a model; valid: resnet20" in bad_model.stderr

@@ -1,12 +1,11 @@
 """Defaults of every experiment: the reference's CIFAR-100 setting (SPEC.md).
 
 Experiment files import ``get_config`` and override what differs. Every key is listed here;
-:func:`l2t_jax.train.validate_config` rejects unknown keys and invalid values.
+:func:`l2t_jax.build.validate_config` rejects unknown keys and invalid values.
 """
 import ml_collections
 
-CIFAR_PAIRS = "4-0,4-1,4-2,4-3,4-4,9-0,9-1,9-2,9-3,9-4,14-0,14-1,14-2,14-3,14-4"
-IMAGENET_PAIRS = "4-4,4-3,4-2,4-1,3-4,3-3,3-2,3-1,2-4,2-3,2-2,2-1,1-4,1-3,1-2,1-1"
+from l2t_jax.paper import CIFAR_PAIRS, IMAGENET_PAIRS  # the reference's defaults
 
 
 def get_config():
