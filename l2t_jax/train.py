@@ -769,7 +769,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     rate = (done - start_step) / (time.time() - stepping_since)
                     if main_process:
                         logger.info(
-"step %d/%d (epoch %d) ce %.4f transfer %.4f%s%s | %.2f steps/s, "
+                            "step %d/%d (epoch %d) ce %.4f transfer %.4f%s%s | %.2f steps/s, "
                             "ETA %s", done, total_steps, epoch, metrics["ce"],
                             metrics["matching"],
                             f" meta {metrics['meta_loss']:.4f}" if "meta_loss" in metrics

@@ -9,7 +9,11 @@ CIFAR_PAIRS = "4-0,4-1,4-2,4-3,4-4,9-0,9-1,9-2,9-3,9-4,14-0,14-1,14-2,14-3,14-4"
 IMAGENET_PAIRS = "4-4,4-3,4-2,4-1,3-4,3-3,3-2,3-1,2-4,2-3,2-2,2-1,1-4,1-3,1-2,1-1"
 
 
-def get_config():
+def get_config(variant=None):
+    """Every key with the reference's CIFAR-100 defaults; ``variant`` as in the experiment
+    files (``tiny``)."""
+    if variant:
+        return apply_variant(get_config(), variant, "default")
     config = ml_collections.ConfigDict()
     config.seed = 0
     # scratch | lwf | at | lwf_at | fm | l2t_w | l2t_ww (l2t_jax/methods.py: what each adds
