@@ -3,4 +3,4 @@
 The config itself ships with the package: l2t_jax/configs/default.py. This file is what
 `--config=configs/default.py` loads from a checkout; `--config=default` works from anywhere.
 """
-from l2t_jax.configs.default import get_config  # noqa: F401
+from l2t_jax.configs.default import *  # noqa: F401,F403  (get_config, tiny, apply_variant, ...)

@@ -31,7 +31,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--targets", default=None,
                         help="main/limited: " + ",".join(grid.TARGET_CONFIGS)
-                        + " (or any configs/<name>.py); multisource: "
+                        + " (or any shipped config, or a config file); multisource: "
                         + ",".join(grid.MULTI_SOURCE_CONFIGS) + ". Default: the table's")
     parser.add_argument("--methods", default=None,
                         help="rows by method (fm), method-scheme (fm-one_to_one) or label")

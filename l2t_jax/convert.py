@@ -175,6 +175,11 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+class TorchMissingError(ImportError):
+    """torch is not installed, and a PyTorch file must be read; the message says how to
+    install it."""
+
+
 def read_torch_checkpoint(path: str) -> tuple[dict, dict]:
     """Reads a ``.pth`` / ``.pth.tar`` file: returns (state_dict, other top-level entries).
 
@@ -184,7 +189,7 @@ def read_torch_checkpoint(path: str) -> tuple[dict, dict]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
+        raise TorchMissingError(
             f"reading the PyTorch checkpoint {path} needs torch, which is not installed: "
             "pip install 'l2t-jax[convert]' (on a GPU machine, first the CPU wheel: pip "
             "install torch --index-url https://download.pytorch.org/whl/cpu)") from e

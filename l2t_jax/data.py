@@ -156,7 +156,7 @@ class TfdsSource:
                    f"{name} --file_format=array_record --data_dir={root}")
         # Checked here: for a missing directory TFDS itself says the data set is "already
         # prepared ... in the TFRECORD format", which sends the user the wrong way.
-        if data_dir and not os.path.isdir(data_dir):
+        if data_dir and "://" not in data_dir and not os.path.isdir(data_dir):
             raise DataError(f"config.data.data_dir={data_dir!r} does not exist. {prepare}")
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
@@ -169,8 +169,8 @@ class TfdsSource:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise DataError(
                 f"TFDS data set {name!r} (split {split!r}) in {dataset_dir} cannot be read "
-                f"by random access ({type(e).__name__}: {first_line}); it needs the "
-                f"array_record format. {prepare}") from None
+                f"({type(e).__name__}: {first_line}). Random access needs the array_record "
+                f"format; if it was built in another format: {prepare}") from None
         self.order = None
         self.labels = None      # replaces the records' labels when set (image-folder order)
 

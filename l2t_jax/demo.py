@@ -1,6 +1,6 @@
 """The offline demo: L2T-ww on real handwritten digits that ship with scikit-learn.
 
-``python -m l2t_jax.main --config=configs/demo.py --workdir=DIR`` runs it; this module
+``python -m l2t_jax.main --config=demo --workdir=DIR`` runs it; this module
 owns it: the data design, the source pre-training, the grid of target runs, the table and
 the pictures. Every run goes through the ordinary training program
 (:func:`l2t_jax.train.train_and_evaluate`), so each run directory is a normal workdir.

@@ -164,6 +164,8 @@ def run_workdir(root: str, table: str, target: str, method: TableRow, seed: int,
     """``<root>/<table>/<target>/<method[-scheme]>/epc<N>/seed<S>`` (``epc_all`` for the
     whole training set)."""
     epc = f"epc{examples_per_class}" if examples_per_class else "epc_all"
+    # A target given as a config file is named by its file name (configs/foo.py -> foo).
+    target = os.path.splitext(os.path.basename(target.partition(":")[0]))[0] or target
     return os.path.join(root, table, target, method.slug, epc, f"seed{seed}")
 
 

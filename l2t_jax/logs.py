@@ -16,14 +16,16 @@ import time
 PACKAGE_LOGGER = "l2t_jax"
 
 
-def configure(log_libraries: bool = False) -> None:
-    """The program's lines at INFO; libraries' at WARNING (INFO with ``log_libraries``).
+def configure(log_libraries: bool = False, keep_library_level: bool = False) -> None:
+    """The program's lines at INFO; libraries' at WARNING (INFO with ``log_libraries``;
+    unchanged with ``keep_library_level``, e.g. when absl's ``--verbosity`` was given).
 
     Sets levels only: the handler is the caller's (absl's under ``app.run``, whose verbosity
     flag sets the root level, hence called after flag parsing).
     """
     logging.getLogger(PACKAGE_LOGGER).setLevel(logging.INFO)
-    logging.getLogger().setLevel(logging.INFO if log_libraries else logging.WARNING)
+    if not keep_library_level:
+        logging.getLogger().setLevel(logging.INFO if log_libraries else logging.WARNING)
     # absl's own logger (orbax logs through it) follows the root level once app.run has
     # installed absl's handler; make that explicit for callers without app.run.
     logging.getLogger("absl").setLevel(logging.NOTSET)

@@ -16,12 +16,13 @@ saving a checkpoint, so that schedulers and :mod:`l2t_jax.grid` treat it as unfi
 the same command resumes. Several processes (multi-host) start jax's distributed runtime
 first (:func:`l2t_jax.parallel.maybe_initialize_distributed`).
 """
+import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from l2t_jax import build, checkpoints, configs, demo, logs, parallel, train
+from l2t_jax import build, checkpoints, configs, convert, demo, logs, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
@@ -34,12 +35,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _resolve_config_arguments(argv: list[str]) -> list[str]:
-    """``--config=NAME`` (or ``--config NAME``) with NAME a shipped config -> its path."""
-    argv = list(argv)
+    """``--config=NAME`` (or ``--config NAME``, ``-config``, also inside a ``--flagfile``)
+    with NAME a shipped config -> its path."""
+    argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
     for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            argv[i] = "--config=" + configs.resolve(arg[len("--config="):])
-        elif arg == "--config" and i + 1 < len(argv):
+        match = re.match(r"^(--?config=)(.*)$", arg)
+        if match:
+            argv[i] = match.group(1) + configs.resolve(match.group(2))
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
             argv[i + 1] = configs.resolve(argv[i + 1])
     return argv
 
@@ -76,7 +79,9 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}; flags are --config, --workdir "
                  "and --config.KEY=VALUE overrides")
-    logs.configure(log_libraries=_LOG_LIBRARIES.value)
+    # absl's own -v/--verbosity, when given, sets the libraries' level instead.
+    logs.configure(log_libraries=_LOG_LIBRARIES.value,
+                   keep_library_level=flags.FLAGS["verbosity"].present > 0)
     try:
         parallel.maybe_initialize_distributed()    # before anything touches a jax backend
     except ValueError as e:
@@ -89,9 +94,9 @@ def main(argv):
         sys.exit(train.PREEMPTED_EXIT_CODE)
     except (train.DivergenceError, checkpoints.CheckpointError) as e:
         sys.exit(f"error: {e}")
-    # Config and data errors, and an optional dependency that is not installed (torch to
-    # read a .pth file): the message names the problem and the fix, a traceback would not.
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    # Config and data errors, and torch missing to read a .pth file: the message names the
+    # problem and the fix, a traceback would not.
+    except (ValueError, FileNotFoundError, convert.TorchMissingError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -50,7 +50,9 @@ processes sees the same global batches.
 
 Checkpoints (orbax): every process must call ``CheckpointManager.save`` and ``restore``
 (orbax synchronises the processes and writes each array once, from its primary copy), with
-the workdir on a file system all hosts share (or ``gs://``). Restore into global arrays by
+the workdir on a file system all hosts share (NFS, or a bucket mounted with GCS FUSE: the
+metrics and JSON files are written with Python's ``open``, so a ``gs://`` URL does not work).
+Restore into global arrays by
 passing :func:`abstract_replicated` of the state as the abstract target. Files outside
 orbax (metrics, TensorBoard events, ``result.json``, ``config.json``) are written by
 process 0 only (:func:`is_main_process`).
@@ -68,12 +70,12 @@ configure::
 
 TPU pod slice (e.g. v4-32: 4 hosts x 4 chips). jax finds the coordinator, the process count
 and the process id from the TPU VM's metadata; :func:`maybe_initialize_distributed` starts
-the distributed runtime when it sees a Cloud TPU VM. The workdir must be shared (``gs://``
-or NFS)::
+the distributed runtime when it sees a Cloud TPU VM. The workdir must be a shared file system
+(NFS or a GCS FUSE mount)::
 
     gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="
       cd l2t-jax && .venv/bin/python -m l2t_jax.main --config=cifar100 \\
-        --workdir=gs://BUCKET/runs/c100"
+        --workdir=/mnt/shared/runs/c100"
 
 Several GPU nodes under SLURM: one process per GPU. jax reads the SLURM environment
 (coordinator = the first node of the job, process id = SLURM_PROCID, device =

@@ -22,19 +22,21 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def git_commit(directory: str | None = None) -> dict | None:
-    """``{'commit': sha, 'dirty': bool}`` of the checkout holding ``directory`` (default:
-    this package), or None when the package is not in a git checkout (a wheel install) or
-    git is missing."""
-    directory = directory or os.path.dirname(os.path.abspath(__file__))
+def git_commit() -> dict | None:
+    """``{'commit': sha, 'dirty': bool}`` of the checkout whose ``l2t_jax/`` this package
+    is, or None (a wheel or ``pip install .``, even into a venv inside a checkout; no
+    git)."""
+    directory = os.path.dirname(os.path.abspath(__file__))
     try:
         top = subprocess.run(["git", "-C", directory, "rev-parse", "--show-toplevel"],
                              capture_output=True, text=True, timeout=10)
         if top.returncode != 0:
             return None
-        # Only this project's own checkout: a wheel unpacked inside some other repository
-        # (a site-packages under a user's project) must not report that repository.
-        if not os.path.isfile(os.path.join(top.stdout.strip(), "l2t_jax", "__init__.py")):
+        # Only when this package's files are the checkout's own: a wheel installed under
+        # some repository (a site-packages in a .venv inside it, this one's included) must
+        # not report that repository's commit.
+        if (os.path.realpath(os.path.join(top.stdout.strip(), "l2t_jax"))
+                != os.path.realpath(directory)):
             return None
         commit = subprocess.run(["git", "-C", directory, "rev-parse", "HEAD"],
                                 capture_output=True, text=True, timeout=10, check=True)

@@ -30,5 +30,9 @@ def test_short_config_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):
     assert configs.resolve("configs/stl10.py:tiny") == shipped + ":tiny"
     assert configs.resolve("stl10") == shipped
     assert configs.resolve("stl10.py:plus_resnet20,tiny") == shipped + ":plus_resnet20,tiny"
-    with pytest.raises(FileNotFoundError, match="shipped: cifar100"):
-        configs.resolve("nowhere/cifar100.py")
+    with pytest.raises(FileNotFoundError, match="the shipped config 'cifar100' is "
+                                                "--config=cifar100:tiny"):
+        configs.resolve("nowhere/cifar100.py:tiny")
+    with pytest.raises(FileNotFoundError, match="shipped: cifar100, cub200"):
+        configs.resolve("cifar10")
+    assert configs.resolve("./configs/stl10.py") == shipped

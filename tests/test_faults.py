@@ -250,7 +250,8 @@ def test_main_reports_each_fault_in_one_line(assets, tmp_path, monkeypatch):
                 (data.DataError("cannot decode image x.png"),
                  "error: cannot decode image x.png"),
                 (FileNotFoundError("no checkpoint at 'x'"), "error: no checkpoint at 'x'"),
-                (ImportError("reading x.pth needs torch"), "error: reading x.pth needs torch")]:
+                (convert.TorchMissingError("reading x.pth needs torch"),
+                 "error: reading x.pth needs torch")]:
             def program(config, workdir, fault=fault):
                 raise fault
             monkeypatch.setattr(train, "train_and_evaluate", program)

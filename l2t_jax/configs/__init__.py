@@ -34,7 +34,10 @@ def resolve(spec: str) -> str:
         return spec
     name = os.path.basename(path)
     name = name[:-3] if name.endswith(".py") else name
-    if name in names() and os.path.dirname(path) in ("", "configs"):
+    if name in names() and os.path.normpath(os.path.dirname(path)) in (".", "configs"):
         return os.path.join(CONFIG_DIR, f"{name}.py") + colon + variant
+    if name in names():
+        raise FileNotFoundError(f"--config={spec}: no file {path!r}; the shipped config "
+                                f"{name!r} is --config={name}{colon}{variant}")
     raise FileNotFoundError(f"--config={spec}: no file {path!r}, and {name!r} is not a "
                             f"shipped config; shipped: {', '.join(names())}")

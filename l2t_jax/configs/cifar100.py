@@ -1,7 +1,7 @@
 """CIFAR-100: TinyImageNet ResNet-32 (released) -> VGG-9-BN, 15 pairs, the official split.
 
-    python -m l2t_jax.main --config=configs/cifar100.py --workdir=DIR
-    python -m l2t_jax.main --config=configs/cifar100.py:tiny --workdir=DIR   # smoke run
+    python -m l2t_jax.main --config=cifar100 --workdir=DIR
+    python -m l2t_jax.main --config=cifar100:tiny --workdir=DIR   # smoke run
 
 Data: ``tfds build cifar100 --file_format=array_record`` once (needs the [prepare] extra).
 """

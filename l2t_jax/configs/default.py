@@ -8,7 +8,11 @@ import ml_collections
 from l2t_jax.paper import CIFAR_PAIRS, IMAGENET_PAIRS  # the reference's defaults
 
 
-def get_config():
+def get_config(variant=None):
+    """Every key with the reference's CIFAR-100 defaults; ``variant`` as in the experiment
+    files (``tiny``)."""
+    if variant:
+        return apply_variant(get_config(), variant, "default")
     config = ml_collections.ConfigDict()
     config.seed = 0
     # scratch | lwf | at | lwf_at | fm | l2t_w | l2t_ww (l2t_jax/methods.py: what each adds

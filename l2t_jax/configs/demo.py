@@ -1,9 +1,9 @@
 """The offline demo (l2t_jax/demo.py): transfer between real digit tasks, no download.
 
-    python -m l2t_jax.main --config=configs/demo.py --workdir=/tmp/l2t-demo
-    python -m l2t_jax.main --config=configs/demo.py:smallest --workdir=DIR   # CI
-    python -m l2t_jax.main --config=configs/demo.py:quick --workdir=DIR      # the notebook
-    python -m l2t_jax.main --config=configs/demo.py:all_methods --workdir=DIR  # every method
+    python -m l2t_jax.main --config=demo --workdir=/tmp/l2t-demo
+    python -m l2t_jax.main --config=demo:smallest --workdir=DIR   # CI
+    python -m l2t_jax.main --config=demo:quick --workdir=DIR      # the notebook
+    python -m l2t_jax.main --config=demo:all_methods --workdir=DIR  # every method
 
 A ResNet-20 learns digits 0-4; a VGG-9-BN then learns digits 5-9 from a few labelled
 images per class, by scratch, FM (one-to-one) and L2T-ww (all-to-all), over several seeds

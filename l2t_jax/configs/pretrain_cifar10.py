@@ -6,7 +6,7 @@ validation split exists for it). Writes the best network to ``WORKDIR/source``.
 
 Data, once: ``tfds build cifar10 --file_format=array_record`` (the [prepare] extra)::
 
-    python -m l2t_jax.main --config=configs/pretrain_cifar10.py \\
+    python -m l2t_jax.main --config=pretrain_cifar10 \\
         --workdir=runs/pretrain/cifar10-resnet32
 """
 from l2t_jax.configs import default

@@ -12,7 +12,7 @@ Data, once: ``python -m l2t_jax.prepare tinyimagenet --source_dir tiny-imagenet-
 Variants: ``resnet20``, ``resnet32`` (seed 0), ``resnet32_seed1`` (the paper's second
 ResNet-32); with ``,tiny`` for a smoke run::
 
-    python -m l2t_jax.main --config=configs/pretrain_tinyimagenet.py:resnet20 \\
+    python -m l2t_jax.main --config=pretrain_tinyimagenet:resnet20 \\
         --config.data.data_dir=DIR --workdir=runs/pretrain/tinyimagenet-resnet20
 """
 from l2t_jax.configs import default

@@ -9,9 +9,9 @@ Multi-source variants (the paper's STL-10 rows) add a second source with its own
 (the same scheme as config.pairs), heads and meta-networks. Those sources were not
 released; train them first with the pretrain configs, which write WORKDIR/source:
 
-    python -m l2t_jax.main --config=configs/pretrain_tinyimagenet.py:resnet20 \\
+    python -m l2t_jax.main --config=pretrain_tinyimagenet:resnet20 \\
         --workdir=runs/pretrain/tinyimagenet-resnet20
-    python -m l2t_jax.main --config=configs/stl10.py:plus_resnet20 --workdir=DIR
+    python -m l2t_jax.main --config=stl10:plus_resnet20 --workdir=DIR
 
 ``plus_resnet20`` (TinyImageNet ResNet-20), ``plus_resnet32`` (a second TinyImageNet
 ResNet-32, another seed) and ``plus_cifar10_resnet32`` (CIFAR-10 ResNet-32) read
