@@ -102,8 +102,8 @@ class Transfer:
     pairs: tuple[Pair, ...]
     terms: tuple[loss_terms.LossTerm, ...] = ()
     lwf_head: Optional[LwfHead] = None
-    at_weight: float = 0.0
-    lwf_weight: float = 0.0
+    at_weight: float = 500.0      # the baselines' weights (l2t_jax.methods says where from)
+    lwf_weight: float = 1.0
     lwf_temperature: float = 2.0
     inner_steps: int = 2          # T, matching-only steps simulated per iteration
     beta: float = 0.5

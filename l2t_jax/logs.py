@@ -35,10 +35,10 @@ def duration(seconds: float) -> str:
     """``75`` -> ``'1 min 15 s'``; ``4000`` -> ``'1 h 07 min'``; ``8.2`` -> ``'8.2 s'``."""
     if seconds < 60:
         return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
+    if seconds < 3600:
+        minutes, secs = divmod(int(round(seconds)), 60)
         return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
+    hours, minutes = divmod(int(round(seconds / 60)), 60)
     return f"{hours} h {minutes:02d} min"
 
 

@@ -55,7 +55,7 @@ def run_metadata() -> dict:
       ``{'l2t_jax': version, 'git': {'commit', 'dirty'} or None, 'python': '3.11.7',
       'versions': {distribution: version}, 'backend': 'cpu', 'device_kind': ...,
       'device_count': global devices, 'local_device_count': ..., 'process_count': ...,
-      'xla_flags': XLA_FLAGS, 'host': platform node, 'cpu': CPU model}``.
+      'xla_flags': XLA_FLAGS, 'host': platform node, 'cpu': CPU model and vector ISA}``.
     """
     import jax
     import l2t_jax
@@ -76,14 +76,26 @@ def run_metadata() -> dict:
     }
 
 
+# The widest vector instruction set decides how XLA:CPU orders float sums (README, "How
+# reproducible these numbers are"); the first of these the CPU has is recorded.
+_VECTOR_ISAS = ("avx512f", "avx2", "avx", "sse4_2", "asimd")
+
+
 def _cpu_model() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows: results on the CPU can
-    depend on its instruction set."""
+    """The CPU's model name and widest vector instruction set (Linux, e.g. ``"Intel(R)
+    Xeon(R) Processor, avx512f"``), else what ``platform`` knows: results on the CPU depend
+    on its instruction set."""
+    model, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                if model and flags:
+                    break
     except OSError:
         pass
-    return platform.processor()
+    isa = next((name for name in _VECTOR_ISAS if name in flags), None)
+    return f"{model}, {isa}" if isa else model

@@ -16,7 +16,7 @@ def test_initial_channel_weights_are_uniform():
     channel, pair = networks.apply(params, pooled)
     np.testing.assert_allclose(channel[0], np.full((2, 4), 0.25), rtol=1e-6)
     np.testing.assert_allclose(channel[1], np.full((2, 6), 1 / 6), rtol=1e-6)
-    assert [p.shape for p in pair] == [(2, 1), (2, 1)]
+    assert [p.shape for p in pair] == [(2,), (2,)]      # one lambda per example
 
 
 def test_unknown_pair_weight_type_fails_when_built():
