@@ -180,11 +180,21 @@ class TorchMissingError(ImportError):
     install it."""
 
 
-def read_torch_checkpoint(path: str) -> tuple[dict, dict]:
+class UntrustedCheckpointError(ValueError):
+    """A PyTorch file that only full unpickling can read (which can run any code the file
+    holds) was refused; the message names the flag that allows it."""
+
+
+def read_torch_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dict, dict]:
     """Reads a ``.pth`` / ``.pth.tar`` file: returns (state_dict, other top-level entries).
 
     Accepts a bare state dict (torchvision's ``resnet34-*.pth``) or the reference's
-    ``{'state_dict': ..., 'num_classes': ..., 'best': ...}``.
+    ``{'state_dict': ..., 'num_classes': ..., 'best': ...}``. The file is read with
+    ``torch.load(weights_only=True)``, which reads tensors, numbers and containers but runs
+    nothing; both released files read that way.
+
+    Raises:
+      UntrustedCheckpointError: the file needs full unpickling and ``allow_pickle`` is off.
     """
     try:
         import torch
@@ -195,7 +205,16 @@ def read_torch_checkpoint(path: str) -> tuple[dict, dict]:
             "install torch --index-url https://download.pytorch.org/whl/cpu)") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    import pickle
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UntrustedCheckpointError(
+            f"{path} holds more than tensors and numbers ({first_line[:200]}); reading it "
+            "means full unpickling, which can run any code the file contains, so it was "
+            "refused. If you trust the file, convert it with python -m l2t_jax.convert "
+            "--allow_pickle ...") from None
     if isinstance(payload, dict) and "state_dict" in payload:
         info = {k: v for k, v in payload.items() if k != "state_dict"}
         return dict(payload["state_dict"]), info
@@ -216,13 +235,15 @@ def _json_safe(value):
 
 def convert_checkpoint(model_name: str, checkpoint: str, output: str,
                        num_classes: Optional[int] = None,
-                       source_dataset: Optional[str] = None) -> dict:
+                       source_dataset: Optional[str] = None,
+                       allow_pickle: bool = False) -> dict:
     """Converts ``checkpoint`` for ``model_name`` and writes it to ``output``.
 
     The class count comes from ``num_classes``, else the checkpoint's ``num_classes`` entry,
-    else the classifier's shape. Returns the metadata written.
+    else the classifier's shape. ``allow_pickle``: see :func:`read_torch_checkpoint`.
+    Returns the metadata written.
     """
-    state_dict, info = read_torch_checkpoint(checkpoint)
+    state_dict, info = read_torch_checkpoint(checkpoint, allow_pickle)
     if num_classes is None:
         num_classes = info.get("num_classes")
     if num_classes is None:
@@ -294,12 +315,16 @@ def main(argv=None) -> None:
                         help="default: the checkpoint's num_classes, else the classifier size")
     parser.add_argument("--source_dataset", default=None,
                         help="recorded in the metadata, e.g. tinyimagenet or imagenet")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="read a file that needs full unpickling (it can run code: only "
+                             "for files you trust); by default only tensors and numbers")
     args = parser.parse_args(argv)
     if os.path.exists(args.output):
         parser.error(f"--output {args.output!r} exists; choose a new directory")
     try:
         metadata = convert_checkpoint(args.model, args.checkpoint, args.output,
-                                      args.num_classes, args.source_dataset)
+                                      args.num_classes, args.source_dataset,
+                                      args.allow_pickle)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(metadata, indent=1))

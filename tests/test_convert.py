@@ -106,3 +106,36 @@ def test_a_pytorch_file_without_torch_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"model\.pth needs torch, which is not installed: "
                                           r"pip install 'l2t-jax\[convert\]'"):
         convert.read_torch_checkpoint(str(checkpoint))
+
+
+class _WritesAMarker:
+    """Unpickling this runs code: it creates the file ``path`` (what a hostile checkpoint
+    could do with any command)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    """torch.load(weights_only=True): a file whose unpickling calls a function is refused
+    with a message naming --allow_pickle, and nothing in it runs; with the flag it is read
+    (here it then fails as not being a state dict, after the marker was written)."""
+    marker = tmp_path / "ran"
+    checkpoint = tmp_path / "hostile.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)},
+                "payload": _WritesAMarker(str(marker))}, checkpoint)
+    with pytest.raises(convert.UntrustedCheckpointError,
+                       match=r"hostile\.pth holds more than tensors and numbers.*refused.*"
+                             r"--allow_pickle"):
+        convert.read_torch_checkpoint(str(checkpoint))
+    assert not marker.exists()
+    out = tmp_path / "converted"
+    with pytest.raises(SystemExit, match=r"error: .*--allow_pickle"):
+        convert.main(["--model", "resnet20", "--checkpoint", str(checkpoint),
+                      "--output", str(out)])
+    assert not marker.exists() and not out.exists()
+    convert.read_torch_checkpoint(str(checkpoint), allow_pickle=True)
+    assert marker.exists()          # full unpickling ran the file's code
