@@ -44,7 +44,7 @@ import numpy as np
 
 from l2t_jax import bilevel, build, checkpoints, data, logs, parallel, provenance
 from l2t_jax import workdir as workdir_files
-from l2t_jax.checkpoints import CheckpointError  # noqa: F401  (raised by the loop)
+from l2t_jax.checkpoints import CheckpointError  # noqa: F401  (what a save raises here)
 
 logger = logging.getLogger(__name__)
 
