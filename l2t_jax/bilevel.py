@@ -156,7 +156,7 @@ def make_transfer(source_model: Optional[nn.Module], target_model: nn.Module,
         pair-weight type, T < 0, meta-networks without a term for them to weight.
     """
     pairs = tuple(tuple(p) for p in pairs)
-    terms = tuple(loss_terms.get_terms([t])[0] if isinstance(t, str) else t for t in terms)
+    terms = loss_terms.get_terms(terms)
     if hyperparameters.get("remat", "none") not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {hyperparameters['remat']!r}; valid: "
                          f"{', '.join(REMAT_POLICIES)}")

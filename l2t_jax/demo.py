@@ -150,11 +150,9 @@ def parse_method(entry: str) -> tuple[str, str]:
 
 def _run_if_unfinished(run_config, workdir: str) -> tuple[dict, bool]:
     """(result, whether it had finished before): a finished run is read, not rerun."""
-    from l2t_jax import train
-    result_path = os.path.join(workdir, "result.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f), True
+    from l2t_jax import train, workdir as workdir_files
+    if workdir_files.is_finished(workdir):
+        return workdir_files.read_json(workdir_files.path(workdir, workdir_files.RESULT)), True
     return train.train_and_evaluate(run_config, workdir), False
 
 
@@ -181,7 +179,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     source_dir = os.path.join(workdir, "source_run")
     source_result, _ = _run_if_unfinished(source_config(config, data_dir), source_dir)
     logger.info("source ResNet-20 on digits 0-4: val accuracy %.2f%%",
-                 source_result["best_val"])
+                source_result["best_val"])
     source_checkpoint = os.path.join(source_dir, "source")
 
     runs_root = os.path.join(workdir, "runs")

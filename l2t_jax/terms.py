@@ -90,11 +90,11 @@ def register(term: LossTerm) -> LossTerm:
 
 
 def get_terms(names) -> tuple[LossTerm, ...]:
-    """The terms of a method, by name, in its order."""
-    missing = [n for n in names if n not in TERMS]
+    """The terms of a method, in its order: names of :data:`TERMS` (terms pass through)."""
+    missing = [n for n in names if not isinstance(n, LossTerm) and n not in TERMS]
     if missing:
         raise ValueError(f"unknown loss terms {missing}; registered: {', '.join(TERMS)}")
-    return tuple(TERMS[n] for n in names)
+    return tuple(n if isinstance(n, LossTerm) else TERMS[n] for n in names)
 
 
 def _feature_matching(inputs: TermInputs, transfer) -> jax.Array:
