@@ -41,9 +41,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from l2t_jax import losses, models, terms as loss_terms
+from l2t_jax import losses, terms as loss_terms
 from l2t_jax.matching import LwfHead, MatchingHeads, Pair, validate_pairs
 from l2t_jax.meta import MetaNetworks, channel_weight_entropy
+from l2t_jax.taps import TappedNetwork
 
 PyTree = Any
 
@@ -95,8 +96,8 @@ class Transfer:
     at_weight, lwf_weight, lwf_temperature) are read only by the terms that use them.
     """
 
-    source_model: Optional[nn.Module]
-    target_model: nn.Module
+    source_model: Optional[TappedNetwork]
+    target_model: TappedNetwork
     heads: Optional[MatchingHeads]
     meta_networks: Optional[MetaNetworks]
     pairs: tuple[Pair, ...]
@@ -126,7 +127,7 @@ class Transfer:
                            optax.adam(self.meta_learning_rate))
 
 
-def make_transfer(source_model: Optional[nn.Module], target_model: nn.Module,
+def make_transfer(source_model: Optional[TappedNetwork], target_model: TappedNetwork,
                   pairs: Sequence[Pair], *,
                   terms: Sequence[str | loss_terms.LossTerm] = ("feature_matching",),
                   meta_networks: bool = True, channel_weighting: bool = True,
@@ -137,8 +138,9 @@ def make_transfer(source_model: Optional[nn.Module], target_model: nn.Module,
     weight type).
 
     Args:
-      source_model, target_model: models from :func:`l2t_jax.models.get_model` (the source
-        may be a :class:`~l2t_jax.models.MultiSource`, or None when nothing is transferred).
+      source_model, target_model: networks from :func:`l2t_jax.models.get_model` (the
+        source may be several combined by :func:`l2t_jax.taps.combine`, or None when nothing
+        is transferred).
       pairs: (source tap, target tap) index pairs.
       terms: the transfer loss terms (names of :data:`l2t_jax.terms.TERMS`, or terms); the
         default is L2T-ww's feature matching. The 1x1 matching heads and LwF's head are
@@ -178,7 +180,7 @@ def make_transfer(source_model: Optional[nn.Module], target_model: nn.Module,
                          "fit: terms that match feature maps need pairs, others none")
     source_taps = source_model.feature_taps()
     validate_pairs(pairs, source_taps, target_model.feature_taps(),
-                   models.model_name(source_model), models.model_name(target_model))
+                   source_model.name, target_model.name)
     reads = {part for t in terms for part in t.reads}
     source_channels = tuple(t.channels for t in source_taps)
     return Transfer(
@@ -197,8 +199,8 @@ def check_source_variables(transfer: Transfer, source_variables: PyTree) -> None
     (same variables, same shapes: e.g. a checkpoint of another width or class count)."""
     if transfer.source_model is None:
         return
-    expected = models.abstract_variables(transfer.source_model)
-    name = models.model_name(transfer.source_model)
+    expected = transfer.source_model.abstract_variables()
+    name = transfer.source_model.name
     flat_expected = flax.traverse_util.flatten_dict(expected, sep="/")
     flat_given = flax.traverse_util.flatten_dict(dict(source_variables), sep="/")
     missing = sorted(set(flat_expected) - set(flat_given))
@@ -248,7 +250,7 @@ def init_state(transfer: Transfer, rng: jax.Array, image_shape: Sequence[int], *
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         target_params=target_params,
-        batch_stats=variables["batch_stats"],
+        batch_stats=variables.get("batch_stats", {}),
         momentum=jax.tree.map(jnp.zeros_like, target_params),
         meta_params=meta_params,
         meta_opt_state=meta_opt_state)
@@ -312,7 +314,7 @@ def target_losses(transfer: Transfer, theta: PyTree, batch_stats: PyTree,
         channel_weights=channel_weights, pair_weights=pair_weights)
     values = {term.name: term.fn(inputs, transfer) for term in terms}
     return (losses.cross_entropy(logits, batch.labels), values, logits,
-            updated["batch_stats"])
+            updated.get("batch_stats", {}))   # {} for a network without BatchNorm
 
 
 def total(values: dict) -> jax.Array:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from l2t_jax import assets, bilevel, convert, data, matching, methods, models
+from l2t_jax import assets, bilevel, convert, data, matching, methods, models, taps
 from l2t_jax.configs import default as configs_default
 
 logger = logging.getLogger(__name__)
@@ -51,9 +51,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.method={config.method!r} is not a method; valid: "
                          f"{', '.join(methods.METHODS)}") from None
     for key in ("source_model", "target_model"):
-        if config[key] not in models.MODEL_NAMES:
+        if not (config[key] in models.MODEL_NAMES or models.is_import_path(config[key])):
             raise ValueError(f"config.{key}={config[key]!r} is not a model; valid: "
-                             f"{', '.join(models.MODEL_NAMES)}")
+                             f"{', '.join(models.MODEL_NAMES)}, or an import path "
+                             "package.module:Class")
     if config.lr_schedule not in ("cosine", "step"):
         raise ValueError(f"config.lr_schedule={config.lr_schedule!r}; valid: cosine, step")
     if not all(0 < f <= 1 for f in config.lr_decay_at):
@@ -132,15 +133,17 @@ def load_splits(config) -> dict:
 
 
 # ------------------------------------------------------------------------------ models
-EXTRA_SOURCE_KEYS = ("model", "num_classes", "checkpoint", "pairs", "model_overrides")
+EXTRA_SOURCE_KEYS = ("model", "num_classes", "checkpoint", "pairs", "model_overrides", "taps",
+                     "candidates")
 
 
 def source_specs(config) -> list[dict]:
-    """Every source as {model, num_classes, checkpoint, pairs, model_overrides}: the
-    config's own first, then ``config.extra_sources``."""
+    """Every source as {model, num_classes, checkpoint, pairs, model_overrides, taps,
+    candidates}: the config's own first, then ``config.extra_sources``."""
     specs = [{"model": config.source_model, "num_classes": config.source_num_classes,
               "checkpoint": config.source_checkpoint, "pairs": config.pairs,
-              "model_overrides": dict(config.model_overrides.get("source", {}))}]
+              "model_overrides": dict(config.model_overrides.get("source", {})),
+              "taps": config.source_taps, "candidates": config.source_candidates}]
     for i, extra in enumerate(config.extra_sources):
         extra = dict(extra)
         unknown = sorted(set(extra) - set(EXTRA_SOURCE_KEYS))
@@ -148,28 +151,55 @@ def source_specs(config) -> list[dict]:
         if unknown or missing:
             raise ValueError(f"config.extra_sources[{i}]: unknown keys {unknown}, missing keys "
                              f"{missing}; valid: {', '.join(EXTRA_SOURCE_KEYS)}")
-        if extra["model"] not in models.MODEL_NAMES:
+        if not (extra["model"] in models.MODEL_NAMES or models.is_import_path(extra["model"])):
             raise ValueError(f"config.extra_sources[{i}].model={extra['model']!r} is not a "
-                             f"model; valid: {', '.join(models.MODEL_NAMES)}")
+                             f"model; valid: {', '.join(models.MODEL_NAMES)}, or an import "
+                             "path package.module:Class")
         if extra["pairs"] == "as_primary":    # the same scheme as the first source
             extra["pairs"] = config.pairs
-        specs.append({"model_overrides": {}, **extra})
+        specs.append({"model_overrides": {}, "taps": "", "candidates": "", **extra})
+    for spec in specs:
+        if not spec["taps"]:
+            spec.update(_recorded_taps(spec["checkpoint"]))
     return specs
 
 
-def _get_model(name: str, num_classes: int, conv_impl: str, overrides: dict, where: str):
-    """models.get_model, with a bad override reported as a ValueError naming ``where``."""
+def _recorded_taps(checkpoint: str) -> dict:
+    """The taps a source checkpoint records (a network trained here as a target records
+    the target's), as {taps, candidates}; {} when it records none or does not exist yet.
+    Released networks are registry models with their own taps."""
+    if checkpoint.startswith("released:") or not os.path.isdir(checkpoint):
+        return {}
+    metadata = convert.read_metadata(checkpoint)
+    if not metadata.get("taps"):
+        return {}
+    return {"taps": ",".join(metadata["taps"]),
+            "candidates": ",".join(metadata.get("candidates", ()))}
+
+
+def _get_model(config, spec: dict, where: tuple[str, str]) -> models.TappedNetwork:
+    """models.get_model for one network spec (model, num_classes, model_overrides, taps,
+    candidates), with a bad override or tap reported as a ValueError naming the key:
+    ``where`` is (the overrides' key, the prefix of the taps' keys)."""
+    overrides, (overrides_key, taps_key) = spec["model_overrides"], where
     widths = overrides.get("widths")
     if widths is not None and not all(isinstance(w, int) and w >= 1 for w in widths):
-        raise ValueError(f"{where}.widths={tuple(widths)}: widths must be integers >= 1")
+        raise ValueError(f"{overrides_key}.widths={tuple(widths)}: widths must be integers "
+                         ">= 1")
     try:
-        model = models.get_model(name, num_classes, conv_impl=conv_impl, **overrides)
-        model.feature_taps()          # overrides such as widths must fit the network
+        model = models.get_model(spec["model"], spec["num_classes"], taps=spec["taps"] or None,
+                                 candidates=spec["candidates"] or None,
+                                 probe_size=config.data.image_size,
+                                 conv_impl=config.conv_impl, **overrides)
+        model.feature_taps()          # the taps, and overrides such as widths, must fit
     except (TypeError, IndexError, ValueError) as e:
-        if not overrides:
+        if not (overrides or spec["taps"] or spec["candidates"]):
             raise
-        raise ValueError(f"{where}={overrides} does not fit {name} ({type(e).__name__}: "
-                         f"{e})") from None
+        given = (f"{overrides_key}={overrides}" if overrides else
+                 f"{taps_key}taps={spec['taps']!r}, {taps_key}candidates="
+                 f"{spec['candidates']!r}")
+        raise ValueError(f"{given} does not fit {spec['model']} ({type(e).__name__}: {e})"
+                         ) from None
     return model
 
 
@@ -177,20 +207,21 @@ def build_networks(config):
     """The config's networks, without weights.
 
     Returns (source model, target model, pairs, source specs). The source model is None for
-    methods that use no source, a :class:`~l2t_jax.models.MultiSource` with extra sources
-    (pairs then index the concatenated taps); pairs are resolved per source from schemes.
+    methods that use no source, several combined (:func:`l2t_jax.taps.combine`) with extra
+    sources (pairs then index the concatenated taps); pairs are resolved per source from schemes.
     """
-    target = _get_model(config.target_model, config.data.num_classes, config.conv_impl,
-                        dict(config.model_overrides.get("target", {})),
-                        "config.model_overrides.target")
+    target = _get_model(config, {
+        "model": config.target_model, "num_classes": config.data.num_classes,
+        "model_overrides": dict(config.model_overrides.get("target", {})),
+        "taps": config.target_taps, "candidates": config.target_candidates},
+        ("config.model_overrides.target", "config.target_"))
     method = methods.get_method(config.method)
     if not method.uses_source:
         return None, target, (), []
     specs = source_specs(config)
-    sources = [_get_model(spec["model"], spec["num_classes"], config.conv_impl,
-                          spec["model_overrides"],
-                          "config.model_overrides.source" if i == 0 else
-                          f"config.extra_sources[{i - 1}].model_overrides")
+    sources = [_get_model(config, spec, ("config.model_overrides.source", "config.source_")
+                          if i == 0 else (f"config.extra_sources[{i - 1}].model_overrides",
+                                          f"config.extra_sources[{i - 1}]."))
                for i, spec in enumerate(specs)]
     pairs, offset = [], 0
     for i, (spec, source) in enumerate(zip(specs, sources)):
@@ -202,7 +233,7 @@ def build_networks(config):
                 raise ValueError(f"{where}: {e}") from None
             pairs += [(m + offset, n) for m, n in local]
         offset += len(source.feature_taps())
-    source = sources[0] if len(sources) == 1 else models.MultiSource(tuple(sources))
+    source = sources[0] if len(sources) == 1 else taps.combine(sources)
     return source, target, tuple(pairs), specs
 
 
@@ -260,9 +291,7 @@ def load_source_variables(config, transfer: bilevel.Transfer) -> PyTree:
     if transfer.source_model is None:
         return {}
     specs = source_specs(config)
-    parts = (transfer.source_model.sources if isinstance(transfer.source_model,
-                                                         models.MultiSource)
-             else (transfer.source_model,))
+    parts = transfer.source_model.parts or (transfer.source_model,)
     size = config.data.image_size
     loaded = []
     for i, (spec, model) in enumerate(zip(specs, parts)):

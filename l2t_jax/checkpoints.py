@@ -173,13 +173,11 @@ def save_best(workdir: str, variables: PyTree) -> None:
                               f"({type(e).__name__}: {e})") from e
 
 
-def export_source(workdir: str, config, mesh) -> None:
-    """workdir/source: the best target as a source checkpoint (l2t_jax.convert's format).
-    Every process takes part (orbax synchronises them)."""
+def export_source(workdir: str, config, mesh, target: models.TappedNetwork) -> None:
+    """workdir/source: the best ``target`` as a source checkpoint (l2t_jax.convert's format,
+    with the target's taps). Every process takes part (orbax synchronises them)."""
     import orbax.checkpoint as ocp
-    target = models.get_model(config.target_model, config.data.num_classes,
-                              **dict(config.model_overrides.get("target", {})))
-    abstract = parallel.abstract_replicated(mesh, models.abstract_variables(target))
+    abstract = parallel.abstract_replicated(mesh, target.abstract_variables())
     variables = ocp.StandardCheckpointer().restore(
         workdir_files.path(workdir, workdir_files.BEST), abstract)
     path = workdir_files.path(workdir, workdir_files.SOURCE)
@@ -191,5 +189,7 @@ def export_source(workdir: str, config, mesh) -> None:
         "source_dataset": config.data.name,
         "model_overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in
                             dict(config.model_overrides.get("target", {})).items()},
+        "taps": list(target.taps),
+        "candidates": [target.taps[i] for i in target.candidates],
         "trained_by": "l2t_jax.train"})
     logger.info("exported the best target as a source checkpoint: %s", path)

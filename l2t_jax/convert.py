@@ -42,7 +42,7 @@ _LEAF_TO_TORCH = {("params", "kernel"): "weight", ("params", "bias"): "bias",
 
 
 def _torch_module_name(model: models.nn.Module, name: str) -> str:
-    """Maps one Flax submodule name to its PyTorch module path."""
+    """Maps one Flax submodule name of ``model`` (the Linen module) to its PyTorch path."""
     if name == "downsample_conv":
         return "downsample.0"
     if name == "downsample_bn":
@@ -62,8 +62,8 @@ def _torch_module_name(model: models.nn.Module, name: str) -> str:
     return name
 
 
-def _torch_key(model, collection: str, path: tuple[str, ...]) -> str:
-    modules = [_torch_module_name(model, name) for name in path[:-1]]
+def _torch_key(model: models.TappedNetwork, collection: str, path: tuple[str, ...]) -> str:
+    modules = [_torch_module_name(model.module, name) for name in path[:-1]]
     return ".".join(modules + [_LEAF_TO_TORCH[(collection, path[-1])]])
 
 
@@ -113,11 +113,11 @@ def flax_variables_from_torch(model, state_dict: Mapping[str, Any],
       ValueError: naming every missing, unexpected or mis-shaped key; a classifier of the
         wrong size is reported as a class-count mismatch.
     """
-    name = model_name or models.model_name(model)
+    name = model_name or model.name
     # Copies: numpy views of torch tensors would follow later in-place updates.
     arrays = {k: np.array(v.detach().cpu().numpy() if hasattr(v, "detach") else v, copy=True)
               for k, v in state_dict.items()}
-    flat = flax.traverse_util.flatten_dict(models.abstract_variables(model))
+    flat = flax.traverse_util.flatten_dict(model.abstract_variables())
     converted, used, missing, misshaped = {}, set(), [], []
     for (collection, *path), abstract in flat.items():
         key = _torch_key(model, collection, tuple(path))
@@ -272,22 +272,31 @@ def save_converted(directory: str, variables: Mapping[str, Any], metadata: dict)
         metadata=ocp.args.JsonSave(metadata)))
 
 
-def load_converted(directory: str, expect_model: Optional[str] = None,
-                   expect_num_classes: Optional[int] = None):
-    """Reads a converted network: returns (model, variables, metadata).
-
-    ``metadata['model_overrides']`` (optional) holds get_model overrides such as ``widths``.
-
-    Raises ValueError when the checkpoint is for another model or class count than expected.
-    """
+def read_metadata(directory: str) -> dict:
+    """The metadata of a converted network (model, num_classes, optional model_overrides,
+    taps, candidates, and where it came from)."""
     import orbax.checkpoint as ocp
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no converted checkpoint at {directory!r}; create it with "
                                 "python -m l2t_jax.convert")
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    metadata = checkpointer.restore(directory, args=ocp.args.Composite(
+    return checkpointer.restore(directory, args=ocp.args.Composite(
         metadata=ocp.args.JsonRestore()))["metadata"]
+
+
+def load_converted(directory: str, expect_model: Optional[str] = None,
+                   expect_num_classes: Optional[int] = None):
+    """Reads a converted network: returns (model, variables, metadata).
+
+    ``metadata['model_overrides']`` (optional) holds get_model overrides such as ``widths``;
+    ``metadata['taps']`` and ``['candidates']`` (optional) the network's tap names.
+
+    Raises ValueError when the checkpoint is for another model or class count than expected.
+    """
+    import orbax.checkpoint as ocp
+    directory = os.path.abspath(directory)
+    metadata = read_metadata(directory)
     if expect_model is not None and metadata["model"] != expect_model:
         raise ValueError(f"{directory!r} holds a {metadata['model']}, the config asks for "
                          f"{expect_model}")
@@ -295,9 +304,11 @@ def load_converted(directory: str, expect_model: Optional[str] = None,
         raise ValueError(f"{directory!r} has {metadata['num_classes']} classes, the config "
                          f"asks for {expect_num_classes}")
     model = models.get_model(metadata["model"], metadata["num_classes"],
+                             taps=metadata.get("taps"), candidates=metadata.get("candidates"),
                              **metadata.get("model_overrides", {}))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
-                            models.abstract_variables(model))
+                            model.abstract_variables())
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     variables = checkpointer.restore(directory, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(abstract)))["variables"]
     return model, variables, metadata

@@ -1,9 +1,10 @@
 """Source/target layer pairs and the 1x1 regressors that map target features onto source
 features (part of theta, trained with the target).
 
-A pair ``(m, n)`` matches source tap m to target tap n (indices into each model's
-``feature_taps()``). Pair lists are written as in the reference, ``"4-0,4-1,...,14-4"``, or
-named by a matching scheme (SPEC.md), resolved over each model's ``candidate_taps()``:
+A pair ``(m, n)`` matches source tap m to target tap n (indices into each network's taps,
+:mod:`l2t_jax.taps`). Pair lists are written as in the reference, ``"4-0,4-1,...,14-4"``, by
+tap name (``"layer3-blocks4_2"``), or named by a matching scheme (SPEC.md), resolved over
+each network's candidate taps:
 
 - ``single``: the last source candidate with the last target candidate (14-4 for ResNet-32
   -> VGG-9, 4-4 for ResNet-34 -> ResNet-18).
@@ -20,8 +21,8 @@ import flax.linen as nn
 import jax
 
 from l2t_jax.convolution import Conv2d
-from l2t_jax.models import (Tap, model_name, torch_default_bias_init,
-                            torch_default_kernel_init)
+from l2t_jax.models import torch_default_bias_init, torch_default_kernel_init
+from l2t_jax.taps import Tap, TappedNetwork
 
 Pair = tuple[int, int]
 
@@ -29,16 +30,28 @@ Pair = tuple[int, int]
 from l2t_jax.paper import CIFAR_PAIRS, IMAGENET_PAIRS  # noqa: E402,F401  (re-exported)
 
 
-def parse_pairs(spec: str | Sequence[Sequence[int]]) -> tuple[Pair, ...]:
-    """Parses ``"m-n,m-n,..."`` (or a sequence of (m, n)) into a tuple of int pairs."""
+def parse_pairs(spec: str | Sequence[Sequence[int]], source_taps: Sequence[str] = (),
+                target_taps: Sequence[str] = ()) -> tuple[Pair, ...]:
+    """Parses ``"m-n,m-n,..."`` (or a sequence of (m, n)) into a tuple of int pairs; m and n
+    are indices, or tap names among ``source_taps`` / ``target_taps``."""
+    def index(token: str, names: Sequence[str], item: str) -> int:
+        if token.isdigit():
+            return int(token)
+        if token in names:
+            return list(names).index(token)
+        raise ValueError(f"bad pair {item!r} in {spec!r}: write pairs as 'source-target' "
+                         "indices or tap names, e.g. '4-0,9-1'"
+                         + (f"; {token!r} is no tap name" if names else ""))
+
     if isinstance(spec, str):
         pairs = []
         for item in spec.split(","):
-            parts = item.strip().split("-")
-            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            parts = [p.strip() for p in item.strip().split("-")]
+            if len(parts) != 2:
                 raise ValueError(f"bad pair {item!r} in {spec!r}: write pairs as "
                                  "'source-target' indices, e.g. '4-0,9-1'")
-            pairs.append((int(parts[0]), int(parts[1])))
+            pairs.append((index(parts[0], source_taps, item),
+                          index(parts[1], target_taps, item)))
     else:
         pairs = [tuple(int(i) for i in p) for p in spec]
         if any(len(p) != 2 for p in pairs):
@@ -53,15 +66,15 @@ def parse_pairs(spec: str | Sequence[Sequence[int]]) -> tuple[Pair, ...]:
 SCHEMES = ("single", "one_to_one", "all_to_all")
 
 
-def resolve_pairs(spec: str | Sequence[Sequence[int]], source_model,
-                  target_model) -> tuple[Pair, ...]:
+def resolve_pairs(spec: str | Sequence[Sequence[int]], source_model: TappedNetwork,
+                  target_model: TappedNetwork) -> tuple[Pair, ...]:
     """A scheme name (:data:`SCHEMES`) or an explicit list -> validated pairs.
 
-    ``source_model`` and ``target_model`` are models from :mod:`l2t_jax.models`; schemes use
-    their ``candidate_taps()`` and ``feature_taps()`` strides.
+    ``source_model`` and ``target_model`` are networks from :func:`l2t_jax.models.get_model`;
+    schemes use their ``candidate_taps()`` and ``feature_taps()`` strides.
     """
     source_taps, target_taps = source_model.feature_taps(), target_model.feature_taps()
-    source_name, target_name = model_name(source_model), model_name(target_model)
+    source_name, target_name = source_model.name, target_model.name
     if isinstance(spec, str) and spec in SCHEMES:
         sources, targets = source_model.candidate_taps(), target_model.candidate_taps()
         if spec == "single":
@@ -78,10 +91,13 @@ def resolve_pairs(spec: str | Sequence[Sequence[int]], source_model,
                     f"candidate (source strides {[source_taps[m].stride for m in sources]}, "
                     f"target strides {[target_taps[n].stride for n in targets]})")
     else:
-        if isinstance(spec, str) and not any(c.isdigit() for c in spec):
+        names = set(source_model.taps) | set(target_model.taps)
+        tokens = {t.strip() for item in spec.split(",") for t in item.split("-")} if isinstance(
+            spec, str) else set()
+        if isinstance(spec, str) and not any(t.isdigit() or t in names for t in tokens):
             raise ValueError(f"unknown matching scheme {spec!r}; valid: "
                              f"{', '.join(SCHEMES)} or an explicit list such as '4-0,9-1'")
-        pairs = parse_pairs(spec)
+        pairs = parse_pairs(spec, source_model.taps, target_model.taps)
     validate_pairs(pairs, source_taps, target_taps, source_name, target_name)
     return pairs
 

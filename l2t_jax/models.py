@@ -1,9 +1,13 @@
-"""Networks with feature taps: CIFAR-style ResNets, VGG-9-BN, torchvision-layout ResNets.
+"""The paper's networks and the model registry: CIFAR-style ResNets, VGG-9-BN,
+torchvision-layout ResNets.
 
-This module owns the source and target architectures of the paper and the one way features
-are exposed: every model's ``__call__(images, train)`` returns ``(logits, features)`` where
-``features`` is a tuple of the tapped maps in the paper's index order (the indices that pair
-lists such as ``"4-0,9-1"`` refer to). Images and features are NHWC.
+This module owns the source and target architectures and :func:`get_model`, which returns
+any registered (or importable) Linen classifier as a :class:`~l2t_jax.taps.TappedNetwork`.
+Every model's ``__call__(images, train)`` returns logits; each declares its taps in the
+paper's index order (``default_taps()``, the indices that pair lists such as ``"4-0,9-1"``
+refer to) and the ones the matching schemes pick from (``default_candidates()``). Taps are
+block outputs (read by Flax's intermediate capture) or values sown where no module ends
+(:mod:`l2t_jax.taps`). Images and features are NHWC.
 
 Numerics follow the PyTorch reference (SPEC.md): BatchNorm with eps 1e-5, running-stat
 momentum 0.1, normalisation by the biased batch variance and running variance updated with
@@ -14,7 +18,7 @@ Module names mirror the reference's PyTorch state-dict keys (``blocks2_0`` for
 """
 from __future__ import annotations
 
-import dataclasses
+import importlib
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from l2t_jax import convolution
+from l2t_jax.taps import Tap, TappedNetwork, tapped  # noqa: F401  (Tap re-exported)
 
 # PyTorch's kaiming-normal(fan_out) and the ResNets' normal(0, sqrt(2 / (k*k*out))) are the
 # same distribution: variance 2 / fan_out, untruncated.
@@ -38,14 +43,6 @@ def torch_default_bias_init(fan_in: int) -> Callable:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-
-
-@dataclasses.dataclass(frozen=True)
-class Tap:
-    """One tapped feature map: channel count and stride relative to the input image."""
-
-    channels: int
-    stride: int
 
 
 class BatchNorm(nn.Module):
@@ -146,40 +143,40 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {self.depth}")
         return (self.depth - 2) // 6
 
-    def feature_taps(self) -> tuple[Tap, ...]:
+    def default_taps(self) -> tuple[str, ...]:
         n = self.blocks_per_stage
-        return tuple(Tap(w, s) for w, s in zip(self.widths, (1, 2, 4)) for _ in range(n))
+        return tuple(name for first, rest in self.STAGE_NAMES
+                     for name in (first, *(f"{rest}_{i}" for i in range(n - 1))))
 
-    def candidate_taps(self) -> tuple[int, ...]:
-        """Taps the matching schemes pick from: each stage's last block (4, 9, 14 for
-        ResNet-32, as the reference's CIFAR pairs)."""
+    def default_candidates(self) -> tuple[str, ...]:
+        """Each stage's last block (taps 4, 9, 14 for ResNet-32, as the reference's CIFAR
+        pairs)."""
         n = self.blocks_per_stage
-        return tuple(n * (stage + 1) - 1 for stage in range(3))
+        return tuple(self.default_taps()[n * (stage + 1) - 1] for stage in range(3))
+
+    STAGE_NAMES = (("block1", "blocks2"), ("block3", "blocks4"), ("block5", "blocks6"))
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool):
         n = self.blocks_per_stage
         x = _conv(self.widths[0], 3, 1, 1, True, "conv1", self.conv_impl)(images)
         x = nn.relu(BatchNorm(name="bn1")(x, train))
-        features = []
-        stage_names = (("block1", "blocks2"), ("block3", "blocks4"), ("block5", "blocks6"))
-        for stage, (first, rest) in enumerate(stage_names):
+        for stage, (first, rest) in enumerate(self.STAGE_NAMES):
             stride = 1 if stage == 0 else 2
             x = BasicBlock(self.widths[stage], stride, downsample=stage > 0,
                            conv_impl=self.conv_impl, name=first)(x, train)
-            features.append(x)
             for i in range(n - 1):
                 x = BasicBlock(self.widths[stage], conv_impl=self.conv_impl,
                                name=f"{rest}_{i}")(x, train)
-                features.append(x)
-        return _classifier(x, self.num_classes), tuple(features)
+        return _classifier(x, self.num_classes)
 
 
 class ImageNetResNet(nn.Module):
     """torchvision-layout ResNet-18/34 (BasicBlock), as the reference's ``resnet_ilsvrc``.
 
-    Taps: the stem output after ReLU (before max-pool, stride 2) and the outputs of
-    ``layer1..layer4`` (strides 4, 8, 16, 32): channels [64, 64, 128, 256, 512].
+    Taps, sown: ``stem``, the stem output after ReLU (before max-pool, stride 2), and
+    ``layer1..layer4``, each stage's output (strides 4, 8, 16, 32): channels
+    [64, 64, 128, 256, 512].
     The classifier pools globally (the reference's AvgPool2d(7) at 224 px is the same).
     """
 
@@ -196,20 +193,18 @@ class ImageNetResNet(nn.Module):
                              f"got {self.depth}")
         return sizes[self.depth]
 
-    def feature_taps(self) -> tuple[Tap, ...]:
-        return (Tap(self.widths[0], 2),) + tuple(
-            Tap(w, 4 * 2 ** i) for i, w in enumerate(self.widths))
+    def default_taps(self) -> tuple[str, ...]:
+        return ("stem", *(f"layer{k + 1}" for k in range(len(self.widths))))
 
-    def candidate_taps(self) -> tuple[int, ...]:
-        """Taps the matching schemes pick from: layer1..layer4 (1..4), not the stem, as the
-        reference's ImageNet pairs."""
-        return (1, 2, 3, 4)
+    def default_candidates(self) -> tuple[str, ...]:
+        """layer1..layer4 (taps 1..4), not the stem, as the reference's ImageNet pairs."""
+        return self.default_taps()[1:]
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool):
         x = _conv(self.widths[0], 7, 2, 3, False, "conv1", self.conv_impl)(images)
         x = nn.relu(BatchNorm(name="bn1")(x, train))
-        features = [x]
+        self.sow("intermediates", "stem", x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         in_channels = self.widths[0]
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
@@ -219,8 +214,8 @@ class ImageNetResNet(nn.Module):
                                conv_impl=self.conv_impl,
                                name=f"layer{stage + 1}_{i}")(x, train)
                 in_channels = width
-            features.append(x)
-        return _classifier(x, self.num_classes), tuple(features)
+            self.sow("intermediates", f"layer{stage + 1}", x)
+        return _classifier(x, self.num_classes)
 
 
 # VGG-9 stages: each inner tuple is one max-pool stage of 3x3 conv-BN-ReLU layers (as
@@ -233,8 +228,8 @@ class VGG(nn.Module):
 
     Stages of conv3x3 (pad 1, with bias)-BN-ReLU followed by 2x2 max-pool; VGG-9 is
     [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M]. Then global average pool and
-    ``fc``. Convs are named ``conv{k}`` / ``bn{k}`` in order. Taps: the max-pool inputs
-    (64, 128, 256, 512, 512 channels at strides 1, 2, 4, 8, 16).
+    ``fc``. Convs are named ``conv{k}`` / ``bn{k}`` in order. Taps, sown: ``stage{i}``, the
+    max-pool inputs (64, 128, 256, 512, 512 channels at strides 1, 2, 4, 8, 16).
     """
 
     num_classes: int = 100
@@ -242,13 +237,9 @@ class VGG(nn.Module):
     convs_per_stage: Sequence[int] = VGG9_STAGE_CONVS
     conv_impl: str = "auto"
 
-    def feature_taps(self) -> tuple[Tap, ...]:
-        return tuple(Tap(w, 2 ** i) for i, w in enumerate(self.widths))
-
-    def candidate_taps(self) -> tuple[int, ...]:
-        """Taps the matching schemes pick from: every stage (0..4), as the reference's
-        CIFAR pairs."""
-        return tuple(range(len(self.widths)))
+    def default_taps(self) -> tuple[str, ...]:
+        """Every stage (all are candidates, as in the reference's CIFAR pairs)."""
+        return tuple(f"stage{i}" for i in range(len(self.widths)))
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool):
@@ -259,16 +250,15 @@ class VGG(nn.Module):
                              f"{smallest}x{smallest} px, got {images.shape[1]}x"
                              f"{images.shape[2]}")
         x = images
-        features = []
         k = 0
-        for width, convs in zip(self.widths, self.convs_per_stage):
+        for stage, (width, convs) in enumerate(zip(self.widths, self.convs_per_stage)):
             for _ in range(convs):
                 x = _conv(width, 3, 1, 1, True, f"conv{k}", self.conv_impl)(x)
                 x = nn.relu(BatchNorm(name=f"bn{k}")(x, train))
                 k += 1
-            features.append(x)
+            self.sow("intermediates", f"stage{stage}", x)
             x = max_pool_2x2(x)
-        return _classifier(x, self.num_classes, torch_default_init=False), tuple(features)
+        return _classifier(x, self.num_classes, torch_default_init=False)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -292,30 +282,6 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return jnp.sum(windows * first_max, axis=-1)
 
 
-class MultiSource(nn.Module):
-    """Several frozen source networks read as one: their tap lists concatenate.
-
-    Multi-source transfer then needs nothing new downstream: a pair's source index m runs
-    over the concatenated taps, so each source has its own pairs, matching heads and
-    meta-network heads, and the matching losses of all sources add up. Variables are
-    ``{'params': {'sources_0': ..., 'sources_1': ...}, 'batch_stats': {...}}``. Returns the
-    first source's logits (what LwF distils) and the concatenated features.
-    """
-
-    sources: Sequence[nn.Module]
-
-    @property
-    def num_classes(self) -> int:
-        return self.sources[0].num_classes
-
-    def feature_taps(self) -> tuple[Tap, ...]:
-        return tuple(tap for source in self.sources for tap in source.feature_taps())
-
-    def __call__(self, images: jax.Array, train: bool):
-        outputs = [source(images, train) for source in self.sources]
-        return outputs[0][0], tuple(f for _, features in outputs for f in features)
-
-
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda **kw: CifarResNet(depth=20, **kw),
     "resnet32": lambda **kw: CifarResNet(depth=32, **kw),
@@ -328,45 +294,62 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 MODEL_NAMES = tuple(_REGISTRY)
 
 
-def model_name(model: nn.Module) -> str:
-    """The registry name of a model built by :func:`get_model` (for messages)."""
-    if isinstance(model, (CifarResNet, ImageNetResNet)):
-        return f"resnet{model.depth}"
-    if isinstance(model, VGG) and tuple(model.convs_per_stage) == VGG9_STAGE_CONVS:
-        return "vgg9_bn"
-    if isinstance(model, MultiSource):
-        return "+".join(model_name(source) for source in model.sources)
-    return type(model).__name__
+def register(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Adds a network to the registry (a notebook's own model, say): ``factory(num_classes,
+    **overrides)`` returns a Linen module whose ``__call__(images, train)`` returns logits.
+    Configs can also name a model by import path, ``package.module:Class``, unregistered."""
+    global MODEL_NAMES
+    _REGISTRY[name] = factory
+    MODEL_NAMES = tuple(_REGISTRY)
 
 
-def abstract_variables(model: nn.Module) -> dict:
-    """Shapes and dtypes of ``model``'s variables (``{'params', 'batch_stats'}``), no compute.
-
-    Parameter shapes do not depend on the input size; any size the network accepts will do.
-    """
-    parts = model.sources if isinstance(model, MultiSource) else (model,)
-    size = 64 if any(isinstance(part, ImageNetResNet) for part in parts) else 32
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                             train=False))
+def is_import_path(name: str) -> bool:
+    """``package.module:Attribute`` names a model outside the registry."""
+    return isinstance(name, str) and name.count(":") == 1 and all(name.split(":"))
 
 
-def get_model(name: str, num_classes: int, **overrides) -> nn.Module:
-    """Builds a registered network.
+def _factory(name: str) -> Callable[..., nn.Module]:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if is_import_path(name):
+        module_name, attribute = name.split(":")
+        try:
+            return getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import model {name!r}: {e}") from None
+    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}, or "
+                     "an import path package.module:Class")
+
+
+def get_model(name: str, num_classes: int, *, taps: str | Sequence[str] | None = None,
+              candidates: str | Sequence[str] | None = None, probe_size: int = 64,
+              **overrides) -> TappedNetwork:
+    """Builds a network with its taps.
 
     Args:
       name: one of :data:`MODEL_NAMES` (``resnet20/32/56`` are CIFAR-style,
-        ``resnet18/34`` torchvision-style, ``vgg9_bn``).
+        ``resnet18/34`` torchvision-style, ``vgg9_bn``), or an import path
+        ``package.module:Class`` of any Linen module with a ``num_classes`` attribute whose
+        ``__call__(images, train)`` returns logits.
       num_classes: classifier outputs.
+      taps, candidates: tap names (:func:`l2t_jax.taps.tapped`); None takes the model's own.
+      probe_size: input side at which tap strides are read (the data's image size).
       **overrides: module attributes, e.g. ``widths=(4, 8, 16)`` for tiny test models or
-        ``conv_impl='matmul'``.
+        ``conv_impl='matmul'`` (dropped for a model without that attribute).
 
     Returns:
-      A Linen module; ``model.feature_taps()`` lists its taps (channels, stride).
+      A :class:`~l2t_jax.taps.TappedNetwork`; ``feature_taps()`` lists its taps (channels,
+      stride).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    factory = _factory(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     if "conv_impl" in overrides:   # when built, not when first traced
         convolution.check_impl(overrides["conv_impl"])
-    return _REGISTRY[name](num_classes=num_classes, **overrides)
+        fields = getattr(factory, "__dataclass_fields__", None)
+        if name not in _REGISTRY and fields is not None and "conv_impl" not in fields:
+            overrides.pop("conv_impl")
+    module = factory(num_classes=num_classes, **overrides)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"model {name!r} built a {type(module).__name__}, not a Linen module")
+    return tapped(module, taps, candidates, name=name, probe_size=probe_size)

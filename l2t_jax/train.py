@@ -222,6 +222,8 @@ def transfer_weights(transfer: bilevel.Transfer, state, source_variables, source
     return {"pairs": [list(p) for p in transfer.pairs],
             "source_taps": [t.channels for t in transfer.source_model.feature_taps()],
             "target_taps": [t.channels for t in transfer.target_model.feature_taps()],
+            "source_tap_names": list(transfer.source_model.taps),
+            "target_tap_names": list(transfer.target_model.taps),
             "pair_weights": pair, "channel_weights": channel}
 
 
@@ -467,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if main_process:
             workdir_files.write_transfer_weights(workdir, weights)
     if config.export_source:
-        checkpoints.export_source(workdir, config, mesh)
+        checkpoints.export_source(workdir, config, mesh, transfer.target_model)
     result = {"test_at_best_val": progress["test_at_best"], "best_val": progress["best_val"],
               "best_epoch": progress["best_epoch"], "steps": total_steps,
               "dataset": config.data.name, "source": config.source_model,

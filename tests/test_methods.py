@@ -162,7 +162,7 @@ def test_two_sources_add_their_own_pairs_heads_and_meta_networks(method_assets, 
                              "pairs": "one_to_one", "model_overrides": {"widths": (4, 6, 8)}},)
     config.epochs, config.steps_per_epoch = 1, 2
     transfer = build.build_transfer(config)
-    assert isinstance(transfer.source_model, models.MultiSource)
+    assert len(transfer.source_model.parts) == 2
     # The second source's taps follow the first's 9: its one-to-one pairs are offset by 9.
     assert transfer.pairs[15:] == ((11, 0), (14, 1), (17, 2))
     result = train.train_and_evaluate(config, str(tmp_path))

@@ -43,10 +43,19 @@ def get_config(variant=None):
     config.source_checkpoint = "released:resnet32"
     config.target_model = "vgg9_bn"
     config.model_overrides = ml_collections.ConfigDict()   # e.g. widths for tiny models
+    # A model is a registry name (l2t_jax/models.py) or an import path package.module:Class
+    # of any Linen classifier (README, "Your own model"). Taps (l2t_jax/taps.py): the
+    # submodules or sown values whose outputs are matched, comma-separated in index order;
+    # "" takes the model's own (default_taps()). Candidates: the taps the matching schemes
+    # pick from; "" takes the model's own, or every tap when the taps are named here.
+    config.source_taps = ""
+    config.source_candidates = ""
+    config.target_taps = ""
+    config.target_candidates = ""
     config.conv_impl = "auto"
     # Multi-source: more frozen sources, each a dict with keys model, num_classes,
     # checkpoint, pairs (indices into that source's own taps, a scheme, or "as_primary" for
-    # config.pairs) and optionally model_overrides. Each gets its own heads and meta-networks; the losses add up.
+    # config.pairs) and optionally model_overrides, taps, candidates. Each gets its own heads and meta-networks; the losses add up.
     config.extra_sources = ()
 
     # Transfer (SPEC.md defaults). `pairs`: an explicit "source-target" list or a scheme,
