@@ -37,7 +37,7 @@ import time
 import ml_collections
 import numpy as np
 
-from l2t_jax import logs
+from l2t_jax import compile_cache, logs
 
 logger = logging.getLogger(__name__)
 
@@ -156,21 +156,15 @@ def _run_if_unfinished(run_config, workdir: str) -> tuple[dict, bool]:
     return train.train_and_evaluate(run_config, workdir), False
 
 
-def _use_compilation_cache(workdir: str) -> None:
-    # Every seed and budget of a method compiles to the same program: a persistent cache
-    # compiles it once per method (and once per machine across demo runs).
-    import jax
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the whole demo in ``workdir``; returns {'table': markdown, 'pictures': paths}."""
     from l2t_jax import methods, plots, summaries
     validate_demo_config(config)
     os.makedirs(workdir, exist_ok=True)
-    _use_compilation_cache(workdir)
+    # Every seed and budget of a method compiles to the same program: the persistent cache
+    # compiles it once per method (and once per machine across demo runs).
+    if not compile_cache.configured():
+        compile_cache.enable()
     started = time.time()
     data_dir = os.path.join(workdir, "data")
     sizes = write_digits_data(data_dir, config.split_seed)

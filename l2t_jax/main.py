@@ -22,7 +22,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from l2t_jax import build, checkpoints, configs, convert, demo, logs, parallel, train
+from l2t_jax import (build, checkpoints, compile_cache, configs, convert, demo, logs, parallel,
+                     train)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
@@ -31,6 +32,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
                                "result.json; an existing one is resumed.")
 _LOG_LIBRARIES = flags.DEFINE_bool("log_libraries", False, "Also print the libraries' INFO "
                                    "lines (orbax, absl, jax); by default only warnings.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "jax's persistent compilation cache, shared by all runs: a "
+    "directory, or 'off'; default ~/.cache/l2t_jax/xla (JAX_COMPILATION_CACHE_DIR wins).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -86,6 +90,7 @@ def main(argv):
         parallel.maybe_initialize_distributed()    # before anything touches a jax backend
     except ValueError as e:
         sys.exit(f"error: {e}")
+    compile_cache.enable(_COMPILATION_CACHE.value)
     config = _CONFIG.value
     program = demo.run_demo if config.get("program") == "demo" else train.train_and_evaluate
     try:

@@ -349,6 +349,9 @@ def get_model(name: str, num_classes: int, *, taps: str | Sequence[str] | None =
         fields = getattr(factory, "__dataclass_fields__", None)
         if name not in _REGISTRY and fields is not None and "conv_impl" not in fields:
             overrides.pop("conv_impl")
+    # Lists (from JSON metadata or a config) as tuples: a network is hashable, part of the
+    # static description of the step.
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     module = factory(num_classes=num_classes, **overrides)
     if not isinstance(module, nn.Module):
         raise ValueError(f"model {name!r} built a {type(module).__name__}, not a Linen module")

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from l2t_jax import bilevel, build, checkpoints, data, logs, parallel, provenance
+from l2t_jax import (bilevel, build, checkpoints, compile_cache, data, logs, parallel,
+                     provenance)
 from l2t_jax import workdir as workdir_files
 from l2t_jax.checkpoints import CheckpointError  # noqa: F401  (what a save raises here)
 
@@ -91,10 +92,16 @@ def compile_with_notice(what: str, jitted: Callable, *args, notify: bool = True)
     compile of a step can take minutes, and a silent program looks hung."""
     if notify:
         logger.info("compiling the %s...", what)
-    started = time.time()
+    started, before = time.time(), compile_cache.saved()
     compiled = jitted.lower(*args).compile()
     if notify:
-        logger.info("compiled the %s in %s", what, logs.duration(time.time() - started))
+        after = compile_cache.saved()
+        if after["hits"] > before["hits"]:
+            logger.info("loaded the %s from the compilation cache in %s (saved %s of "
+                        "compiling)", what, logs.duration(time.time() - started),
+                        logs.duration(after["seconds"] - before["seconds"]))
+        else:
+            logger.info("compiled the %s in %s", what, logs.duration(time.time() - started))
     return compiled
 
 
