@@ -76,6 +76,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("learning_rate", "meta_learning_rate"):
         if not (config[key] > 0 and math.isfinite(config[key])):
             raise ValueError(f"config.{key} must be finite and > 0, got {config[key]}")
+    if config.lr_reference_batch_size < 0:
+        raise ValueError("config.lr_reference_batch_size must be >= 0 (0: no scaling), got "
+                         f"{config.lr_reference_batch_size}")
     if config.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; valid: stop, skip")
     for key in ("num_classes", "image_size"):
@@ -323,12 +326,23 @@ def load_source_variables(config, transfer: bilevel.Transfer) -> PyTree:
             for collection in ("params", "batch_stats")}
 
 
+def base_learning_rate(config) -> float:
+    """theta's learning rate at the config's batch size, before the schedule:
+    ``learning_rate * batch_size / lr_reference_batch_size`` (linear scaling), or
+    ``learning_rate`` itself when ``lr_reference_batch_size`` is 0."""
+    if not config.lr_reference_batch_size:
+        return config.learning_rate
+    return config.learning_rate * config.batch_size / config.lr_reference_batch_size
+
+
 def learning_rate_schedule(config, steps_per_epoch: int):
-    """theta's learning rate as a function of the step (``config.lr_schedule``)."""
+    """theta's learning rate as a function of the step (``config.lr_schedule``, from
+    :func:`base_learning_rate`)."""
+    base = base_learning_rate(config)
     if config.lr_schedule == "step":
-        return step_learning_rate(config.learning_rate, config.epochs, steps_per_epoch,
-                                  config.lr_decay_at, config.lr_decay_factor)
-    return cosine_learning_rate(config.learning_rate, config.epochs, steps_per_epoch)
+        return step_learning_rate(base, config.epochs, steps_per_epoch, config.lr_decay_at,
+                                  config.lr_decay_factor)
+    return cosine_learning_rate(base, config.epochs, steps_per_epoch)
 
 
 def step_learning_rate(base: float, epochs: int, steps_per_epoch: int,

@@ -95,6 +95,7 @@ def _base_config(config, data_dir: str, name: str):
     run.data.hflip = False
     run.data.crop_padding = config.crop_padding
     run.eval_batch_size = 256
+    run.lr_reference_batch_size = 0            # the demo's rates are for its own batches
     run.checkpoint_every_steps = 10_000        # runs are short: checkpoint at epoch ends
     run.source_model = config.source_model
     run.source_num_classes = len(SOURCE_CLASSES)

@@ -380,6 +380,11 @@ def _describe(config, transfer, splits) -> None:
                 config.source_model if transfer.source_model is not None else "no source",
                 f" ({config.source_checkpoint})" if transfer.source_model is not None else "",
                 config.target_model, len(transfer.pairs))
+    scaled = (f" ({config.learning_rate:g} per {config.lr_reference_batch_size} examples, "
+              f"batch {config.batch_size})" if config.lr_reference_batch_size
+              and config.lr_reference_batch_size != config.batch_size else "")
+    logger.info("theta's learning rate %g%s, %s schedule over %d epochs",
+                build.base_learning_rate(config), scaled, config.lr_schedule, config.epochs)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -486,6 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "train_examples": len(splits["train"]),
               "extra_sources": [dict(s)["model"] for s in config.extra_sources],
               "skipped_steps": progress["skipped_steps"],
+              "learning_rate": build.base_learning_rate(config),
               "wall_seconds": round(books.wall_seconds(), 1), "run": run_info}
     if main_process:
         path = workdir_files.write_result(workdir, result)

@@ -114,6 +114,7 @@ def tiny_config(data_dir, source_dir, **overrides):
     # tests' time. The T-step loop itself is checked in test_bilevel and test_parity (T = 2).
     config.T = 1
     config.batch_size = 8
+    config.lr_reference_batch_size = 0   # the tests' rates as given (0.1 at batch 8)
     config.eval_batch_size = 8
     config.epochs = 2
     config.steps_per_epoch = 3

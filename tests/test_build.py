@@ -25,6 +25,50 @@ def test_config_errors_name_the_key(tiny_assets):
             build.validate_config(bad)
 
 
+# The paper's experiments and the authors' source pre-training: theta's rate is 0.1
+# (SPEC.md; the reference's train scripts), at each config's own batch size.
+PAPER_CONFIGS = ("cifar100", "stl10", "cub200", "dogs", "mit67", "stanford40",
+                 "pretrain_tinyimagenet", "pretrain_cifar10")
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_keep_their_exact_learning_rate(name):
+    from l2t_jax import configs
+    import importlib
+    config = importlib.import_module(f"l2t_jax.configs.{name}").get_config()
+    assert build.base_learning_rate(config) == 0.1
+    assert configs.resolve(name).endswith(f"{name}.py")
+
+
+def test_other_batch_sizes_scale_the_rate_linearly():
+    from l2t_jax.configs import cifar100, cub200
+    config = cifar100.get_config()
+    config.batch_size = 32                      # 0.1 per 128 examples
+    assert build.base_learning_rate(config) == pytest.approx(0.025)
+    images = cub200.get_config()
+    images.batch_size = 16                      # 0.1 per 64 examples (the 224-px rows)
+    assert build.base_learning_rate(images) == pytest.approx(0.025)
+    config.lr_reference_batch_size = 0          # as given
+    assert build.base_learning_rate(config) == 0.1
+    schedule = build.learning_rate_schedule(cifar100.get_config(variant="tiny"), 2)
+    # tiny: batch 8 -> 0.1 * 8 / 128, cosine over 2 epochs (epoch 0 at half of it).
+    np.testing.assert_allclose(float(schedule(0)), 0.1 * 8 / 128 / 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="lr_reference_batch_size must be >= 0"):
+        bad = cifar100.get_config()
+        bad.lr_reference_batch_size = -1
+        build.validate_config(bad)
+
+
+def test_the_demo_keeps_its_rates():
+    from l2t_jax import demo
+    from l2t_jax.configs import demo as demo_config
+    config = demo_config.get_config()
+    target = demo.target_config(config, "data", "source", "fm", "one_to_one", 5, 0)
+    source = demo.source_config(config, "data")
+    assert build.base_learning_rate(target) == config.learning_rate == 0.05
+    assert build.base_learning_rate(source) == 0.1 and source.batch_size == 64
+
+
 def test_step_schedule_is_multistep_lr():
     rates = build.step_learning_rate(0.1, 8, 10, (0.5, 0.75), 0.1)
     values = [float(rates(epoch * 10)) for epoch in range(8)]

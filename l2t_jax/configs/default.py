@@ -90,7 +90,13 @@ def get_config(variant=None):
     config.batch_size = 128
     config.eval_batch_size = 256
     config.epochs = 200
+    # theta's learning rate for a batch of lr_reference_batch_size examples: another batch
+    # size scales it linearly (Goyal et al. 2017, as the Flax examples do), the rate used
+    # being learning_rate * batch_size / lr_reference_batch_size (logged at the start and
+    # in result.json). The paper's configs give the rate of their own batch, so their rates
+    # are exactly the paper's; 0 uses learning_rate as given, whatever the batch.
     config.learning_rate = 0.1
+    config.lr_reference_batch_size = 128
     config.lr_schedule = "cosine"
     config.lr_decay_at = (0.5, 0.75)
     config.lr_decay_factor = 0.1
@@ -129,6 +135,7 @@ def imagenet_transfer(config, name, num_classes, official_split=""):
     config.target_model = "resnet18"
     config.pairs = IMAGENET_PAIRS
     config.batch_size = 64
+    config.lr_reference_batch_size = 64    # the reference's 0.1 is for its batch of 64
     return config
 
 
