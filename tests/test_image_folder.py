@@ -159,3 +159,14 @@ def test_num_classes_is_checked_and_mistakes_are_clear_errors(folders, tmp_path)
                                     f"--config.data.data_dir={root}",
                                     "--config.data.num_classes=7"))
     assert "config.data.num_classes=7, but" in error and "has 3 class folders" in error
+
+
+def test_both_settings_validate_and_pair_all_to_all(folders):
+    for variant, source, target, size, pairs in (("tiny", "resnet34", "resnet18", 64, 16),
+                                                 ("small", "resnet32", "vgg9_bn", 32, 15)):
+        config = build.resolve_data(_config(folders[0], variant))
+        build.validate_config(config)
+        assert (config.source_model, config.target_model) == (source, target)
+        assert config.data.image_size == size and config.batch_size == (
+            8 if variant == "tiny" else 32)
+        assert len(build.build_transfer(config).pairs) == pairs
