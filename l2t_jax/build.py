@@ -81,9 +81,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"{config.lr_reference_batch_size}")
     if config.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; valid: stop, skip")
-    for key in ("num_classes", "image_size"):
-        if config.data[key] < 1:
-            raise ValueError(f"config.data.{key} must be >= 1, got {config.data[key]}")
+    if config.data.num_classes < 1:
+        raise ValueError(f"config.data.num_classes must be >= 1, got "
+                         f"{config.data.num_classes}" + (
+                             " (0 is inferred from an image folder by build.resolve_data, "
+                             "which the training program calls first)"
+                             if config.data.num_classes == 0 else ""))
+    if config.data.image_size < 1:
+        raise ValueError(f"config.data.image_size must be >= 1, got {config.data.image_size}")
+    if not 0 < config.data.val_fraction < 1:
+        raise ValueError(f"config.data.val_fraction must be in (0, 1), got "
+                         f"{config.data.val_fraction}")
     if config.source_num_classes < 1:
         raise ValueError(f"config.source_num_classes must be >= 1, got "
                          f"{config.source_num_classes}")
@@ -121,14 +129,47 @@ def _split_source(config, split: str):
     return data.Subset(source, indices, classes)
 
 
+def resolve_data(config) -> ml_collections.ConfigDict:
+    """The config with what its data decides filled in (a copy; the rest unchanged).
+
+    For one's own image folder (``data.kind='image_folder'`` without an official split):
+    ``data.classes`` and ``data.num_classes`` from the folder's ``train/`` class folders
+    (:func:`l2t_jax.data.image_folder_classes`; when given, they are checked). The training
+    program calls it first, so config.json records the classes.
+
+    Raises:
+      data.DataError: no folder, or a class count or list other than the folder's.
+    """
+    if config.data.kind != "image_folder" or config.data.official_split:
+        return config
+    classes = data.image_folder_classes(config.data.data_dir, config.data.num_classes,
+                                        tuple(config.data.classes))
+    resolved = config.copy_and_resolve_references()
+    resolved.data.classes = tuple(classes)
+    resolved.data.num_classes = len(classes)
+    return resolved
+
+
 def load_splits(config) -> dict:
     """{'train', 'val', 'test'} sources (val/test as listed in config.data.eval_splits).
+
+    An own image folder (``data.kind='image_folder'``, no official split) goes through
+    :func:`l2t_jax.data.image_folder_splits`: the class folders are checked across splits,
+    and without ``val/`` the val split is carved from train (``data.val_fraction``,
+    ``data.split_seed``).
 
     With ``config.data.train_examples_per_class`` the train split keeps that many examples
     of each class, drawn from the seed.
     """
-    splits = {split: _split_source(config, split)
-              for split in ("train",) + tuple(config.data.eval_splits)}
+    names = ("train",) + tuple(config.data.eval_splits)
+    if config.data.kind == "image_folder" and not config.data.official_split:
+        # One's own folder: classes checked across splits, val carved from train if absent.
+        splits = data.image_folder_splits(
+            config.data.data_dir, names, val_fraction=config.data.val_fraction,
+            split_seed=config.data.split_seed, skip_corrupt=config.data.skip_corrupt,
+            num_classes=config.data.num_classes)
+    else:
+        splits = {split: _split_source(config, split) for split in names}
     if config.data.train_examples_per_class:
         splits["train"] = data.per_class_subset(
             splits["train"], config.data.train_examples_per_class, config.seed)

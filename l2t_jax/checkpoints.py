@@ -5,7 +5,8 @@ This module owns the workdir's orbax directories (``checkpoints/``, ``best/``, `
 progress and restores the newest readable one (unreadable ones are moved aside, never
 deleted); :func:`check_resumable` refuses a workdir written by another config;
 :func:`save_best` and :func:`export_source` write the best target, the latter in the format
-``config.source_checkpoint`` reads. Every process takes part in every orbax call (orbax
+``config.source_checkpoint`` reads; :func:`target_model` and :func:`restore_target` read a
+finished (or running) workdir's target back, for export and evaluation. Every process takes part in every orbax call (orbax
 synchronises them and writes each replicated array once).
 """
 from __future__ import annotations
@@ -193,3 +194,61 @@ def export_source(workdir: str, config, mesh, target: models.TappedNetwork) -> N
         "candidates": [target.taps[i] for i in target.candidates],
         "trained_by": "l2t_jax.train"})
     logger.info("exported the best target as a source checkpoint: %s", path)
+
+
+# ---------------------------------------------------------------- reading a run's target
+WHICH = ("best", "last")
+
+
+def target_model(config: dict):
+    """The run's target network, without weights, from its config.json values (a dict, or
+    a ConfigDict)."""
+    config = dict(config)
+    overrides = dict(dict(config.get("model_overrides") or {}).get("target") or {})
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return models.get_model(config["target_model"], int(config["data"]["num_classes"]),
+                            **overrides)
+
+
+def restore_target(workdir: str, model, which: str = "best") -> tuple[dict, int | None]:
+    """The target's variables ``{'params', 'batch_stats'}`` of a run, as host arrays:
+    ``which='best'`` from ``best/`` (the best val accuracy), ``'last'`` from the newest
+    checkpoint in ``checkpoints/``. Returns (variables, the checkpoint's step, or None for
+    best/). One process; any device count may have written the files.
+
+    Raises:
+      FileNotFoundError: naming the directory that is missing.
+      ValueError: an unknown ``which``.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}; valid: {', '.join(WHICH)}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if which == "best":
+        path = workdir_files.path(workdir, workdir_files.BEST)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} does not exist: the run has not finished an "
+                                    "epoch yet (best/ is written at evaluations); use "
+                                    "--which last for its newest checkpoint")
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                               sharding=device),
+                                models.abstract_variables(model))
+        variables = ocp.StandardCheckpointer().restore(path, abstract)
+        return jax.device_get(variables), None
+    directory = workdir_files.path(workdir, workdir_files.CHECKPOINTS)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist: the run wrote no checkpoint")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "progress"))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{directory} holds no checkpoint")
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step),
+                                                                "state"))
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            metadata.item_metadata)
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+    state = jax.device_get(state)
+    return {"params": state["target_params"]["model"],
+            "batch_stats": state["batch_stats"]}, int(step)

@@ -82,6 +82,57 @@ def write_digits_data(directory: str, split_seed: int) -> dict:
     return sizes
 
 
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# How write_digits_image_folder stores the k-th image of a class: PIL modes and (height,
+# width) in turn, so that a folder has grayscale, RGB and RGBA files of several sizes.
+FOLDER_MODES = ("L", "RGB", "RGBA")
+FOLDER_SIZES = ((8, 8), (16, 16), (20, 28), (32, 32), (12, 10))
+
+
+def write_digits_image_folder(root: str, digits=tuple(range(10)), train_per_class: int = 30,
+                              test_per_class: int = 20, val_per_class: int = 0,
+                              seed: int = 0) -> dict:
+    """sklearn's digits as an image folder ``root/{train,[val],test}/<name>/<k>.png``, the
+    layout of one's own data (``configs/image_folder.py``): class folders named ``zero`` ...
+    ``nine`` (so the sorted class order is not the digits' order), images drawn without
+    replacement per class by ``seed``, and stored in turn as grayscale, RGB and RGBA PNGs
+    (:data:`FOLDER_MODES`) of several sizes (:data:`FOLDER_SIZES`, bilinear from the 8x8
+    scans). RGBA files carry an alpha channel that RGB conversion drops. No ``val/`` with
+    ``val_per_class=0``. Returns the number of images per split.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    loaded = load_digits()
+    grey = np.round(loaded.images * (255.0 / 16.0)).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
+    written = {split: 0 for split, n in counts.items() if n}
+    for digit in digits:
+        members = rng.permutation(np.flatnonzero(loaded.target == digit))
+        needed = sum(counts.values())
+        if needed > len(members):
+            raise ValueError(f"digit {digit} has {len(members)} images, {needed} were asked")
+        start = 0
+        for split, n in counts.items():
+            if not n:
+                continue
+            directory = os.path.join(root, split, DIGIT_NAMES[digit])
+            os.makedirs(directory, exist_ok=True)
+            for k, index in enumerate(members[start:start + n]):
+                height, width = FOLDER_SIZES[k % len(FOLDER_SIZES)]
+                image = Image.fromarray(grey[index]).resize((width, height), Image.BILINEAR)
+                mode = FOLDER_MODES[k % len(FOLDER_MODES)]
+                if mode == "RGB":
+                    image = image.convert("RGB")
+                elif mode == "RGBA":
+                    image = image.convert("RGBA")
+                    image.putalpha(Image.fromarray(np.full((height, width), 200, np.uint8)))
+                image.save(os.path.join(directory, f"{k:03d}.png"))
+            written[split] += n
+            start += n
+    return written
+
+
 def _base_config(config, data_dir: str, name: str):
     """Settings shared by the source and the target runs."""
     from l2t_jax import build

@@ -19,6 +19,8 @@ This module owns the figures drawn from workdirs' files (written by
 - :func:`plot_workdir`: every picture the workdir's files allow; the command line calls it.
 - :func:`plot_limited_data`: accuracy against training examples per class over a grid's
   runs (the limited-data table, summarised by :mod:`l2t_jax.summaries`).
+- :func:`plot_confusion_matrix`: true class x predicted class of one split
+  (:mod:`l2t_jax.evaluate` draws it).
 
 Files are read through :mod:`l2t_jax.workdir`; methods are named and coloured by
 :mod:`l2t_jax.methods` (:func:`label_color`).
@@ -482,6 +484,38 @@ def plot_limited_data(results: Iterable[dict[str, Any]], path: str) -> str:
         else:
             gain_ax.text(0.5, 0.5, "no Scratch runs to compare with", ha="center",
                          va="center", transform=gain_ax.transAxes)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------- confusion matrix
+def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: str,
+                          title: str = "") -> str:
+    """PNG: true class (rows) x predicted class (columns). Colour: the share of the row's
+    images (so each row's diagonal cell is that class's accuracy); with at most 30 classes
+    the counts are written in the cells and every class is named."""
+    confusion = np.asarray(confusion)
+    k = len(classes)
+    if confusion.shape != (k, k):
+        raise ValueError(f"confusion matrix of shape {confusion.shape} for {k} classes")
+    totals = confusion.sum(axis=1, keepdims=True)
+    shares = np.divide(confusion, totals, out=np.zeros(confusion.shape, float),
+                       where=totals > 0)
+    side = min(max(4.5, 0.45 * k + 2.5), 16.0)
+    fig = Figure(figsize=(side + 1.2, side), constrained_layout=True)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, aspect="equal")
+    if k <= 30:
+        for r in range(k):
+            for c in range(k):
+                if confusion[r, c]:
+                    ax.text(c, r, str(int(confusion[r, c])), ha="center", va="center",
+                            fontsize=8, color="white" if shares[r, c] > 0.6 else "black")
+        ax.set_xticks(range(k), [str(c) for c in classes], rotation=90, fontsize=8)
+        ax.set_yticks(range(k), [str(c) for c in classes], fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="share of the true class's images", shrink=0.8)
     return _save(fig, path)
 
 

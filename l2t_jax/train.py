@@ -406,6 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       Preempted: SIGTERM; a checkpoint was saved at the step where the run stopped.
     """
     parallel.maybe_initialize_distributed()   # a no-op unless launched as several processes
+    config = build.resolve_data(config)       # an image folder's classes (checked)
     build.validate_config(config)
     main_process = parallel.is_main_process()
     os.makedirs(workdir, exist_ok=True)

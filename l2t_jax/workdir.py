@@ -14,6 +14,8 @@ and pictures read through it. Nothing here imports JAX.
 - ``transfer_weights.json``: what phi learned, for the pictures
   (:func:`write_transfer_weights`).
 - ``checkpoints/``, ``best/``, ``source/``: orbax directories (:mod:`l2t_jax.checkpoints`).
+- ``eval_<split>_<best|last>.json`` and ``confusion_<split>_<best|last>.png``: what
+  :mod:`l2t_jax.evaluate` writes (:func:`evaluation_files`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 SOURCE = "source"
+
+
+def evaluation_files(split: str, which: str) -> tuple[str, str]:
+    """The names of :mod:`l2t_jax.evaluate`'s JSON report and confusion-matrix picture."""
+    return f"eval_{split}_{which}.json", f"confusion_{split}_{which}.png"
 
 
 def path(workdir: str, name: str) -> str:

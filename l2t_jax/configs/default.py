@@ -26,7 +26,15 @@ def get_config(variant=None):
     config.data.name = "cifar100"          # TFDS name, or a label for the other kinds
     config.data.data_dir = ""              # TFDS data_dir / image-folder root / npz directory
     config.data.official_split = "cifar100"  # name in the release's split/ files, or "" for none
-    config.data.num_classes = 100
+    config.data.num_classes = 100          # own image folders: 0 infers it from train/
+    # Class names in label order. Own image folders (kind image_folder, no official split)
+    # fill it from train/'s sub-folders (sorted), and check it when it is given.
+    config.data.classes = ()
+    # Own image folders without a val/ folder: this fraction of every train class is held
+    # out as the val split (stratified), drawn from split_seed, not the run's seed, so runs
+    # of every seed and method select their models on the same images.
+    config.data.val_fraction = 0.1
+    config.data.split_seed = 0
     config.data.image_size = 32            # network input; 32-px sets pad-crop-flip, else RRC
     config.data.eval_splits = ("val", "test")
     config.data.skip_corrupt = False       # image folders: skip undecodable files (logged)
