@@ -205,9 +205,10 @@ def target_model(config: dict):
     a ConfigDict)."""
     config = dict(config)
     overrides = dict(dict(config.get("model_overrides") or {}).get("target") or {})
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return models.get_model(config["target_model"], int(config["data"]["num_classes"]),
-                            **overrides)
+                            taps=config.get("target_taps") or None,
+                            candidates=config.get("target_candidates") or None,
+                            probe_size=int(config["data"]["image_size"]), **overrides)
 
 
 def restore_target(workdir: str, model, which: str = "best") -> tuple[dict, int | None]:
@@ -233,7 +234,7 @@ def restore_target(workdir: str, model, which: str = "best") -> tuple[dict, int 
                                     "--which last for its newest checkpoint")
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                sharding=device),
-                                models.abstract_variables(model))
+                                model.abstract_variables())
         variables = ocp.StandardCheckpointer().restore(path, abstract)
         return jax.device_get(variables), None
     directory = workdir_files.path(workdir, workdir_files.CHECKPOINTS)

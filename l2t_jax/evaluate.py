@@ -48,10 +48,9 @@ def class_names(config) -> list[str]:
 
 
 def logits_of(model, variables, images):
-    """The network's logits (eval-mode BN), whether it returns them alone or with
-    features."""
-    outputs = model.apply(variables, images, train=False)
-    return outputs[0] if isinstance(outputs, tuple) else outputs
+    """The network's logits (eval-mode BN); ``model`` a
+    :class:`~l2t_jax.taps.TappedNetwork`."""
+    return model.module.apply(variables, images, train=False)
 
 
 def predict(model, variables, source, image_size: int, batch_size: int = 64

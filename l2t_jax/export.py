@@ -60,8 +60,9 @@ def torch_state_dict(model, variables: Mapping[str, Any]) -> dict:
     return state_dict
 
 
-def layout(model) -> str:
+def layout(network) -> str:
     """In words: whose module the exported keys fit."""
+    model = network.module
     if isinstance(model, models.ImageNetResNet):
         return (f"torchvision.models.resnet{model.depth} (torchvision's module and key "
                 "names)")
@@ -71,7 +72,7 @@ def layout(model) -> str:
     if isinstance(model, models.VGG):
         return ("the authors' VGG-9-BN (alinlab/L2T-ww, vgg_cifar.vgg9_bn: features.K, "
                 "classifier)")
-    return f"{type(model).__name__}, keys as l2t_jax.convert reads them"
+    return f"{network.name}, keys as l2t_jax.convert reads them"
 
 
 def describe(config: Mapping[str, Any], model, which: str, step: Optional[int],
@@ -83,7 +84,7 @@ def describe(config: Mapping[str, Any], model, which: str, step: Optional[int],
     result_path = workdir_files.path(workdir, workdir_files.RESULT)
     result = workdir_files.read_json(result_path) if os.path.isfile(result_path) else {}
     return {
-        "model": models.model_name(model),
+        "model": model.name,
         "layout": layout(model),
         "model_overrides": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in
                             dict(dict(config.get("model_overrides") or {}).get("target")

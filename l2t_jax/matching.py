@@ -66,6 +66,12 @@ def parse_pairs(spec: str | Sequence[Sequence[int]], source_taps: Sequence[str] 
 SCHEMES = ("single", "one_to_one", "all_to_all")
 
 
+def _no_taps(name: str, role: str) -> str:
+    return (f"{name} declares no taps (default_taps()); name the submodules or sown values "
+            f"whose outputs are matched, e.g. config.{role}_taps='stage1,stage2' "
+            "(l2t_jax.taps.available_taps lists them)")
+
+
 def resolve_pairs(spec: str | Sequence[Sequence[int]], source_model: TappedNetwork,
                   target_model: TappedNetwork) -> tuple[Pair, ...]:
     """A scheme name (:data:`SCHEMES`) or an explicit list -> validated pairs.
@@ -73,6 +79,9 @@ def resolve_pairs(spec: str | Sequence[Sequence[int]], source_model: TappedNetwo
     ``source_model`` and ``target_model`` are networks from :func:`l2t_jax.models.get_model`;
     schemes use their ``candidate_taps()`` and ``feature_taps()`` strides.
     """
+    for network, role in ((source_model, "source"), (target_model, "target")):
+        if not network.taps:
+            raise ValueError(_no_taps(network.name, role))
     source_taps, target_taps = source_model.feature_taps(), target_model.feature_taps()
     source_name, target_name = source_model.name, target_model.name
     if isinstance(spec, str) and spec in SCHEMES:
@@ -106,6 +115,10 @@ def validate_pairs(pairs: Sequence[Pair], source_taps: Sequence[Tap],
                    target_taps: Sequence[Tap], source_name: str = "source",
                    target_name: str = "target") -> None:
     """Raises ValueError naming the first pair whose index a network does not expose."""
+    for taps, name, role in ((source_taps, source_name, "source"),
+                             (target_taps, target_name, "target")):
+        if pairs and not taps:
+            raise ValueError(_no_taps(name, role))
     for m, n in pairs:
         if not 0 <= m < len(source_taps):
             raise ValueError(

@@ -205,23 +205,20 @@ def tapped(module: nn.Module, taps: str | Sequence[str] | None = None,
     Args:
       module: ``__call__(images, train)`` returns logits.
       taps: tap names in index order (``"a,b"`` or a sequence); None takes the module's
-        ``default_taps()``.
+        ``default_taps()``, or none when it declares none (enough for a network that
+        nothing is transferred to or from: scratch, pre-training).
       candidates: the taps the matching schemes pick from (names among ``taps``); None takes
         the module's ``default_candidates()`` when its own taps are used, else every tap.
       name: for messages and checkpoints (default: the module's class name).
       probe_size: input side at which tap strides are read (the data's image size).
 
     Raises:
-      ValueError: no taps named or declared, a repeated tap, a candidate that is no tap.
+      ValueError: a repeated tap, a candidate that is no tap.
     """
     name = name or type(module).__name__
     tap_names, candidate_names = _names(taps), _names(candidates)
     if tap_names is None:
-        if not hasattr(module, "default_taps"):
-            raise ValueError(f"{name} declares no taps (default_taps()); name the modules "
-                             "or sown values to tap, e.g. config.target_taps='stage1,stage2'"
-                             ", or see l2t_jax.taps.available_taps")
-        tap_names = tuple(module.default_taps())
+        tap_names = tuple(module.default_taps()) if hasattr(module, "default_taps") else ()
         if candidate_names is None and hasattr(module, "default_candidates"):
             candidate_names = tuple(module.default_candidates())
     if len(set(tap_names)) != len(tap_names):

@@ -46,7 +46,7 @@ def _random_variables(model, seed):
         else:                                   # BN and layer biases
             value = 0.1 * rng.standard_normal(shape)
         return value.astype(np.float32)
-    return jax.tree_util.tree_map_with_path(draw, models.abstract_variables(model))
+    return jax.tree_util.tree_map_with_path(draw, model.abstract_variables())
 
 
 def _fake_run(workdir, name, widths, size, variables):

@@ -100,8 +100,11 @@ def test_a_network_without_batch_norm_traces_through_the_step():
 
 
 def test_tap_errors_name_what_can_be_tapped():
-    with pytest.raises(ValueError, match="declares no taps"):
-        models.get_model(PLAIN_NET, 3)
+    untapped = models.get_model(PLAIN_NET, 3)     # enough for scratch or pre-training
+    assert untapped.taps == () and untapped.feature_taps() == ()
+    from l2t_jax import matching
+    with pytest.raises(ValueError, match=r"declares no taps .*config.target_taps="):
+        matching.resolve_pairs("one_to_one", models.get_model("resnet20", 5), untapped)
     with pytest.raises(ValueError, match=r"'stage9' is neither a submodule nor a sown value"
                                          r".*before_pool, stage1, stage2, and 4 nested paths such as stage1/bn"):
         models.get_model(PLAIN_NET, 3, taps="stage1,stage9").feature_taps()

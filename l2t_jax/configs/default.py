@@ -176,8 +176,10 @@ def tiny(config):
     config.steps_per_epoch = 2
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
-    config.model_overrides = ml_collections.ConfigDict({
-        "target": {"widths": TINY_WIDTHS[config.target_model]}})
+    # A model without tiny widths here (an import path) keeps its own.
+    config.model_overrides = ml_collections.ConfigDict(
+        {"target": {"widths": TINY_WIDTHS[config.target_model]}}
+        if config.target_model in TINY_WIDTHS else {"target": {}})
     if config.data.image_size > 64:
         config.data.image_size = 64
     return config
