@@ -26,6 +26,13 @@ PyTree = Any
 # Config keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                   "eval_batch_size", "export_source", "on_nonfinite", "jit_init")
+# Keys added since runs were first written, with the value that reproduces how a run whose
+# config.json lacks them behaved (ANY: every value does, e.g. the classes an image folder
+# run now records, which are what it used); such a run resumes when the config has it.
+ANY = object()
+ADDED_KEYS = {"lr_reference_batch_size": 0, "source_taps": "", "source_candidates": "",
+              "target_taps": "", "target_candidates": "", "data.classes": ANY,
+              "data.val_fraction": ANY, "data.split_seed": ANY}
 
 
 class CheckpointError(OSError):
@@ -50,12 +57,24 @@ def check_resumable(config, workdir: str) -> None:
     except ValueError as e:
         raise ValueError(f"{e}; use a new workdir") from None
     current = config_for_comparison(config)
+    predates = []          # keys added since the run, set to what it did (ADDED_KEYS)
+    for key, value in ADDED_KEYS.items():
+        *parent, leaf = key.split(".")
+        given, now = saved, current
+        for part in parent:
+            given, now = given.get(part, {}), now.get(part, {})
+        if leaf not in given and leaf in now:
+            given[leaf] = now[leaf] if value is ANY else value
+            if given[leaf] != now[leaf]:
+                predates.append(f"--config.{key}={json.dumps(value)}")
     differing = sorted(k for k in set(saved) | set(current)
                        if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
     if differing:
+        hint = (f". The run predates {', '.join(p.split('=')[0][9:] for p in predates)}: it "
+                f"resumes with {' '.join(predates)}" if predates else "")
         raise ValueError(f"{workdir} holds a run with another config (keys differ: "
                          f"{', '.join(differing)}); use a new workdir "
-                         f"(or compare with {config_path})")
+                         f"(or compare with {config_path}){hint}")
 
 
 class Checkpoints:

@@ -49,3 +49,22 @@ def test_another_config_is_refused_by_the_keys_that_differ(tmp_path):
     config.beta = 1.0
     with pytest.raises(ValueError, match=r"another config \(keys differ: beta\)"):
         checkpoints.check_resumable(config, str(tmp_path))
+
+
+def test_a_run_from_before_a_key_was_added_resumes_as_it_ran(tmp_path):
+    """config.json without lr_reference_batch_size (added later): the run used its rate as
+    given, i.e. 0; other added keys take any value (data.classes records what it used)."""
+    from l2t_jax import workdir
+    old = {"seed": 0, "batch_size": 32, "data": {"name": "folder"}}
+    workdir.write_config(str(tmp_path), old)
+    config = ml_collections.ConfigDict({**old, "lr_reference_batch_size": 128, "data": {
+        "name": "folder", "classes": ("cat", "dog"), "val_fraction": 0.1}})
+    with pytest.raises(ValueError, match=r"keys differ: lr_reference_batch_size\).*predates "
+                                         r"lr_reference_batch_size: it resumes with "
+                                         r"--config.lr_reference_batch_size=0"):
+        checkpoints.check_resumable(config, str(tmp_path))
+    config.lr_reference_batch_size = 0
+    checkpoints.check_resumable(config, str(tmp_path))
+    config.data.name = "other"
+    with pytest.raises(ValueError, match=r"keys differ: data\)"):
+        checkpoints.check_resumable(config, str(tmp_path))

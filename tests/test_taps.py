@@ -115,6 +115,19 @@ def test_tap_errors_name_what_can_be_tapped():
     assert "stage2/bn" in taps.available_taps(PlainNet(3), 32)
 
 
+def test_schemes_work_over_named_taps():
+    """Strides from eval_shape: one_to_one pairs the taps of equal stride."""
+    from l2t_jax import matching
+    source = models.get_model(PLAIN_NET, 5, taps="stage1,stage2/conv,before_pool",
+                              candidates="stage1,before_pool", probe_size=32)
+    target = models.get_model(PLAIN_NET, 3, widths=(6, 6, 6), taps="stage1,stage2,stage3",
+                              probe_size=32)
+    assert [t.stride for t in target.feature_taps()] == [1, 2, 4]
+    assert matching.resolve_pairs("one_to_one", source, target) == ((0, 0), (2, 1))
+    assert matching.resolve_pairs("single", source, target) == ((2, 2),)
+    assert len(matching.resolve_pairs("all_to_all", source, target)) == 2 * 3
+
+
 def test_paper_indices_map_to_the_declared_tap_names():
     resnet32 = models.get_model("resnet32", 10)
     assert resnet32.taps[4] == "blocks2_3" and resnet32.candidate_taps() == (4, 9, 14)
