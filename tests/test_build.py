@@ -59,6 +59,12 @@ def test_other_batch_sizes_scale_the_rate_linearly():
         build.validate_config(bad)
 
 
+def test_the_image_folder_config_scales_the_paper_rate_to_its_batch():
+    from l2t_jax.configs import image_folder
+    assert build.base_learning_rate(image_folder.get_config()) == pytest.approx(0.05)
+    assert build.base_learning_rate(image_folder.get_config("small")) == pytest.approx(0.025)
+
+
 def test_the_demo_keeps_its_rates():
     from l2t_jax import demo
     from l2t_jax.configs import demo as demo_config

@@ -25,8 +25,9 @@ pairs the candidate taps of any source and target.
 
 The recipe is NOT tuned for small data yet (a separate issue will): it is the paper's
 (SGD-momentum with a cosine schedule over 200 epochs, T = 2, meta learning rate 1e-4),
-with batch 32 and learning rate 0.05 (the paper's 0.1 at batch 64, scaled with the batch)
-so that a folder of a few hundred images has several steps per epoch.
+with batch 32, so that a folder of a few hundred images has several steps per epoch, and
+the paper's learning rate scaled linearly to it (``lr_reference_batch_size``): 0.05 by
+default (0.1 per 64 images), 0.025 for ``small`` (0.1 per 128, the CIFAR setting).
 """
 from l2t_jax.configs import default
 
@@ -38,6 +39,7 @@ def small(config):
     config.source_num_classes = 200
     config.source_checkpoint = "released:resnet32"
     config.target_model = "vgg9_bn"
+    config.lr_reference_batch_size = 128    # CIFAR-100's 0.1 is for its batch of 128
     return config
 
 
@@ -47,7 +49,6 @@ def get_config(variant=None):
     config.data.eval_splits = ("val", "test")
     config.pairs = "all_to_all"
     config.batch_size = 32
-    config.learning_rate = 0.05
     config.eval_batch_size = 64
     # `small` first: `tiny` shrinks the networks the variant chose.
     parts = (variant or "").split(",")
