@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2t_jax import models
+from l2t_jax import models, zoo
 
 # Keys the reference's classes define but never use in a forward pass: the CIFAR ResNet's
 # and VGG's ``alphas``, and the VGG class's extra heads. ``num_batches_tracked`` is BN
@@ -42,7 +42,19 @@ _LEAF_TO_TORCH = {("params", "kernel"): "weight", ("params", "bias"): "bias",
 
 
 def _torch_module_name(model: models.nn.Module, name: str) -> str:
-    """Maps one Flax submodule name of ``model`` (the Linen module) to its PyTorch path."""
+    """Maps one Flax submodule name of ``model`` (the Linen module) to its PyTorch path.
+
+    One-to-one for each model class (:func:`torch_state_dict_from_flax` relies on it):
+    distinct Flax paths give distinct PyTorch keys.
+    """
+    if isinstance(model, zoo.WideResNet):
+        # block2/layer_0/convShortcut -> block2.layer.0.convShortcut
+        indexed = re.fullmatch(r"layer_(\d+)", name)
+        return f"layer.{indexed.group(1)}" if indexed else name
+    if isinstance(model, zoo.MobileNetV2):
+        # features_3/conv_1/0 -> features.3.conv.1.0 (nn.Sequential indices).
+        indexed = re.fullmatch(r"(features|conv|classifier)_(\d+)", name)
+        return f"{indexed.group(1)}.{indexed.group(2)}" if indexed else name
     if name == "downsample_conv":
         return "downsample.0"
     if name == "downsample_bn":
@@ -84,14 +96,27 @@ def _to_torch_layout(array: np.ndarray) -> np.ndarray:
 
 
 def guess_architecture(keys) -> str:
-    """Best guess of a registered model name from PyTorch state-dict keys (for messages)."""
+    """Best guess of a registered model name from PyTorch state-dict keys, or from a state
+    dict (then shapes tell a WRN's widening factor), for messages."""
+    shapes = ({k: tuple(getattr(v, "shape", ())) for k, v in keys.items()}
+              if isinstance(keys, Mapping) else {})
     keys = list(keys)
+    if any(k.startswith("block1.layer.") for k in keys):
+        n = len({k.split(".")[2] for k in keys if k.startswith("block1.layer.")})
+        fc = shapes.get("fc.weight", ())
+        k = f"{fc[1] // 64}" if len(fc) == 2 else "k"
+        return f"wrn{6 * n + 4}_{k}"
     if any(k.startswith("block1.") for k in keys):
         n = len({k.split(".")[1] for k in keys if k.startswith("blocks2.")}) + 1
         return f"resnet{6 * n + 2}"
     if any(k.startswith("layer1.") for k in keys):
         n = len({k.split(".")[1] for k in keys if k.startswith("layer3.")})
+        if any(k.startswith("layer1.0.conv3.") for k in keys):      # Bottleneck blocks
+            return {6: "resnet50", 23: "resnet101"}.get(
+                n, f"a Bottleneck ResNet with {n} layer3 blocks")
         return {2: "resnet18", 6: "resnet34"}.get(n, f"an ImageNet ResNet with {n} layer3 blocks")
+    if any(re.match(r"features\.\d+\.conv\.", k) for k in keys):
+        return "mobilenet_v2"
     if any(k.startswith("features.") for k in keys):
         return "a VGG"
     return "an unknown architecture"

@@ -1,5 +1,5 @@
 """The paper's networks and the model registry: CIFAR-style ResNets, VGG-9-BN,
-torchvision-layout ResNets.
+torchvision-layout ResNets (BasicBlock 18/34 and Bottleneck 50/101).
 
 This module owns the source and target architectures and :func:`get_model`, which returns
 any registered (or importable) Linen classifier as a :class:`~l2t_jax.taps.TappedNetwork`.
@@ -15,6 +15,9 @@ the unbiased one; convolution padding and initialisation as in the reference.
 
 Module names mirror the reference's PyTorch state-dict keys (``blocks2_0`` for
 ``blocks2.0``, ``layer3_1`` for ``layer3.1``) so that :mod:`l2t_jax.convert` is a rename.
+The other families of the zoo (WideResNet, MobileNetV2) live in :mod:`l2t_jax.zoo` and
+are registered here. Every registered name also has a ``NAME:tiny`` variant, the same
+layout at a few channels per layer, for tests and quick runs.
 """
 from __future__ import annotations
 
@@ -110,6 +113,38 @@ class BasicBlock(nn.Module):
         return nn.relu(y + shortcut)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50/101 Bottleneck (v1.5: the stride is on the 3x3 conv):
+    conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(x4)-BN plus shortcut, then ReLU.
+
+    (B, H, W, C_in) -> (B, H / stride, W / stride, 4 * features); ``downsample`` (1x1 conv
+    + BN, torch's ``downsample.0/1``) when the stride or the width changes.
+    """
+
+    features: int
+    stride: int = 1
+    downsample: bool = False
+    conv_impl: str = "auto"
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        out = self.features * self.expansion
+        y = _conv(self.features, 1, 1, 0, False, "conv1", self.conv_impl)(x)
+        y = nn.relu(BatchNorm(name="bn1")(y, train))
+        y = _conv(self.features, 3, self.stride, 1, False, "conv2", self.conv_impl)(y)
+        y = nn.relu(BatchNorm(name="bn2")(y, train))
+        y = _conv(out, 1, 1, 0, False, "conv3", self.conv_impl)(y)
+        y = BatchNorm(name="bn3")(y, train)
+        shortcut = x
+        if self.downsample:
+            shortcut = _conv(out, 1, self.stride, 0, False, "downsample_conv",
+                             self.conv_impl)(x)
+            shortcut = BatchNorm(name="downsample_bn")(shortcut, train)
+        return nn.relu(y + shortcut)
+
+
 def _classifier(features: jax.Array, num_classes: int, torch_default_init: bool = True
                 ) -> jax.Array:
     """Global average pool and Linear. PyTorch's default init for the ResNets; the
@@ -172,11 +207,14 @@ class CifarResNet(nn.Module):
 
 
 class ImageNetResNet(nn.Module):
-    """torchvision-layout ResNet-18/34 (BasicBlock), as the reference's ``resnet_ilsvrc``.
+    """torchvision-layout ResNets: 18/34 with BasicBlock (as the reference's
+    ``resnet_ilsvrc``), 50/101 with Bottleneck (torchvision's ``resnet50`` / ``resnet101``,
+    v1.5).
 
     Taps, sown: ``stem``, the stem output after ReLU (before max-pool, stride 2), and
     ``layer1..layer4``, each stage's output (strides 4, 8, 16, 32): channels
-    [64, 64, 128, 256, 512].
+    [64, 64, 128, 256, 512] for 18/34, [64, 256, 512, 1024, 2048] for 50/101 (the stage
+    widths times the block's expansion).
     The classifier pools globally (the reference's AvgPool2d(7) at 224 px is the same).
     """
 
@@ -185,13 +223,24 @@ class ImageNetResNet(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512)
     conv_impl: str = "auto"
 
+    # depth -> (block, blocks per stage), torchvision's table.
+    DEPTHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+              50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3))}
+
+    def _depth_entry(self) -> tuple[type, tuple[int, ...]]:
+        if self.depth not in self.DEPTHS:
+            raise ValueError(f"ImageNet ResNet depth must be one of {sorted(self.DEPTHS)}, "
+                             f"got {self.depth}")
+        return self.DEPTHS[self.depth]
+
+    @property
+    def block(self) -> type:
+        """BasicBlock or Bottleneck, by depth."""
+        return self._depth_entry()[0]
+
     @property
     def stage_sizes(self) -> tuple[int, ...]:
-        sizes = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
-        if self.depth not in sizes:
-            raise ValueError(f"ImageNet ResNet depth must be one of {sorted(sizes)}, "
-                             f"got {self.depth}")
-        return sizes[self.depth]
+        return self._depth_entry()[1]
 
     def default_taps(self) -> tuple[str, ...]:
         return ("stem", *(f"layer{k + 1}" for k in range(len(self.widths))))
@@ -206,14 +255,16 @@ class ImageNetResNet(nn.Module):
         x = nn.relu(BatchNorm(name="bn1")(x, train))
         self.sow("intermediates", "stem", x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        block = self.block
+        expansion = getattr(block, "expansion", 1)
         in_channels = self.widths[0]
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for i in range(blocks):
                 stride = 2 if (stage > 0 and i == 0) else 1
-                x = BasicBlock(width, stride, downsample=(stride != 1 or in_channels != width),
-                               conv_impl=self.conv_impl,
-                               name=f"layer{stage + 1}_{i}")(x, train)
-                in_channels = width
+                downsample = stride != 1 or in_channels != width * expansion
+                x = block(width, stride, downsample=downsample, conv_impl=self.conv_impl,
+                          name=f"layer{stage + 1}_{i}")(x, train)
+                in_channels = width * expansion
             self.sow("intermediates", f"layer{stage + 1}", x)
         return _classifier(x, self.num_classes)
 
@@ -282,6 +333,15 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return jnp.sum(windows * first_max, axis=-1)
 
 
+def _zoo(class_name: str, **attributes) -> Callable[..., nn.Module]:
+    """A factory for a :mod:`l2t_jax.zoo` class, imported when first built (zoo builds on
+    this module's layers, so it cannot be imported while this module is)."""
+    def factory(**kw):
+        from l2t_jax import zoo
+        return getattr(zoo, class_name)(**attributes, **kw)
+    return factory
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda **kw: CifarResNet(depth=20, **kw),
     "resnet32": lambda **kw: CifarResNet(depth=32, **kw),
@@ -289,18 +349,53 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg9_bn": lambda **kw: VGG(**kw),
     "resnet18": lambda **kw: ImageNetResNet(depth=18, **kw),
     "resnet34": lambda **kw: ImageNetResNet(depth=34, **kw),
+    "resnet50": lambda **kw: ImageNetResNet(depth=50, **kw),
+    "resnet101": lambda **kw: ImageNetResNet(depth=101, **kw),
+    # WRN-depth-k in the layout of RepDistiller's models/wrn.py (l2t_jax.zoo.WideResNet);
+    # 16/28/40 are the CIFAR knowledge-distillation depths.
+    **{f"wrn{depth}_{k}": _zoo("WideResNet", depth=depth, widen_factor=k)
+       for depth, k in ((16, 1), (16, 2), (16, 4), (16, 8), (28, 2), (28, 4), (28, 10),
+                        (40, 1), (40, 2), (40, 4))},
+    "mobilenet_v2": _zoo("MobileNetV2"),
+}
+
+# NAME:tiny: the same layout with a few channels per layer (tests, quick runs); explicit
+# overrides win. A family's tiny widths keep every structural case of the full network (a
+# shortcut convolution where the full one has one, a residual where it has one).
+_TINY_OVERRIDES: dict[str, dict] = {
+    **{name: {"widths": (4, 6, 8)} for name in ("resnet20", "resnet32", "resnet56")},
+    "vgg9_bn": {"widths": (4, 6, 8, 8, 8)},
+    **{name: {"widths": (4, 4, 8, 8)} for name in ("resnet18", "resnet34")},
+    **{name: {"widths": (4, 4, 8, 8)} for name in ("resnet50", "resnet101")},
+    # WRN widths (stem, group 1..3) with every group widening: each group's first block
+    # has its 1x1 convShortcut, as in WRN-k for k > 1.
+    **{name: {"widths": (4, 8, 12, 16)} for name in _REGISTRY if name.startswith("wrn")},
+    "mobilenet_v2": {"width_mult": 0.25, "round_nearest": 4, "last_channel": 32},
 }
 
 MODEL_NAMES = tuple(_REGISTRY)
+TINY_SUFFIX = ":tiny"
 
 
-def register(name: str, factory: Callable[..., nn.Module]) -> None:
+def register(name: str, factory: Callable[..., nn.Module],
+             tiny: dict | None = None) -> None:
     """Adds a network to the registry (a notebook's own model, say): ``factory(num_classes,
-    **overrides)`` returns a Linen module whose ``__call__(images, train)`` returns logits.
-    Configs can also name a model by import path, ``package.module:Class``, unregistered."""
+    **overrides)`` returns a Linen module whose ``__call__(images, train)`` returns logits;
+    ``tiny``: the overrides of its ``NAME:tiny`` variant. Configs can also name a model by
+    import path, ``package.module:Class``, unregistered."""
     global MODEL_NAMES
     _REGISTRY[name] = factory
+    if tiny is not None:
+        _TINY_OVERRIDES[name] = dict(tiny)
     MODEL_NAMES = tuple(_REGISTRY)
+
+
+def tiny_overrides(name: str) -> dict:
+    """The overrides of ``NAME:tiny``."""
+    if name not in _TINY_OVERRIDES:
+        raise ValueError(f"model {name!r} has no {TINY_SUFFIX} variant; those with one: "
+                         f"{', '.join(_TINY_OVERRIDES)}")
+    return dict(_TINY_OVERRIDES[name])
 
 
 def is_import_path(name: str) -> bool:
@@ -311,6 +406,10 @@ def is_import_path(name: str) -> bool:
 def _factory(name: str) -> Callable[..., nn.Module]:
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if name.endswith(TINY_SUFFIX) and name[:-len(TINY_SUFFIX)] in _REGISTRY:
+        base = name[:-len(TINY_SUFFIX)]
+        tiny = tiny_overrides(base)
+        return lambda **kw: _REGISTRY[base](**{**tiny, **kw})
     if is_import_path(name):
         module_name, attribute = name.split(":")
         try:
@@ -328,7 +427,8 @@ def get_model(name: str, num_classes: int, *, taps: str | Sequence[str] | None =
 
     Args:
       name: one of :data:`MODEL_NAMES` (``resnet20/32/56`` are CIFAR-style,
-        ``resnet18/34`` torchvision-style, ``vgg9_bn``), or an import path
+        ``resnet18/34/50/101`` torchvision-style, ``vgg9_bn``, ``wrn{depth}_{k}``,
+        ``mobilenet_v2``), one of those with ``:tiny`` (a few channels), or an import path
         ``package.module:Class`` of any Linen module with a ``num_classes`` attribute whose
         ``__call__(images, train)`` returns logits.
       num_classes: classifier outputs.

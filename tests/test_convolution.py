@@ -42,3 +42,38 @@ def test_matmul_convolution_equals_native(released_resnet32_path):
         out_matmul = matmul.apply(variables, images, train=False)
         for a, b in zip(jax.tree.leaves(out_native), jax.tree.leaves(out_matmul)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_convolution_paths_agree_to_second_order():
+    """The depthwise path (strided slices times kernel taps) against XLA's grouped
+    convolution: outputs, gradients and a Hessian-vector product, with stride 2, padding 1
+    and a channel multiplier of 2 (output channel o reads input channel o // 2, as torch's
+    groups=C_in); and the Conv2d module picks each path by conv_impl."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 9, 9, 3)))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 6)))
+    with jax.enable_x64(True):
+        x, kernel = jnp.asarray(x, jnp.float64), jnp.asarray(kernel, jnp.float64)
+
+        def loss(conv, kernel, x):
+            return jnp.sum(jnp.tanh(conv(x, kernel, 2, 1)) ** 2)
+        native = lambda x, k, s, p: convolution.conv2d_native(x, k, s, p, groups=3)
+        ours = convolution.conv2d_depthwise
+        np.testing.assert_allclose(ours(x, kernel, 2, 1), native(x, kernel, 2, 1),
+                                   rtol=1e-12, atol=1e-12)
+        for argnum in (0, 1):       # d/dkernel, d/dx, and d/dkernel of d/dx . v
+            g_ours = jax.grad(loss, argnums=argnum + 1)(ours, kernel, x)
+            g_native = jax.grad(loss, argnums=argnum + 1)(native, kernel, x)
+            np.testing.assert_allclose(g_ours, g_native, rtol=1e-10, atol=1e-12)
+        hvp = lambda conv: jax.grad(lambda k: jnp.vdot(
+            jax.grad(loss, argnums=2)(conv, k, x), jnp.ones_like(x)))(kernel)
+        np.testing.assert_allclose(hvp(ours), hvp(native), rtol=1e-10, atol=1e-12)
+
+    calls = []
+    for impl, expected in (("matmul", "conv2d_depthwise"), ("native", "conv2d_native")):
+        layer = convolution.Conv2d(features=6, kernel_size=3, padding=1, groups=3, impl=impl)
+        variables = layer.init(jax.random.key(0), x.astype(jnp.float32))
+        assert variables["params"]["kernel"].shape == (3, 3, 1, 6)
+        jaxpr = str(jax.make_jaxpr(layer.apply)(variables, x.astype(jnp.float32)))
+        calls.append(("conv_general_dilated" in jaxpr) == (expected == "conv2d_native"))
+    assert all(calls)

@@ -16,7 +16,10 @@ Networks (NCHW inputs; ``forward(x) -> (logits, features)``, where
   CIFAR-100 / STL-10 experiments); state-dict keys match the released
   checkpoint (:func:`load_released_resnet32`).
 * :class:`VGG9BN`         -- VGG-9 with BatchNorm (target of those experiments).
-* :class:`ImageNetResNet` -- ResNet-18/34 in torchvision's layout and key names.
+* :class:`ImageNetResNet` -- ResNet-18/34/50/101 in torchvision's layout and key
+  names (:class:`Bottleneck` for 50/101).
+* :class:`WideResNet`     -- WRN-depth-k in the layout of RepDistiller's models/wrn.py.
+* :class:`MobileNetV2`    -- torchvision's MobileNetV2 layout and key names.
 
 Meta-learning pieces:
 
@@ -44,6 +47,9 @@ __all__ = [
     "CifarResNet",
     "VGG9BN",
     "ImageNetResNet",
+    "Bottleneck",
+    "WideResNet",
+    "MobileNetV2",
     "load_released_resnet32",
     "feature_channels",
     "make_matching_heads",
@@ -99,6 +105,33 @@ class BasicBlock(nn.Module):
         h = self.bn2(self.conv2(h))
         shortcut = x if self.downsample is None else self.downsample(x)
         return F.relu(h + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (ResNet-50/101, v1.5: stride on the 3x3 conv), its
+    parameter names: conv1 (1x1) bn1 conv2 (3x3, stride) bn2 conv3 (1x1, x4) bn3, and
+    ``downsample``. Input (B, in_ch, H, W) -> (B, 4 * width, H / stride, W / stride).
+    """
+
+    expansion = 4
+
+    def __init__(self, in_ch, width, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * self.expansion)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+
+    def forward(self, x):
+        h = self.relu(self.bn1(self.conv1(x)))
+        h = self.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(h + shortcut)
 
 
 def _projection(in_ch, out_ch, stride):
@@ -204,38 +237,44 @@ class VGG9BN(nn.Module):
 
 
 class ImageNetResNet(nn.Module):
-    """ResNet-18 / ResNet-34 in torchvision's layout and state-dict key names.
+    """ResNet-18 / 34 / 50 / 101 in torchvision's layout and state-dict key names.
 
     ``conv1`` (7x7, stride 2, pad 3, no bias) - ``bn1`` - ``relu`` -
-    ``maxpool`` (3x3, stride 2, pad 1) - ``layer1``..``layer4`` (BasicBlocks,
-    [2, 2, 2, 2] or [3, 4, 6, 3]; the first block of a layer gets
-    ``downsample`` = 1x1 conv + BN when its stride or width changes) -
-    global average pool - ``fc``.
+    ``maxpool`` (3x3, stride 2, pad 1) - ``layer1``..``layer4`` (BasicBlocks
+    [2, 2, 2, 2] / [3, 4, 6, 3] for 18 / 34, Bottlenecks [3, 4, 6, 3] /
+    [3, 4, 23, 3] for 50 / 101; the first block of a layer gets ``downsample``
+    = 1x1 conv + BN when its stride or output width changes) - global average
+    pool - ``fc``.
 
     forward(x): x (B, 3, H, W) -> (logits (B, num_classes), features) with
     features = [relu(bn1(conv1(x))) (B, w0, H/2, W/2) taken before the max-pool,
-    layer1 (B, w0, H/4, W/4), layer2 (B, w1, H/8, W/8), layer3 (B, w2, H/16,
-    W/16), layer4 (B, w3, H/32, W/32)].
+    layer1 (B, e*w0, H/4, W/4), layer2 (B, e*w1, H/8, W/8), layer3 (B, e*w2,
+    H/16, W/16), layer4 (B, e*w3, H/32, W/32)], e the block's expansion (1 or 4).
     """
 
-    BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+    BLOCKS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+              50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3))}
 
     def __init__(self, depth=18, num_classes=1000, widths=(64, 128, 256, 512)):
         super().__init__()
         if depth not in self.BLOCKS:
-            raise ValueError("ImageNetResNet supports depth 18 or 34, got %r" % depth)
+            raise ValueError("ImageNetResNet supports depth 18, 34, 50 or 101, got %r" % depth)
+        block, counts = self.BLOCKS[depth]
+        expansion = getattr(block, "expansion", 1)
         self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         in_ch = widths[0]
-        for k, (width, count) in enumerate(zip(widths, self.BLOCKS[depth])):
+        for k, (width, count) in enumerate(zip(widths, counts)):
             stride = 1 if k == 0 else 2
-            down = _projection(in_ch, width, stride) if (stride != 1 or in_ch != width) else None
-            blocks = [BasicBlock(in_ch, width, stride, down)]
-            blocks += [BasicBlock(width, width) for _ in range(count - 1)]
+            out_ch = width * expansion
+            down = (_projection(in_ch, out_ch, stride)
+                    if (stride != 1 or in_ch != out_ch) else None)
+            blocks = [block(in_ch, width, stride, down)]
+            blocks += [block(out_ch, width) for _ in range(count - 1)]
             setattr(self, "layer%d" % (k + 1), nn.Sequential(*blocks))
-            in_ch = width
+            in_ch = out_ch
         self.fc = nn.Linear(in_ch, num_classes)
         _resnet_conv_init_(self)
 
@@ -248,6 +287,178 @@ class ImageNetResNet(nn.Module):
             features.append(h)
         logits = self.fc(global_average_pool(h))
         return logits, features
+
+
+class WRNBlock(nn.Module):
+    """The WRN basic block of RepDistiller's models/wrn.py (its ``BasicBlock``): the
+    same attribute names and forward, dropout left out (dropRate 0). Pre-activation:
+    relu(bn1(x)) - conv1 (3x3, stride) - relu(bn2) - conv2, plus x when in == out, else
+    plus ``convShortcut`` (1x1, stride) of relu(bn1(x)). No ReLU after the sum.
+    """
+
+    def __init__(self, in_planes, out_planes, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
+        self.equalInOut = in_planes == out_planes
+        self.convShortcut = None if self.equalInOut else nn.Conv2d(
+            in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
+
+    def forward(self, x):
+        activated = self.relu1(self.bn1(x))
+        out = self.relu2(self.bn2(self.conv1(activated)))
+        out = self.conv2(out)
+        return (x if self.equalInOut else self.convShortcut(activated)) + out
+
+
+class WRNNetworkBlock(nn.Module):
+    """RepDistiller's ``NetworkBlock``: ``layer`` = Sequential of WRN blocks."""
+
+    def __init__(self, count, in_planes, out_planes, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[
+            WRNBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+            for i in range(count)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k, RepDistiller's models/wrn.py layout and keys: ``conv1`` (3x3, 3 ->
+    16, no bias), ``block1..3`` (n = (depth - 4) / 6 blocks at 16k, 32k, 64k, strides
+    1, 2, 2), ``bn1`` - ReLU - global average pool - ``fc``; its initialisation.
+
+    forward(x): x (B, 3, H, W) -> (logits, [conv1 (B, 16, H, W), block1 (B, 16k, H,
+    W), block2 (B, 32k, H/2, W/2), block3 (B, 64k, H/4, W/4)]) (RepDistiller's f0..f3).
+    ``widths`` replaces (16, 16k, 32k, 64k) (tiny test networks).
+    """
+
+    def __init__(self, depth=16, widen_factor=2, num_classes=100, widths=None):
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise ValueError("WideResNet depth must be 6n + 4, got %d" % depth)
+        n = (depth - 4) // 6
+        k = widen_factor
+        channels = list(widths) if widths is not None else [16, 16 * k, 32 * k, 64 * k]
+        self.conv1 = nn.Conv2d(3, channels[0], 3, stride=1, padding=1, bias=False)
+        self.block1 = WRNNetworkBlock(n, channels[0], channels[1], 1)
+        self.block2 = WRNNetworkBlock(n, channels[1], channels[2], 2)
+        self.block3 = WRNNetworkBlock(n, channels[2], channels[3], 2)
+        self.bn1 = nn.BatchNorm2d(channels[3])
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(channels[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        features = [h]
+        for group in (self.block1, self.block2, self.block3):
+            h = group(h)
+            features.append(h)
+        logits = self.fc(global_average_pool(self.relu(self.bn1(h))))
+        return logits, features
+
+
+def _make_divisible(v, divisor):
+    """torchvision's ``_make_divisible`` (min_value = divisor)."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class ConvBNReLU6(nn.Sequential):
+    """torchvision's ``Conv2dNormActivation`` (ReLU6): keys ``0.weight``, ``1.*``."""
+
+    def __init__(self, in_ch, out_ch, kernel_size=3, stride=1, groups=1):
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2,
+                      groups=groups, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU6())
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 ``InvertedResidual``: ``conv`` = Sequential of
+    [ConvBNReLU6 1x1 (if expand_ratio != 1)], ConvBNReLU6 3x3 depthwise (stride),
+    Conv2d 1x1, BatchNorm2d; residual when stride 1 and in == out."""
+
+    def __init__(self, inp, oup, stride, expand_ratio):
+        super().__init__()
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = []
+        if expand_ratio != 1:
+            layers.append(ConvBNReLU6(inp, hidden, kernel_size=1))
+        layers += [ConvBNReLU6(hidden, hidden, stride=stride, groups=hidden),
+                   nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+                   nn.BatchNorm2d(oup)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 (layout, key names, initialisation): ``features.0``
+    ConvBNReLU6 (3x3, stride 2), ``features.1..17`` InvertedResidual, ``features.18``
+    ConvBNReLU6 (1x1 to last_channel), global average pool, ``classifier`` =
+    Sequential(Dropout(0.2), Linear).
+
+    forward(x): x (B, 3, H, W) -> (logits, [outputs of features.1, 3, 6, 13, 18]) (strides
+    2, 4, 8, 16, 32). ``last_channel`` is torchvision's fixed 1280 made a parameter (tiny
+    test networks).
+    """
+
+    SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2],
+               [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    TAPPED = (1, 3, 6, 13, 18)
+
+    def __init__(self, num_classes=1000, width_mult=1.0, round_nearest=8, last_channel=1280):
+        super().__init__()
+        input_channel = _make_divisible(32 * width_mult, round_nearest)
+        self.last_channel = _make_divisible(last_channel * max(1.0, width_mult), round_nearest)
+        features = [ConvBNReLU6(3, input_channel, stride=2)]
+        for t, c, n, s in self.SETTING:
+            output_channel = _make_divisible(c * width_mult, round_nearest)
+            for i in range(n):
+                features.append(InvertedResidual(input_channel, output_channel,
+                                                  s if i == 0 else 1, t))
+                input_channel = output_channel
+        features.append(ConvBNReLU6(input_channel, self.last_channel, kernel_size=1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.last_channel,
+                                                                    num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        features = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPPED:
+                features.append(x)
+        return self.classifier(global_average_pool(x)), features
 
 
 def load_released_resnet32(path):
@@ -286,8 +497,9 @@ def feature_channels(model):
                 channels.append(last)
         return channels
     if isinstance(model, ImageNetResNet):
+        last = lambda block: (block.conv3 if hasattr(block, "conv3") else block.conv2)
         return [model.conv1.out_channels] + [
-            getattr(model, "layer%d" % k)[-1].conv2.out_channels for k in range(1, 5)]
+            last(getattr(model, "layer%d" % k)[-1]).out_channels for k in range(1, 5)]
     raise TypeError("unknown model type %s" % type(model).__name__)
 
 
