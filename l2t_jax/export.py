@@ -72,6 +72,12 @@ def layout(network) -> str:
     if isinstance(model, models.VGG):
         return ("the authors' VGG-9-BN (alinlab/L2T-ww, vgg_cifar.vgg9_bn: features.K, "
                 "classifier)")
+    from l2t_jax import zoo
+    if isinstance(model, zoo.WideResNet):
+        return (f"RepDistiller's WRN-{model.depth}-{model.widen_factor} (models/wrn.py: conv1, "
+                "block1.layer.N, bn1, fc)")
+    if isinstance(model, zoo.MobileNetV2):
+        return "torchvision.models.mobilenet_v2 (torchvision's module and key names)"
     return f"{network.name}, keys as l2t_jax.convert reads them"
 
 
