@@ -457,7 +457,8 @@ def _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learn
 
 def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.Array],
                state: TrainState, source_variables: PyTree, images: jax.Array,
-               labels: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+               labels: jax.Array, *, update_phi: bool = True
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One L2T-ww iteration (module docstring). Pure; the training program and the benchmark
     jit it with :func:`l2t_jax.train.step_program`.
 
@@ -467,6 +468,9 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
       state: the training state.
       source_variables: the frozen source network's ``{'params', 'batch_stats'}``.
       images: (B, H, W, 3) normalised inputs; labels: (B,) int.
+      update_phi: False takes only the real step (1), with phi's weights but phi fixed:
+        the iterations between meta-updates when phi is updated every k-th iteration
+        (``config.meta_update_every``), a second program of their own.
 
     Returns:
       (new state, metrics): scalars ``ce``, ``transfer`` (the sum of the transfer terms)
@@ -482,7 +486,7 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
         transfer, state, batch, learning_rate)
     metrics = {"ce": ce, "transfer": total(values), **values,
                "accuracy": losses.accuracy(logits, labels), "learning_rate": learning_rate}
-    if transfer.meta_networks is None:   # a baseline: step 1 is the whole iteration
+    if transfer.meta_networks is None or not update_phi:   # step 1 is the whole iteration
         return state.replace(step=state.step + 1, target_params=theta_1, momentum=momentum_1,
                              batch_stats=batch_stats_1), metrics
 

@@ -196,3 +196,26 @@ def test_bad_pairs_and_sources_are_clear_errors():
         bilevel.check_source_variables(transfer, other_widths)
     with pytest.raises(ValueError, match="do not fit resnet32"):
         bilevel.check_source_variables(transfer, init(models.get_model("resnet20", 200)))
+
+
+def test_a_step_without_the_meta_update_is_the_real_step_with_phi_fixed():
+    """update_phi=False (the iterations between meta-updates, config.meta_update_every):
+    phi and its Adam state stay, theta, buffers and BN statistics are step 1's."""
+    transfer, state, source_variables, images, labels = _tiny_setup()
+    program = jax.jit(functools.partial(bilevel.train_step, transfer, lambda step: 0.1,
+                                        update_phi=False))
+    after, metrics = program(state, source_variables, images, labels)
+    assert "meta_loss" not in metrics and int(after.step) == 1
+    chex.assert_trees_all_equal(after.meta_params, state.meta_params)
+    chex.assert_trees_all_equal(after.meta_opt_state, state.meta_opt_state)
+    batch = bilevel.batch_constants(transfer, state, source_variables, images, labels)
+    theta_1, momentum_1, batch_stats_1, _ = bilevel.real_step(transfer, state, batch, 0.1)
+    chex.assert_trees_all_close((after.target_params, after.momentum, after.batch_stats),
+                                (theta_1, momentum_1, batch_stats_1), rtol=1e-5, atol=1e-6)
+    full, _ = jax.jit(functools.partial(bilevel.train_step, transfer, lambda step: 0.1))(
+        state, source_variables, images, labels)
+    # The full step differs only by phi and the BN replay: theta after step 1 is the same.
+    chex.assert_trees_all_close(full.target_params, after.target_params, rtol=1e-5,
+                                atol=1e-6)
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(full.meta_params),
+                                              jax.tree.leaves(state.meta_params)))
