@@ -76,6 +76,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("learning_rate", "meta_learning_rate"):
         if not (config[key] > 0 and math.isfinite(config[key])):
             raise ValueError(f"config.{key} must be finite and > 0, got {config[key]}")
+    if config.meta_update_every < 1:
+        raise ValueError("config.meta_update_every must be >= 1 (1: phi at every step), got "
+                         f"{config.meta_update_every}")
     if config.lr_reference_batch_size < 0:
         raise ValueError("config.lr_reference_batch_size must be >= 0 (0: no scaling), got "
                          f"{config.lr_reference_batch_size}")

@@ -76,12 +76,14 @@ WATCHED_METRICS = ("ce", "transfer", "adapt_ce", "sim_matching", "meta_loss",
 
 # ---------------------------------------------------------------------------- programs
 def step_program(transfer: bilevel.Transfer, learning_rate_fn: Callable, mesh,
-                 on_nonfinite: str = "stop") -> Callable:
+                 on_nonfinite: str = "stop", update_phi: bool = True) -> Callable:
     """The jitted training step on ``mesh``: ``step(state, source_variables, images,
     labels) -> (state, metrics)``, the state donated (:func:`l2t_jax.parallel.
     jit_sharded_step`); with ``on_nonfinite='skip'`` a non-finite step keeps the old state
-    (:func:`skip_nonfinite`). The training loop runs it and the benchmark times it."""
-    step = functools.partial(bilevel.train_step, transfer, learning_rate_fn)
+    (:func:`skip_nonfinite`); ``update_phi=False`` is the real step alone, phi fixed
+    (``config.meta_update_every``). The training loop runs it and the benchmark times it."""
+    step = functools.partial(bilevel.train_step, transfer, learning_rate_fn,
+                             update_phi=update_phi)
     if on_nonfinite == "skip":
         step = skip_nonfinite(step)
     return parallel.jit_sharded_step(step, mesh)
@@ -426,15 +428,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     saved = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     state, progress = _initial_state(config, workdir, transfer, mesh, saved)
     source_variables = parallel.replicate(mesh, source_variables)
-    step_fn = step_program(transfer, build.learning_rate_schedule(config, steps_per_epoch),
-                           mesh, config.on_nonfinite)
+    schedule = build.learning_rate_schedule(config, steps_per_epoch)
+    # With meta_update_every = k > 1, iterations k, 2k, ... (counting from 0) take the
+    # bilevel step, the others the real step with phi fixed: two programs, each compiled
+    # once, when first needed.
+    every = config.meta_update_every if transfer.meta_networks is not None else 1
+    programs = {update: step_program(transfer, schedule, mesh, config.on_nonfinite,
+                                     update_phi=update)
+                for update in ((True, False) if every > 1 else (True,))}
     eval_step = _eval_program(transfer, mesh)
     books = _Bookkeeping(config, workdir, saved, mesh, progress, int(state.step), total_steps,
                          steps_per_epoch)
     run_info = provenance.run_metadata()
     books.log.write_run(books.start_step, run_info)
     stop = _StopRequest()
-    compiled, examples, examples_epoch = None, None, None
+    compiled, examples, examples_epoch = {}, None, None
     try:
         for step in range(books.start_step, total_steps):
             epoch, index = divmod(step, steps_per_epoch)
@@ -446,14 +454,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 examples_epoch = epoch
             images, labels = parallel.global_batch(
                 mesh, *_load_rows(examples, index, config.batch_size, rows))
-            if compiled is None:
-                compiled = compile_with_notice(
+            update = step % every == 0
+            if update not in compiled:
+                compile_started = time.time()
+                compiled[update] = compile_with_notice(
                     f"training step ({config.method}, T={config.T})"
-                    if transfer.meta_networks is not None else
-                    f"training step ({config.method})",
-                    step_fn, state, source_variables, images, labels, notify=main_process)
-                books.stepping_since = time.time()
-            state, metrics = compiled(state, source_variables, images, labels)
+                    if transfer.meta_networks is not None and update else
+                    f"training step ({config.method}{', phi fixed' if every > 1 else ''})",
+                    programs[update], state, source_variables, images, labels,
+                    notify=main_process)
+                if books.stepping_since is None:
+                    books.stepping_since = time.time()
+                else:                              # the ETA leaves compiles out
+                    books.stepping_since += time.time() - compile_started
+            state, metrics = compiled[update](state, source_variables, images, labels)
             done = step + 1
             books.step_done(done, metrics)
             saved_now = done % steps_per_epoch == 0 or done % config.checkpoint_every_steps == 0

@@ -280,3 +280,27 @@ def test_cifar100_tiny_on_mock_tfds(tmp_path, monkeypatch):
     assert 0 <= result["test_at_best_val"] <= 100
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
     assert "tensorflow" not in sys.modules
+
+
+def test_phi_every_kth_step_takes_two_programs_compiled_once(straight_run, tiny_assets,
+                                                            tmp_path, caplog):
+    """config.meta_update_every=2: phi moves at iterations 0, 2, 4 only; iteration 0 is the
+    straight run's step bit for bit; the run compiles each of its two programs once."""
+    config, straight_workdir, _, _ = straight_run
+    config = tiny_config(tiny_assets / "data", tiny_assets / "source", keep_checkpoints=6,
+                         meta_update_every=2)
+    with caplog.at_level("INFO", logger="l2t_jax.train"):
+        train.train_and_evaluate(config, str(tmp_path))
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
+        "compiling the training step")]
+    assert compiles == ["compiling the training step (l2t_ww, T=1)...",
+                        "compiling the training step (l2t_ww, phi fixed)..."]
+    phis = [final_params(tmp_path, step)[1]["meta_params"] for step in range(1, 7)]
+    moved = [any(np.any(a != b) for a, b in zip(jax.tree.leaves(before),
+                                                jax.tree.leaves(after)))
+             for before, after in zip(phis, phis[1:])]
+    assert moved == [False, True, False, True, False]      # steps 2..6 against the step before
+    assert_same_leaves(final_params(tmp_path, 1)[1], final_params(straight_workdir, 1)[1])
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    meta_steps = [line["step"] for line in lines if "train/meta_loss" in line]
+    assert meta_steps == [1, 3, 5]

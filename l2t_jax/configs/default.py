@@ -111,6 +111,10 @@ def get_config(variant=None):
     config.momentum = 0.9
     config.weight_decay = 1e-4
     config.meta_learning_rate = 1e-4
+    # Cheaper meta-steps (not in the paper): update phi only at every k-th iteration
+    # (0, k, 2k, ...); the others take the real step alone, with phi's weights but phi fixed,
+    # at a fraction of the cost (a second compiled program). 1 is the paper's rule.
+    config.meta_update_every = 1
     config.meta_weight_decay = 1e-4
     config.steps_per_epoch = -1            # -1: len(train split) // batch_size
 
