@@ -75,6 +75,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("learning_rate", "meta_learning_rate"):
         if not (config[key] > 0 and math.isfinite(config[key])):
             raise ValueError(f"config.{key} must be finite and > 0, got {config[key]}")
+    if not (config.preemption_grace_s >= 0 and math.isfinite(config.preemption_grace_s)):
+        raise ValueError("config.preemption_grace_s must be finite and >= 0 (seconds), got "
+                         f"{config.preemption_grace_s}")
     if config.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; valid: stop, skip")
     for key in ("num_classes", "image_size"):

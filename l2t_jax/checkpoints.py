@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 PyTree = Any
 # Config keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                  "eval_batch_size", "export_source", "on_nonfinite", "jit_init")
+                  "eval_batch_size", "export_source", "on_nonfinite", "jit_init",
+                  "preemption_grace_s")
 
 
 class CheckpointError(OSError):

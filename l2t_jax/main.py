@@ -10,10 +10,10 @@ All logic lives in :func:`l2t_jax.train.train_and_evaluate`, or for a config wit
 ``program = "demo"`` (configs/demo.py) in :func:`l2t_jax.demo.run_demo`.
 
 Exit status: 0 when the run finished; 1 with a one-line message (no traceback) for config
-and data errors, a missing optional dependency, a diverged run and a checkpoint that could
-not be written; 143 (as for a process ended by SIGTERM) when SIGTERM stopped the run after
+and data errors, a missing optional dependency, a diverged run, a checkpoint or a file of
+the run (metrics, results, pictures) that could not be written; 143 (as for a process ended by SIGTERM) when SIGTERM stopped the run after
 saving a checkpoint, so that schedulers and :mod:`l2t_jax.grid` treat it as unfinished:
-the same command resumes. Several processes (multi-host) start jax's distributed runtime
+the same command resumes; 130 likewise after Ctrl-C (SIGINT). Several processes (multi-host) start jax's distributed runtime
 first (:func:`l2t_jax.parallel.maybe_initialize_distributed`).
 """
 import re
@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from l2t_jax import build, checkpoints, configs, convert, demo, logs, parallel, train
+from l2t_jax import workdir as workdir_files
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
@@ -90,9 +91,13 @@ def main(argv):
     program = demo.run_demo if config.get("program") == "demo" else train.train_and_evaluate
     try:
         program(config, _WORKDIR.value)
-    except train.Preempted:          # logged by train; the checkpoint is saved
-        sys.exit(train.PREEMPTED_EXIT_CODE)
-    except (train.DivergenceError, checkpoints.CheckpointError) as e:
+    except train.Preempted as e:     # logged by train; the checkpoint is saved
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:        # Ctrl-C outside the training loop (start-up, the end)
+        print("interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        sys.exit(train.INTERRUPTED_EXIT_CODE)
+    except (train.DivergenceError, checkpoints.CheckpointError,
+            workdir_files.RunFileError) as e:
         sys.exit(f"error: {e}")
     # Config and data errors, and torch missing to read a .pth file: the message names the
     # problem and the fix, a traceback would not.

@@ -103,6 +103,12 @@ def get_config(variant=None):
     # is dropped inside the step; metrics train/skipped and result.json skipped_steps count
     # them). May change when a run is resumed.
     config.on_nonfinite = "stop"
+    # SIGTERM or Ctrl-C stops the run at the next step boundary with a checkpoint (exit
+    # status 143 or 130). An epoch-end evaluation in progress may go on for this many
+    # seconds after the signal; past it, it is abandoned and runs again on resume. 0 (the
+    # default) keeps the whole grace period of a preemption notice for the save. One
+    # process only: several always finish their evaluation.
+    config.preemption_grace_s = 0.0
     return config
 
 
