@@ -65,7 +65,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.data.kind not in ("tfds", "image_folder", "npz"):
         raise ValueError(f"config.data.kind={config.data.kind!r}; valid: tfds, image_folder, npz")
     positive = ("batch_size", "eval_batch_size", "epochs", "log_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints")
+                "checkpoint_every_steps", "keep_checkpoints", "distributed_init_timeout_s",
+                "distributed_heartbeat_timeout_s", "distributed_shutdown_timeout_s")
     for key in positive:
         if config[key] < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")

@@ -25,7 +25,8 @@ PyTree = Any
 # Config keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                   "eval_batch_size", "export_source", "on_nonfinite", "jit_init",
-                  "preemption_grace_s")
+                  "preemption_grace_s", "distributed_init_timeout_s",
+                  "distributed_heartbeat_timeout_s", "distributed_shutdown_timeout_s")
 
 
 class CheckpointError(OSError):
