@@ -11,10 +11,12 @@ All logic lives in :func:`l2t_jax.train.train_and_evaluate`, or for a config wit
 
 Exit status: 0 when the run finished; 1 with a one-line message (no traceback) for config
 and data errors, a missing optional dependency, a diverged run, a checkpoint or a file of
-the run (metrics, results, pictures) that could not be written; 143 (as for a process ended by SIGTERM) when SIGTERM stopped the run after
-saving a checkpoint, so that schedulers and :mod:`l2t_jax.grid` treat it as unfinished:
-the same command resumes; 130 likewise after Ctrl-C (SIGINT). Several processes (multi-host) start jax's distributed runtime
-first (:func:`l2t_jax.parallel.maybe_initialize_distributed`).
+the run (metrics, results, pictures) that could not be written, and in a multi-process run
+a failed or unreachable process (named); 143 (as for a process ended by SIGTERM) when
+SIGTERM stopped the run after saving a checkpoint, so that schedulers and
+:mod:`l2t_jax.grid` treat it as unfinished: the same command resumes; 130 likewise after
+Ctrl-C (SIGINT). Several processes (multi-host) start jax's distributed runtime first
+(:func:`l2t_jax.parallel.maybe_initialize_distributed`), with the config's timeouts.
 """
 import os
 import re

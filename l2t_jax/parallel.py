@@ -11,7 +11,11 @@ This module owns:
   :func:`global_batch`: the global ``jax.Array`` s built from every process's rows.
 - :func:`jit_sharded_step`: ``jax.jit`` of a pure ``step(state, source_variables, images,
   labels) -> (state, metrics)`` with those shardings, state donated.
-- :func:`maybe_initialize_distributed` and :func:`is_main_process`.
+- :func:`maybe_initialize_distributed` (with :class:`DistributedTimeouts`) and
+  :func:`is_main_process`.
+- Failures of one process (:func:`report_failure`, :func:`describe_peer_failure` and a watch
+  thread): the other processes stop with one line naming it instead of waiting in a
+  collective the failed process will never join.
 
 Data parallelism is plain GSPMD: the step is written for one logical batch and
 ``jax.jit`` partitions it. Every batch mean in the model (BatchNorm's statistics, the losses)

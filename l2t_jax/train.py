@@ -463,7 +463,8 @@ def _checkpoints_untouched(workdir: str) -> str:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # A no-op unless launched as several processes (and after main has started it).
-    parallel.maybe_initialize_distributed(timeouts=parallel.DistributedTimeouts.from_config(config))
+    parallel.maybe_initialize_distributed(
+        timeouts=parallel.DistributedTimeouts.from_config(config))
     build.validate_config(config)
     main_process = parallel.is_main_process()
     os.makedirs(workdir, exist_ok=True)

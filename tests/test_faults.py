@@ -1,4 +1,5 @@
-"""Faults injected for real into the training program (l2t_jax/train.py, issue 8).
+"""Faults injected for real into the training program (l2t_jax/train.py, issues 8 and 21;
+multi-process faults and resuming on other device counts: test_faults_distributed.py).
 
 Each test breaks something the way it breaks in practice and checks what the program does:
 
@@ -13,6 +14,9 @@ Each test breaks something the way it breaks in practice and checks what the pro
 - SIGTERM and SIGINT: a checkpoint at the next step boundary (within one step of the signal
   as the device runs, an evaluation cut short), exit status 143 or 130, exact resume; a
   second Ctrl-C ends the process at once (SIGKILL at three points is in test_train.py);
+- the run's own files: read-only metrics.jsonl mid-run, a read-only workdir at result.json,
+  a real full disk (a small tmpfs, as root), a read-only picture directory: one line naming
+  the file, checkpoints bitwise intact, the same command resumes;
 - divergence: a non-finite loss or meta-gradient stops the run naming the step and the
   quantity with only finite checkpoints, or (on_nonfinite='skip') the batch is skipped;
 - determinism, and a long run's hygiene: no recompilation after the first step, flat RSS.
