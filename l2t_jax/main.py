@@ -131,7 +131,7 @@ def _peer_failure(error: Exception, config) -> str | None:
         return None
     peer = parallel.describe_peer_failure(
         cause, parallel.DistributedTimeouts.from_config(config).heartbeat_s)
-    return f"error: {peer}" if peer else None
+    return parallel.peer_failure_line(peer) if peer else None
 
 
 def _fail(line: str, error: Exception) -> None:

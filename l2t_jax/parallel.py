@@ -346,7 +346,7 @@ def describe_peer_failure(error: BaseException, heartbeat_s: int) -> Optional[st
     the cause: its reported failure, or which process died (waiting up to the heartbeat
     timeout for the service to notice), or the coordinator gone. None when every process
     is alive: the error is this process's own."""
-    me, count = jax.process_index(), jax.process_count()
+    count = jax.process_count()
     reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" \
         if str(error).strip() else type(error).__name__
     reported = reported_failure()
@@ -354,13 +354,31 @@ def describe_peer_failure(error: BaseException, heartbeat_s: int) -> Optional[st
         return reported
     dead = dead_processes(wait_s=heartbeat_s + 2 * _FAILURE_POLL_S)
     if dead is None:
-        return (f"the coordinator (process 0 of {count}) is gone, process {me} cannot go "
-                f"on ({reason})")
+        return f"the coordinator (process 0 of {count}) is gone (this process saw {reason})"
     if dead:
         return (f"process {', '.join(map(str, dead))} of {count} stopped (no heartbeat for "
-                f"{heartbeat_s} s, config.distributed_heartbeat_timeout_s), process {me} "
-                f"cannot go on ({reason})")
+                f"{heartbeat_s} s, config.distributed_heartbeat_timeout_s; this process saw "
+                f"{reason})")
     return None
+
+
+def wait_for_all(name: str, timeout_s: int) -> None:
+    """Every process waits here, at a barrier of jax's coordination service (no device
+    collective; a no-op with one process).
+
+    Before the first step: gloo gives the processes 30 s to meet at their first collective,
+    and on a loaded machine (or a host without the compilation cache) one process can
+    finish compiling the step later than that.
+    """
+    if jax.process_count() > 1 and _client() is not None:
+        _client().wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def peer_failure_line(message: str) -> str:
+    """The one line a process prints when it stops because of another one."""
+    return (f"error: {message}; stopping process {jax.process_index()} too. The checkpoints "
+            "written so far are intact: fix the failure and run the same command on every "
+            "process to resume")
 
 
 def _start_failure_watch() -> None:
@@ -368,17 +386,15 @@ def _start_failure_watch() -> None:
     process reported, a process it no longer counts as alive, or the service itself gone
     (the coordinator's process died); then it prints one line and ends this process, which
     would otherwise wait in its next collective, possibly forever."""
-    client, me, count = _client(), jax.process_index(), jax.process_count()
+    client, count = _client(), jax.process_count()
     if client is None or count == 1:
         return
     atexit.register(_finishing.set)     # runs before jax's own shutdown (registered earlier)
 
-    def stop(line: str) -> None:
+    def stop(message: str) -> None:
         if _finishing.is_set():
             return
-        sys.stderr.write(f"error: {line}; stopping process {me} too. The checkpoints "
-                         "written so far are intact: fix the failure and run the same "
-                         "command on every process to resume\n")
+        sys.stderr.write(peer_failure_line(message) + "\n")
         sys.stderr.flush()
         os._exit(1)
 

@@ -551,6 +551,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     if transfer.meta_networks is not None else
                     f"training step ({config.method})",
                     step_fn, state, source_variables, images, labels, notify=main_process)
+                parallel.wait_for_all("l2t_jax/compiled", config.distributed_init_timeout_s)
                 books.stepping_since = time.time()
             state, metrics = compiled(state, source_variables, images, labels)
             done = step + 1

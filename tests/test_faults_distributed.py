@@ -88,8 +88,10 @@ def launched(tiny_assets, tmp_path_factory):
     """(config, the 1-device reference's final state, reference workdir, {launch: {process:
     (exit status, seconds from the start to its end, output)}}, root)."""
     root = tmp_path_factory.mktemp("distributed")
+    # jit_init: one compiled initialisation; op by op, 7 processes starting at once on 2
+    # cores spent ~110 s there (each op its own small program).
     config = tiny_config(tiny_assets / "data", tiny_assets / "source", method="scratch",
-                         pairs="", keep_checkpoints=6,
+                         pairs="", keep_checkpoints=6, jit_init=True,
                          distributed_heartbeat_timeout_s=HEARTBEAT_S,
                          distributed_shutdown_timeout_s=10)
     reference = root / "reference"

@@ -110,9 +110,10 @@ def get_config(variant=None):
     # process only: several always finish their evaluation.
     config.preemption_grace_s = 0.0
     # Several processes (jax.distributed, l2t_jax/parallel.py), in whole seconds (jax's
-    # defaults): how long to wait for the coordinator and every process at the start; after
-    # how long without a heartbeat a process counts as dead (the others then stop, naming
-    # it); how long a finishing process waits for the others.
+    # defaults): how long to wait for the coordinator and every process at the start (and
+    # for every process to have compiled the step); after how long without a heartbeat a
+    # process counts as dead (the others then stop, naming it); how long a finishing process
+    # waits for the others.
     config.distributed_init_timeout_s = 300
     config.distributed_heartbeat_timeout_s = 100
     config.distributed_shutdown_timeout_s = 300
