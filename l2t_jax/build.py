@@ -66,7 +66,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.data.kind not in ("tfds", "image_folder", "npz"):
         raise ValueError(f"config.data.kind={config.data.kind!r}; valid: tfds, image_folder, npz")
     positive = ("batch_size", "eval_batch_size", "epochs", "log_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints")
+                "checkpoint_every_steps", "keep_checkpoints", "distributed_init_timeout_s",
+                "distributed_heartbeat_timeout_s", "distributed_shutdown_timeout_s")
     for key in positive:
         if config[key] < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
@@ -82,6 +83,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.lr_reference_batch_size < 0:
         raise ValueError("config.lr_reference_batch_size must be >= 0 (0: no scaling), got "
                          f"{config.lr_reference_batch_size}")
+    if not (config.preemption_grace_s >= 0 and math.isfinite(config.preemption_grace_s)):
+        raise ValueError("config.preemption_grace_s must be finite and >= 0 (seconds), got "
+                         f"{config.preemption_grace_s}")
     if config.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; valid: stop, skip")
     if config.data.num_classes < 1:

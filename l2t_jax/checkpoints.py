@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 PyTree = Any
 # Config keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                  "eval_batch_size", "export_source", "on_nonfinite", "jit_init")
+                  "eval_batch_size", "export_source", "on_nonfinite", "jit_init",
+                  "preemption_grace_s", "distributed_init_timeout_s",
+                  "distributed_heartbeat_timeout_s", "distributed_shutdown_timeout_s")
 # Keys added since runs were first written, with the value that reproduces how a run whose
 # config.json lacks them behaved (ANY: every value does, e.g. the classes an image folder
 # run now records, which are what it used); such a run resumes when the config has it.

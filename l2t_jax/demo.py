@@ -211,6 +211,7 @@ def _run_if_unfinished(run_config, workdir: str) -> tuple[dict, bool]:
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the whole demo in ``workdir``; returns {'table': markdown, 'pictures': paths}."""
     from l2t_jax import methods, plots, summaries
+    from l2t_jax import workdir as workdir_files
     validate_demo_config(config)
     os.makedirs(workdir, exist_ok=True)
     # Every seed and budget of a method compiles to the same program: the persistent cache
@@ -250,9 +251,11 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     table = summaries.to_markdown(rows)
     header = (f"Offline demo: digits 0-4 -> 5-9, ResNet-20 source -> VGG-9-BN target, "
               f"{len(config.seeds)} seeds; test accuracy (%) at the best val accuracy.\n\n")
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(header + table + "\n")
-    summaries.to_csv(rows, os.path.join(workdir, "results.csv"))
+    with workdir_files.writing(os.path.join(workdir, "results.md")):
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(header + table + "\n")
+    with workdir_files.writing(os.path.join(workdir, "results.csv")):
+        summaries.to_csv(rows, os.path.join(workdir, "results.csv"))
     print(header + table)
 
     pictures = []
@@ -270,7 +273,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   for entry in config.methods}
         pictures.append(plots.plot_learning_curves(
             curves, os.path.join(workdir, f"learning_curves_epc{k}.png")))
-    with open(os.path.join(workdir, "demo.json"), "w") as f:
+    with workdir_files.writing(os.path.join(workdir, "demo.json")), \
+            open(os.path.join(workdir, "demo.json"), "w") as f:
         json.dump({"data": sizes, "source_val_accuracy": source_result["best_val"],
                    "wall_seconds": round(time.time() - started, 1),
                    "pictures": [os.path.basename(p) for p in pictures]}, f, indent=1)

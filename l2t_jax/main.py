@@ -10,20 +10,27 @@ All logic lives in :func:`l2t_jax.train.train_and_evaluate`, or for a config wit
 ``program = "demo"`` (configs/demo.py) in :func:`l2t_jax.demo.run_demo`.
 
 Exit status: 0 when the run finished; 1 with a one-line message (no traceback) for config
-and data errors, a missing optional dependency, a diverged run and a checkpoint that could
-not be written; 143 (as for a process ended by SIGTERM) when SIGTERM stopped the run after
-saving a checkpoint, so that schedulers and :mod:`l2t_jax.grid` treat it as unfinished:
-the same command resumes. Several processes (multi-host) start jax's distributed runtime
-first (:func:`l2t_jax.parallel.maybe_initialize_distributed`).
+and data errors, a missing optional dependency, a diverged run, a checkpoint or a file of
+the run (metrics, results, pictures) that could not be written, and in a multi-process run
+a failed or unreachable process (named); 143 (as for a process ended by SIGTERM) when
+SIGTERM stopped the run after saving a checkpoint, so that schedulers and
+:mod:`l2t_jax.grid` treat it as unfinished: the same command resumes; 130 likewise after
+Ctrl-C (SIGINT). Several processes (multi-host) start jax's distributed runtime first
+(:func:`l2t_jax.parallel.maybe_initialize_distributed`), with the config's timeouts.
 """
+import os
 import re
 import sys
+import traceback
+
+import jax
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from l2t_jax import (build, checkpoints, compile_cache, configs, convert, demo, logs, parallel,
                      train)
+from l2t_jax import workdir as workdir_files
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
@@ -86,23 +93,63 @@ def main(argv):
     # absl's own -v/--verbosity, when given, sets the libraries' level instead.
     logs.configure(log_libraries=_LOG_LIBRARIES.value,
                    keep_library_level=flags.FLAGS["verbosity"].present > 0)
-    try:
-        parallel.maybe_initialize_distributed()    # before anything touches a jax backend
+    config = _CONFIG.value
+    try:   # before anything touches a jax backend
+        parallel.maybe_initialize_distributed(
+            timeouts=parallel.DistributedTimeouts.from_config(config))
     except ValueError as e:
         sys.exit(f"error: {e}")
     compile_cache.enable(_COMPILATION_CACHE.value)
-    config = _CONFIG.value
     program = demo.run_demo if config.get("program") == "demo" else train.train_and_evaluate
     try:
         program(config, _WORKDIR.value)
-    except train.Preempted:          # logged by train; the checkpoint is saved
-        sys.exit(train.PREEMPTED_EXIT_CODE)
-    except (train.DivergenceError, checkpoints.CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    # Config and data errors, and torch missing to read a .pth file: the message names the
-    # problem and the fix, a traceback would not.
-    except (ValueError, FileNotFoundError, convert.TorchMissingError) as e:
-        sys.exit(f"error: {e}")
+    except train.Preempted as e:     # logged by train; the checkpoint is saved
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:        # Ctrl-C outside the training loop (start-up, the end)
+        print("interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        sys.exit(train.INTERRUPTED_EXIT_CODE)
+    # Config and data errors, a diverged run, files that could not be written, and torch
+    # missing to read a .pth file: the message names the problem and the fix, a traceback
+    # would not.
+    except (train.DivergenceError, checkpoints.CheckpointError, workdir_files.RunFileError,
+            ValueError, FileNotFoundError, convert.TorchMissingError) as e:
+        _fail(_peer_failure(e, config) or f"error: {e}", e)
+    except Exception as e:
+        if jax.process_count() == 1:
+            raise
+        peer = _peer_failure(e, config)
+        if peer is None:
+            traceback.print_exc()
+        _fail(peer or f"error: process {jax.process_index()} failed", e)
+
+
+def _peer_failure(error: Exception, config) -> str | None:
+    """With several processes, a collective that failed (in the step, or inside an orbax
+    save: a CheckpointError) because another process died names no process:
+    ``error: process 1 of 2 stopped ...`` when that is the cause, else None."""
+    if jax.process_count() == 1:
+        return None
+    cause = error
+    while cause is not None and not isinstance(cause, jax.errors.JaxRuntimeError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    peer = parallel.describe_peer_failure(
+        cause, parallel.DistributedTimeouts.from_config(config).heartbeat_s)
+    return parallel.peer_failure_line(peer) if peer else None
+
+
+def _fail(line: str, error: Exception) -> None:
+    """Exits with status 1 and ``line``. One of several processes first reports the
+    failure to the others (they stop, naming this process: parallel.report_failure), then
+    exits without jax's shutdown barrier, where it would wait for them up to
+    config.distributed_shutdown_timeout_s."""
+    if jax.process_count() == 1:
+        sys.exit(line)
+    parallel.report_failure(error)
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

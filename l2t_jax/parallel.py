@@ -11,7 +11,11 @@ This module owns:
   :func:`global_batch`: the global ``jax.Array`` s built from every process's rows.
 - :func:`jit_sharded_step`: ``jax.jit`` of a pure ``step(state, source_variables, images,
   labels) -> (state, metrics)`` with those shardings, state donated.
-- :func:`maybe_initialize_distributed` and :func:`is_main_process`.
+- :func:`maybe_initialize_distributed` (with :class:`DistributedTimeouts`) and
+  :func:`is_main_process`.
+- Failures of one process (:func:`report_failure`, :func:`describe_peer_failure` and a watch
+  thread): the other processes stop with one line naming it instead of waiting in a
+  collective the failed process will never join.
 
 Data parallelism is plain GSPMD: the step is written for one logical batch and
 ``jax.jit`` partitions it. Every batch mean in the model (BatchNorm's statistics, the losses)
@@ -99,8 +103,14 @@ processes' collectives go over gloo (TCP), jax's default CPU collectives.
 """
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import logging
 import os
+import socket
+import sys
+import threading
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -146,7 +156,8 @@ def _detected_cluster() -> Optional[str]:
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
                                  process_id: Optional[int] = None,
-                                 local_device_ids: Optional[Sequence[int]] = None) -> bool:
+                                 local_device_ids: Optional[Sequence[int]] = None,
+                                 timeouts: Optional["DistributedTimeouts"] = None) -> bool:
     """Starts jax's distributed runtime when this is one of several processes.
 
     Call it first, before anything touches a jax backend. Calls
@@ -165,8 +176,20 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
     Idempotent. On CPU, collectives between processes use gloo, jax's default
     (``jax_cpu_collectives_implementation``); it is set explicitly here in case it was unset.
 
+    ``timeouts`` (seconds; default jax's: 300, 100, 300; the program passes the config's
+    ``distributed_*_timeout_s``): how long to wait for the coordinator and every process to
+    connect, after how long without a heartbeat a process counts as dead, and how long a
+    finishing process waits for the others. Once started, a thread in every process
+    watches for a failure that another process reported (:func:`report_failure`): this
+    process then prints one line naming the failed process and exits (status 1) instead
+    of waiting forever in a collective that the failed process will never join.
+
     Returns:
       whether the distributed runtime is running (after this call).
+
+    Raises:
+      DistributedStartError: the coordinator could not be reached (or not every process
+        connected) within the timeout; the message names the address.
     """
     if jax.distributed.is_initialized():
         return True
@@ -191,12 +214,202 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     logger.info("starting jax.distributed (%s)", cluster or coordinator_address or "jax's "
                  "cluster detection")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               local_device_ids=local_device_ids)
+    timeouts = timeouts or DistributedTimeouts()
+    init_s = timeouts.init_s
+    if coordinator_address and process_id not in (None, 0):
+        # jax ends the process (a C++ fatal error and a stack trace) when it cannot reach
+        # the coordinator; a plain TCP connect first turns that into one line.
+        init_s = _wait_for_coordinator(coordinator_address, process_id, timeouts.init_s)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id,
+                                   local_device_ids=local_device_ids,
+                                   initialization_timeout=init_s,
+                                   heartbeat_timeout_seconds=timeouts.heartbeat_s,
+                                   shutdown_timeout_seconds=timeouts.shutdown_s)
+    except Exception as e:    # jax raises its runtime's error type; keep the first line
+        address = (coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+                   or cluster or "jax's cluster detection")
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DistributedStartError(
+            f"process {process_id if process_id is not None else '?'} could not start the "
+            f"distributed runtime with the coordinator at {address} within "
+            f"{timeouts.init_s} s (config.distributed_init_timeout_s): {reason}. Check that "
+            "the address is process 0's host and a free port reachable from every process, "
+            "and that every process was started") from None
     logger.info("process %d of %d, %d local of %d devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+    _start_failure_watch()
     return True
+
+
+class DistributedStartError(ValueError):
+    """jax.distributed.initialize failed (coordinator unreachable, a process missing)."""
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout_s: int) -> int:
+    """Connects to ``host:port`` until it answers or ``timeout_s`` pass; returns the seconds
+    left for jax's own initialization (at least 1).
+
+    Raises:
+      DistributedStartError: naming the address and the timeout.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise DistributedStartError(f"the coordinator address {address!r} is not "
+                                    "host:port") from None
+    started = time.monotonic()
+    error = None
+    while time.monotonic() - started < timeout_s:
+        try:
+            socket.create_connection((host.strip("[]"), port), timeout=1.0).close()
+            return max(1, int(timeout_s - (time.monotonic() - started)))
+        except OSError as e:
+            error = e
+            time.sleep(0.25)
+    raise DistributedStartError(
+        f"process {process_id} could not reach the coordinator at {address} within "
+        f"{timeout_s} s (config.distributed_init_timeout_s): {error.strerror or error}. "
+        "Check that process 0 runs there and that the address is reachable from here")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedTimeouts:
+    """jax.distributed's timeouts, in whole seconds (jax's defaults)."""
+    init_s: int = 300
+    heartbeat_s: int = 100
+    shutdown_s: int = 300
+
+    @classmethod
+    def from_config(cls, config) -> "DistributedTimeouts":
+        """From ``config.distributed_{init,heartbeat,shutdown}_timeout_s`` where present
+        (the demo's config has none)."""
+        return cls(**{f"{name}_s": int(config.get(f"distributed_{name}_timeout_s",
+                                                  getattr(cls, f"{name}_s")))
+                      for name in ("init", "heartbeat", "shutdown")})
+
+
+# ---------------------------------------------------------------------- failures of a process
+_FAILED_KEY = "l2t_jax/failed"
+_FAILURE_POLL_S = 0.5
+_finishing = threading.Event()      # set at exit: the runtime shuts down, not a failure
+
+
+def _client():
+    from jax._src import distributed
+    return distributed.global_state.client
+
+
+def report_failure(error: BaseException) -> None:
+    """Tells the other processes that this one failed with ``error`` (a no-op with one
+    process): their watch threads print it and exit. The first report wins."""
+    if jax.process_count() == 1 or _client() is None:
+        return
+    message = (f"process {jax.process_index()} of {jax.process_count()} failed: "
+               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    try:
+        _client().key_value_set(_FAILED_KEY, message[:1000])
+    except Exception:  # noqa: BLE001 - another process reported first, or the runtime is gone
+        pass
+
+
+def reported_failure() -> Optional[str]:
+    """The failure another process reported (:func:`report_failure`), or None."""
+    try:
+        message = _client().key_value_try_get(_FAILED_KEY)
+    except Exception:  # noqa: BLE001 - NOT_FOUND, or the service is gone
+        return None
+    return None if message.startswith(f"process {jax.process_index()} of") else message
+
+
+def dead_processes(wait_s: float = 0.0) -> Optional[list[int]]:
+    """The processes the coordination service no longer counts as alive, waiting up to
+    ``wait_s`` for one to show (the service notices a dead process after the heartbeat
+    timeout); None when the service cannot be asked (the coordinator's process is gone)."""
+    client, count = _client(), jax.process_count()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            live = client.get_live_nodes(list(range(count)))
+        except Exception:  # noqa: BLE001 - the service (process 0) is unreachable
+            return None
+        dead = sorted(set(range(count)) - set(live))
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(_FAILURE_POLL_S)
+
+
+def describe_peer_failure(error: BaseException, heartbeat_s: int) -> Optional[str]:
+    """Why a collective (or orbax's barrier) of this process failed, if another process is
+    the cause: its reported failure, or which process died (waiting up to the heartbeat
+    timeout for the service to notice), or the coordinator gone. None when every process
+    is alive: the error is this process's own."""
+    count = jax.process_count()
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" \
+        if str(error).strip() else type(error).__name__
+    reported = reported_failure()
+    if reported:
+        return reported
+    dead = dead_processes(wait_s=heartbeat_s + 2 * _FAILURE_POLL_S)
+    if dead is None:
+        return f"the coordinator (process 0 of {count}) is gone (this process saw {reason})"
+    if dead:
+        return (f"process {', '.join(map(str, dead))} of {count} stopped (no heartbeat for "
+                f"{heartbeat_s} s, config.distributed_heartbeat_timeout_s; this process saw "
+                f"{reason})")
+    return None
+
+
+def wait_for_all(name: str, timeout_s: int) -> None:
+    """Every process waits here, at a barrier of jax's coordination service (no device
+    collective; a no-op with one process).
+
+    Before the first step: gloo gives the processes 30 s to meet at their first collective,
+    and on a loaded machine (or a host without the compilation cache) one process can
+    finish compiling the step later than that.
+    """
+    if jax.process_count() > 1 and _client() is not None:
+        _client().wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def peer_failure_line(message: str) -> str:
+    """The one line a process prints when it stops because of another one."""
+    return (f"error: {message}; stopping process {jax.process_index()} too. The checkpoints "
+            "written so far are intact: fix the failure and run the same command on every "
+            "process to resume")
+
+
+def _start_failure_watch() -> None:
+    """A daemon thread that polls the coordination service for a failure that another
+    process reported, a process it no longer counts as alive, or the service itself gone
+    (the coordinator's process died); then it prints one line and ends this process, which
+    would otherwise wait in its next collective, possibly forever."""
+    client, count = _client(), jax.process_count()
+    if client is None or count == 1:
+        return
+    atexit.register(_finishing.set)     # runs before jax's own shutdown (registered earlier)
+
+    def stop(message: str) -> None:
+        if _finishing.is_set():
+            return
+        sys.stderr.write(peer_failure_line(message) + "\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    def watch():
+        while not _finishing.wait(_FAILURE_POLL_S):
+            message = reported_failure()
+            if message:
+                return stop(message)
+            dead = dead_processes()
+            if dead is None:
+                return stop(f"the coordinator (process 0 of {count}) is gone")
+            if dead:
+                return stop(f"process {', '.join(map(str, dead))} of {count} stopped "
+                            "(no heartbeat within config.distributed_heartbeat_timeout_s)")
+    threading.Thread(target=watch, name="l2t-failure-watch", daemon=True).start()
 
 
 def is_main_process() -> bool:

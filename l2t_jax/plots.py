@@ -140,8 +140,10 @@ def label_color(label: str, index: int) -> str:
 
 
 def _save(fig: Figure, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    """Raises workdir.RunFileError naming ``path`` when it cannot be written."""
+    with wd.writing(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110)
     return path
 
 

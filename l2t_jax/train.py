@@ -20,7 +20,11 @@ Faults (tests/test_faults.py injects each one):
   file, before anything is compiled;
 - the newest checkpoint unreadable: resume from the newest readable one; a save that fails
   raises :class:`~l2t_jax.checkpoints.CheckpointError` naming the directory;
-- SIGTERM: a checkpoint at the next step boundary, then :class:`Preempted`;
+- SIGTERM or SIGINT (Ctrl-C): a checkpoint at the next step boundary, then
+  :class:`Preempted` (exit status 143 or 130). At most one step is in flight, so the run
+  stops within one step of the signal plus one save; an epoch-end evaluation is cut short
+  ``config.preemption_grace_s`` after it (and runs again on resume). A second signal ends
+  the process at once;
 - non-finite losses, meta-gradients or parameters: :class:`DivergenceError` naming the step
   and the quantity (``config.on_nonfinite='stop'``), or the batch's update dropped inside
   the step (``'skip'``). The metrics of every step are checked at log steps and before
@@ -58,17 +62,25 @@ class DivergenceError(FloatingPointError):
 
 
 class Preempted(Exception):
-    """SIGTERM (preemption) stopped the run at a step boundary after saving a checkpoint;
-    running the same command again resumes from it. :mod:`l2t_jax.main` exits with
-    :data:`PREEMPTED_EXIT_CODE` on it (non-zero: the run is not finished)."""
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) stopped the run at a step boundary after
+    saving a checkpoint; running the same command again resumes from it. :mod:`l2t_jax.main`
+    exits with :attr:`exit_code` on it: 143 after SIGTERM (:data:`PREEMPTED_EXIT_CODE`), 130
+    after Ctrl-C (:data:`INTERRUPTED_EXIT_CODE`), as a shell reports a process ended by that
+    signal (non-zero: the run is not finished)."""
 
-    def __init__(self, step: int, directory: str):
-        super().__init__(f"stopped by SIGTERM after step {step}: saved a checkpoint of step "
-                         f"{step} in {directory}; run the same command again to resume")
+    def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM,
+                 evaluation_cut: int | None = None):
+        what = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
+        cut = (f" (the evaluation of epoch {evaluation_cut} was cut short: it runs again on "
+               "resume)" if evaluation_cut is not None else "")
+        super().__init__(f"stopped by {what} after step {step}: saved a checkpoint of step "
+                         f"{step} in {directory}{cut}; run the same command again to resume")
         self.step = step
+        self.exit_code = 128 + int(signum)
 
 
-PREEMPTED_EXIT_CODE = 128 + 15     # what a shell reports for a process ended by SIGTERM
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM   # 143: what a shell reports after SIGTERM
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130: ... after Ctrl-C
 # Per-step metrics whose non-finite value stops (or skips) a step.
 WATCHED_METRICS = ("ce", "transfer", "adapt_ce", "sim_matching", "meta_loss",
                    "meta_grad_norm")
@@ -136,42 +148,69 @@ def _nonfinite(metrics: dict) -> list[str]:
 
 
 class _StopRequest:
-    """SIGTERM (preemption) -> stop at the next step boundary.
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) -> stop at the next step boundary.
 
-    One process: a handler that only sets a flag (restored by :meth:`close`). Several
-    processes: they must stop at the same step, so jax's preemption sync point decides
-    (its service catches SIGTERM in every process and agrees on a step).
+    One process: handlers that only note the signal and its time (restored by
+    :meth:`close`). Several processes: they must stop at the same step, so jax's preemption
+    sync point decides (its service catches SIGTERM in every process and agrees on a step);
+    Ctrl-C is handed to it as SIGTERM. After the first signal the second is left to the OS
+    (its default action ends the process at once, nothing saved), so that it works even
+    while the main thread is inside a compiled step, where Python handlers cannot run.
     """
 
     def __init__(self):
-        self.received = False
-        self.previous = None
+        self.signum = None               # the first signal received
+        self.received_at = None          # time.monotonic() of it
+        self.previous = {}
         self.multiprocess = jax.process_count() > 1
+        if threading.current_thread() is not threading.main_thread():
+            return                       # signal handlers can only be set in the main thread
         if self.multiprocess:
             from jax._src import distributed
             if distributed.global_state.preemption_sync_manager is None:
                 logger.warning("jax's preemption service is off: SIGTERM will not save a "
-                                "checkpoint before the processes end")
+                               "checkpoint before the processes end")
                 self.multiprocess = None
-        elif threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+                return
+            handled = (signal.SIGINT,)   # SIGTERM is the preemption service's
+        else:
+            handled = (signal.SIGTERM, signal.SIGINT)
+        for signum in handled:
+            self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        if self.received:       # a second SIGTERM ends the process at once
+        if self.signum is not None:      # a second one before the first handler returned
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        self.received = True
+            return
+        self.signum, self.received_at = signum, time.monotonic()
+        signal.signal(signum, signal.SIG_DFL)        # the next one ends the process
+        if self.multiprocess and signum == signal.SIGINT:
+            os.kill(os.getpid(), signal.SIGTERM)     # to jax's preemption service
 
     def requested(self, step: int) -> bool:
+        """Whether to stop after ``step``. Several processes: every process must call it
+        at every step (the sync point is collective)."""
         if self.multiprocess:
             from jax.experimental import multihost_utils
             return multihost_utils.reached_preemption_sync_point(step)
-        return self.received
+        return self.signum is not None
+
+    def cut_evaluation(self, grace_s: float) -> bool:
+        """Whether an evaluation in progress stops now: a signal came ``grace_s`` seconds
+        ago or more. One process only: several would have to agree on the batch (a
+        collective per batch), so their evaluations run to the end."""
+        return (not self.multiprocess and self.signum is not None
+                and time.monotonic() - self.received_at >= grace_s)
+
+    @property
+    def exit_signal(self) -> int:
+        return self.signum if self.signum is not None else signal.SIGTERM
 
     def close(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous = {}
 
 
 def eval_batches(source, config, mesh):
@@ -197,12 +236,22 @@ def eval_batches(source, config, mesh):
         yield images, labels, min(batch, len(source) - start)
 
 
-def evaluate(eval_step, variables, source, config, mesh) -> float:
+def evaluate(eval_step, variables, source, config, mesh,
+             cut: Callable[[], bool] | None = None) -> float | None:
     """Top-1 accuracy (%) of the target on ``source`` (eval-mode BN; padding rows, label
-    -1, are not counted)."""
-    counts = [eval_step(variables, images, labels)
-              for images, labels, _ in eval_batches(source, config, mesh)]
-    return 100.0 * sum(int(c) for c in jax.device_get(counts)) / len(source)
+    -1, are not counted), or None if ``cut()`` became true between two batches (a stop
+    request past its grace period). At most one batch is in flight, so a cut takes effect
+    within one batch."""
+    correct, in_flight = 0, None
+    for images, labels, _ in eval_batches(source, config, mesh):
+        count = eval_step(variables, images, labels)
+        if in_flight is not None:
+            correct += int(in_flight)
+        in_flight = count
+        if cut is not None and cut():
+            return None
+    correct += int(in_flight) if in_flight is not None else 0
+    return 100.0 * correct / len(source)
 
 
 def transfer_weights(transfer: bilevel.Transfer, state, source_variables, source, config,
@@ -405,9 +454,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ``config.on_nonfinite='stop'``.
       CheckpointError: a checkpoint could not be saved (earlier ones are kept), or none of
         the workdir's can be read.
-      Preempted: SIGTERM; a checkpoint was saved at the step where the run stopped.
+      Preempted: SIGTERM or SIGINT; a checkpoint was saved at the step where the run stopped
+        (within one step of the signal, plus the save; an epoch-end evaluation in progress
+        is cut short ``config.preemption_grace_s`` after the signal and runs again on
+        resume).
+      workdir.RunFileError: a file of the run (metrics.jsonl, TensorBoard events, the JSON
+        files) could not be written; the message names it and the intact checkpoints.
     """
-    parallel.maybe_initialize_distributed()   # a no-op unless launched as several processes
+    try:
+        return _train_and_evaluate(config, workdir)
+    except workdir_files.RunFileError as e:
+        e.message += f". {_checkpoints_untouched(workdir)}"
+        raise
+
+
+def _checkpoints_untouched(workdir: str) -> str:
+    """One sentence for a RunFileError: the checkpoints a rerun resumes from."""
+    directory = workdir_files.path(workdir, workdir_files.CHECKPOINTS)
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) \
+        if os.path.isdir(directory) else []
+    return (f"The checkpoints in {directory} (steps {steps}) were not touched: free space "
+            "or make the workdir writable, then run the same command again to resume")
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    # A no-op unless launched as several processes (and after main has started it).
+    parallel.maybe_initialize_distributed(
+        timeouts=parallel.DistributedTimeouts.from_config(config))
     config = build.resolve_data(config)       # an image folder's classes (checked)
     build.validate_config(config)
     main_process = parallel.is_main_process()
@@ -442,18 +515,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run_info = provenance.run_metadata()
     books.log.write_run(books.start_step, run_info)
     stop = _StopRequest()
-    compiled, examples, examples_epoch = {}, None, None
+    examples = {}                        # epoch -> its shuffled, augmented examples
+
+    def batch(step):
+        """Global batch ``step`` (this process's rows of it, as global arrays)."""
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in examples:
+            examples.clear()
+            examples[epoch] = data.train_examples(
+                splits["train"], config.data.image_size, config.seed, epoch,
+                hflip=config.data.hflip, crop_padding=config.data.crop_padding,
+                min_examples=steps_per_epoch * config.batch_size)
+        return parallel.global_batch(
+            mesh, *_load_rows(examples[epoch], index, config.batch_size, rows))
+
+    def end_of_epoch(done: int) -> bool:
+        """Evaluates the epoch that step ``done`` ends (``best/``, the log); False when a
+        stop request cut the evaluation short (nothing recorded: it runs again on
+        resume)."""
+        books.check_pending()
+        variables = {"params": state.target_params["model"],
+                     "batch_stats": state.batch_stats}
+        accuracies = {}
+        for split in config.data.eval_splits:
+            accuracy = evaluate(eval_step, variables, splits[split], config, mesh,
+                                cut=lambda: stop.cut_evaluation(config.preemption_grace_s))
+            if accuracy is None:
+                logger.warning("evaluation of epoch %d cut short by %s, %.1f s after it "
+                               "(config.preemption_grace_s=%g)", done // steps_per_epoch - 1,
+                               signal.Signals(stop.exit_signal).name,
+                               time.monotonic() - stop.received_at, config.preemption_grace_s)
+                return False
+            accuracies[split] = accuracy
+        books.epoch_done(done, done // steps_per_epoch - 1, accuracies, variables)
+        return True
+
+    def stopped(done: int, evaluation_cut: bool = False) -> Preempted:
+        preempted = Preempted(done, saved.directory, stop.exit_signal,
+                              done // steps_per_epoch - 1 if evaluation_cut else None)
+        logger.warning("%s", preempted)
+        return preempted
+
+    compiled = {}                        # update_phi -> its compiled program
     try:
-        for step in range(books.start_step, total_steps):
-            epoch, index = divmod(step, steps_per_epoch)
-            if examples_epoch != epoch:
-                examples = data.train_examples(
-                    splits["train"], config.data.image_size, config.seed, epoch,
-                    hflip=config.data.hflip, crop_padding=config.data.crop_padding,
-                    min_examples=steps_per_epoch * config.batch_size)
-                examples_epoch = epoch
-            images, labels = parallel.global_batch(
-                mesh, *_load_rows(examples, index, config.batch_size, rows))
+        start = books.start_step
+        if start and start % steps_per_epoch == 0 and progress["epoch"] < start // steps_per_epoch:
+            # Resumed from a checkpoint whose epoch-end evaluation a stop request cut short.
+            logger.info("evaluating epoch %d, cut short before the run stopped",
+                        start // steps_per_epoch - 1)
+            if not end_of_epoch(start):
+                raise stopped(start, evaluation_cut=True)       # checkpoint `start` exists
+        next_batch = batch(start) if start < total_steps else None
+        for step in range(start, total_steps):
+            images, labels = next_batch
             update = step % every == 0
             if update not in compiled:
                 compile_started = time.time()
@@ -463,29 +577,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"training step ({config.method}{', phi fixed' if every > 1 else ''})",
                     programs[update], state, source_variables, images, labels,
                     notify=main_process)
+                parallel.wait_for_all(f"l2t_jax/compiled/{int(update)}",
+                                      config.distributed_init_timeout_s)
                 if books.stepping_since is None:
                     books.stepping_since = time.time()
                 else:                              # the ETA leaves compiles out
                     books.stepping_since += time.time() - compile_started
             state, metrics = compiled[update](state, source_variables, images, labels)
             done = step + 1
+            # The next batch is loaded while this step runs; then the loop waits for the
+            # step. jax dispatches asynchronously: without the wait the loop ran ahead up to
+            # the next metrics fetch (log_every_steps, up to 256 steps), and every step
+            # dispatched had to run before a stop request could save. One step in flight
+            # bounds that to one step, for the cost of the host's time to dispatch a step.
+            next_batch = batch(done) if done < total_steps else None
+            jax.block_until_ready(metrics)
             books.step_done(done, metrics)
             saved_now = done % steps_per_epoch == 0 or done % config.checkpoint_every_steps == 0
-            if done % steps_per_epoch == 0:
-                books.check_pending()
-                variables = {"params": state.target_params["model"],
-                             "batch_stats": state.batch_stats}
-                books.epoch_done(done, epoch, {
-                    split: evaluate(eval_step, variables, splits[split], config, mesh)
-                    for split in config.data.eval_splits}, variables)
-            if saved_now:
+            evaluated = done % steps_per_epoch != 0 or end_of_epoch(done)
+            if saved_now or not evaluated:
                 books.save(state)
+            if not evaluated:
+                raise stopped(done, evaluation_cut=True)
             if done < total_steps and stop.requested(done):
                 if not saved_now:
                     books.save(state)
-                preempted = Preempted(done, saved.directory)
-                logger.warning("%s", preempted)
-                raise preempted
+                raise stopped(done)
     finally:
         stop.close()
         books.log.close()

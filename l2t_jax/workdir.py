@@ -16,15 +16,25 @@ and pictures read through it. Nothing here imports JAX.
 - ``checkpoints/``, ``best/``, ``source/``: orbax directories (:mod:`l2t_jax.checkpoints`).
 - ``eval_<split>_<best|last>.json`` and ``confusion_<split>_<best|last>.png``: what
   :mod:`l2t_jax.evaluate` writes (:func:`evaluation_files`).
+
+Writes that fail (disk full, a read-only directory) raise :class:`RunFileError` naming the
+file. JSON files are written to a temporary name and renamed, so a failed write never leaves
+half a ``result.json`` (which would mark the run finished); an unfinished last line of
+``metrics.jsonl`` (a run stopped while writing it) is dropped when the log is reopened.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
+import time
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -47,9 +57,41 @@ def path(workdir: str, name: str) -> str:
 
 
 # --------------------------------------------------------------------------- writing
+class RunFileError(OSError):
+    """A file of the run's own (metrics.jsonl, TensorBoard events, the JSON files, the
+    pictures) could not be written; ``str()`` is one line naming the file and the reason
+    (the training loop adds which checkpoints are intact)."""
+
+    def __init__(self, file_path: str, error: OSError):
+        super().__init__(error.errno, error.strerror)
+        self.path = file_path
+        self.message = f"could not write {file_path} ({error.strerror or error})"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def writing(file_path: str):
+    """Turns an OSError raised inside into a :class:`RunFileError` naming ``file_path``."""
+    try:
+        yield
+    except RunFileError:
+        raise
+    except OSError as e:
+        raise RunFileError(file_path, e) from e
+
+
 def _write_json(file_path: str, value: Any, indent: int | None = 1) -> None:
-    with open(file_path, "w") as f:
-        json.dump(value, f, indent=indent)
+    temporary = f"{file_path}.tmp"
+    with writing(file_path):
+        try:
+            with open(temporary, "w") as f:
+                json.dump(value, f, indent=indent)
+            os.replace(temporary, file_path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
 
 def write_config(workdir: str, values: dict) -> None:
@@ -69,16 +111,44 @@ def write_transfer_weights(workdir: str, weights: dict) -> None:
     _write_json(path(workdir, TRANSFER_WEIGHTS), weights, indent=None)
 
 
+def _drop_unfinished_line(file_path: str) -> None:
+    """Cuts ``file_path`` after its last newline: lines appended after half a line would
+    leave a malformed line inside the file, which :func:`read_metrics` refuses."""
+    if not os.path.isfile(file_path) or os.path.getsize(file_path) == 0:
+        return
+    with open(file_path, "rb+") as f:
+        text = f.read()
+        if text.endswith(b"\n"):
+            return
+        f.truncate(text.rfind(b"\n") + 1)
+    logger.warning("%s: dropped an unfinished last line (the run stopped while writing it)",
+                   file_path)
+
+
 class MetricLog:
-    """Appends to metrics.jsonl, and to TensorBoard events when tensorboardX is installed."""
+    """Appends to metrics.jsonl, and to TensorBoard events when tensorboardX is installed.
+
+    The events are written synchronously (tensorboardX's writer classes, not its
+    SummaryWriter, whose background thread would swallow a write error and then block on
+    its full queue), so a full disk raises :class:`RunFileError` here.
+    """
 
     def __init__(self, workdir: str):
         self.path = path(workdir, METRICS)
+        with writing(self.path):
+            _drop_unfinished_line(self.path)
+        self.events = None
         try:
-            from tensorboardX import SummaryWriter
-            self.tensorboard = SummaryWriter(path(workdir, TENSORBOARD))
+            from tensorboardX import summary
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto import event_pb2
         except ImportError:  # pragma: no cover - optional
-            self.tensorboard = None
+            return
+        directory = path(workdir, TENSORBOARD)
+        with writing(directory):
+            os.makedirs(directory, exist_ok=True)
+            self.events = EventsWriter(os.path.join(directory, "events"))
+        self._scalar, self._event = summary.scalar, event_pb2.Event
 
     def write(self, step: int, values: dict) -> None:
         """One line of scalars: arrays are flattened to ``key/i``."""
@@ -90,21 +160,31 @@ class MetricLog:
             else:
                 for i, v in enumerate(value.ravel()):
                     flat[f"{key}/{i}"] = float(v)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **flat}) + "\n")
-        if self.tensorboard is not None:
-            for key, value in flat.items():
-                self.tensorboard.add_scalar(key, value, step)
-            self.tensorboard.flush()
+        self._append(json.dumps({"step": step, **flat}) + "\n")
+        if self.events is not None:
+            with writing(self.events._file_name):
+                now = time.time()
+                for key, value in flat.items():
+                    self.events.write_event(self._event(wall_time=now, step=step,
+                                                        summary=self._scalar(key, value)))
+                self.events.flush()
 
     def write_run(self, step: int, run: dict) -> None:
         """The record that opens each start of a run: ``{"step": step, "run": run}``."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "run": run}) + "\n")
+        self._append(json.dumps({"step": step, "run": run}) + "\n")
+
+    def _append(self, line: str) -> None:
+        with writing(self.path):
+            with open(self.path, "a") as f:
+                f.write(line)
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        if self.events is not None:
+            try:
+                self.events.close()
+            except OSError:      # already reported by the write that failed
+                pass
+            self.events = None
 
 
 class NoLog:

@@ -1,4 +1,5 @@
-"""Faults injected for real into the training program (l2t_jax/train.py, issue 8).
+"""Faults injected for real into the training program (l2t_jax/train.py, issues 8 and 21;
+multi-process faults and resuming on other device counts: test_faults_distributed.py).
 
 Each test breaks something the way it breaks in practice and checks what the program does:
 
@@ -10,8 +11,12 @@ Each test breaks something the way it breaks in practice and checks what the pro
 - checkpoints: the newest one truncated (resume from the one before, logged), a workdir of
   another config (refused, keys named), a save that fails (the directory named, earlier
   checkpoints intact, and the rerun recovers);
-- SIGTERM: a checkpoint at the next step boundary, exit status 143, exact resume
-  (SIGKILL at three points is in test_train.py);
+- SIGTERM and SIGINT: a checkpoint at the next step boundary (within one step of the signal
+  as the device runs, an evaluation cut short), exit status 143 or 130, exact resume; a
+  second Ctrl-C ends the process at once (SIGKILL at three points is in test_train.py);
+- the run's own files: read-only metrics.jsonl mid-run, a read-only workdir at result.json,
+  a real full disk (a small tmpfs, as root), a read-only picture directory: one line naming
+  the file, checkpoints bitwise intact, the same command resumes;
 - divergence: a non-finite loss or meta-gradient stops the run naming the step and the
   quantity with only finite checkpoints, or (on_nonfinite='skip') the batch is skipped;
 - determinism, and a long run's hygiene: no recompilation after the first step, flat RSS.
@@ -39,7 +44,8 @@ import numpy as np
 import pytest
 
 from helpers import (REPO_ROOT, SOURCE_WIDTHS, assert_same_leaves, final_params, main_command,
-                     tiny_config, write_config_file, write_npz_splits, write_tiny_source)
+                     one_line_error, tiny_config, write_config_file, write_npz_splits,
+                     write_tiny_source)
 from l2t_jax import bilevel, build, convert, data, main, models, parallel, train
 from l2t_jax import workdir as workdir_files
 
@@ -247,6 +253,11 @@ def test_main_reports_each_fault_in_one_line(assets, tmp_path, monkeypatch):
                 (train.CheckpointError("could not save the checkpoint of step 4"),
                  "error: could not save"),
                 (train.Preempted(4, "/w/checkpoints"), train.PREEMPTED_EXIT_CODE),
+                (train.Preempted(4, "/w/checkpoints", signal.SIGINT),
+                 train.INTERRUPTED_EXIT_CODE),
+                (workdir_files.RunFileError("/w/metrics.jsonl", OSError(
+                    errno.ENOSPC, "No space left on device")),
+                 "error: could not write /w/metrics.jsonl (No space left on device)"),
                 (data.DataError("cannot decode image x.png"),
                  "error: cannot decode image x.png"),
                 (FileNotFoundError("no checkpoint at 'x'"), "error: no checkpoint at 'x'"),
@@ -413,41 +424,237 @@ def test_failed_save_names_the_directory_and_keeps_the_earlier_checkpoints(
     assert_same_leaves(expected, final_params(workdir)[1])
 
 
-# -------------------------------------------------------------------------- interruption
-# `python SIGTERM_AT_STEP <main args>`: l2t_jax.main, except that the process sends itself
-# SIGTERM once step L2T_TEST_SIGTERM_AT_STEP is logged (a real signal at a known step; the
-# program cannot tell it from a scheduler's).
-SIGTERM_AT_STEP = """
-import os, signal
+# ------------------------------------------------------------------ the run's own files
+def _read_only(path):
+    """Makes the file or directory ``path`` refuse writes for real: chmod for a normal user,
+    the immutable attribute as root (where chmod does not bind). Returns an undo function,
+    or None if neither binds here."""
+    mode = os.stat(path).st_mode
+    os.chmod(path, 0o555 if os.path.isdir(path) else 0o444)
+    try:
+        if os.path.isdir(path):
+            open(os.path.join(path, "probe"), "w").close()
+            os.remove(os.path.join(path, "probe"))
+        else:
+            open(path, "a").close()
+    except OSError:
+        return lambda: os.chmod(path, mode)
+    os.chmod(path, mode)
+    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)],
+                                                 capture_output=True).returncode == 0:
+        return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+    return None
+
+
+def _committed_digest(checkpoints):
+    """sha256 over the committed checkpoints (directories named by their step)."""
+    return {name: _tree_digest(os.path.join(checkpoints, name))
+            for name in sorted(os.listdir(checkpoints)) if name.isdigit()}
+
+
+@pytest.mark.parametrize("locked", ["metrics.jsonl", "workdir"])
+def test_unwritable_run_file_names_the_path_and_the_rerun_resumes(scratch_reference, tmp_path,
+                                                                  monkeypatch, locked):
+    """metrics.jsonl made read-only after step 4's line (the write of step 5 fails), or the
+    workdir made read-only just before result.json is written: RunFileError names the file
+    and the untouched checkpoints, which are bitwise those present when the write failed;
+    once writable again the same run resumes and ends exactly where the uninterrupted one
+    does. (main turns the error into one line: test_main_reports_each_fault_in_one_line.)"""
+    config, expected, _ = scratch_reference
+    workdir = tmp_path / "run"
+    seen = {}
+
+    def lock(path):
+        seen["undo"] = _read_only(path)
+        if seen["undo"] is None:
+            pytest.skip("neither chmod nor chattr makes a file read-only here")
+        seen["digest"] = _committed_digest(workdir / "checkpoints")
+    if locked == "metrics.jsonl":
+        write = workdir_files.MetricLog.write
+
+        def locking_write(self, step, values):
+            if step == 5 and "undo" not in seen:
+                lock(self.path)
+            return write(self, step, values)
+        monkeypatch.setattr(workdir_files.MetricLog, "write", locking_write)
+        message = (r"could not write .*run/metrics\.jsonl \((Permission denied|Operation not "
+                   r"permitted)\)\. The checkpoints in .*run/checkpoints \(steps \[2, 3, 4\]\) "
+                   r"were not touched: free space or make the workdir writable, then run the "
+                   r"same command again to resume")
+    else:
+        write_result = workdir_files.write_result
+
+        def locking_write_result(directory, result):
+            lock(directory)
+            return write_result(directory, result)
+        monkeypatch.setattr(workdir_files, "write_result", locking_write_result)
+        message = (r"could not write .*run/result\.json \(.*\)\. The checkpoints in "
+                   r".*run/checkpoints \(steps \[4, 5, 6\]\) were not touched")
+    try:
+        with pytest.raises(workdir_files.RunFileError, match=message) as info:
+            train.train_and_evaluate(config, str(workdir))
+        print(info.value)
+        assert _committed_digest(workdir / "checkpoints") == seen["digest"]
+        assert not workdir_files.is_finished(str(workdir))
+    finally:
+        if seen.get("undo"):
+            seen["undo"]()
+        monkeypatch.undo()
+    train.train_and_evaluate(config, str(workdir))
+    assert workdir_files.is_finished(str(workdir))
+    assert_same_leaves(expected, final_params(workdir)[1])
+    workdir_files.read_metrics(str(workdir / "metrics.jsonl"))     # every line well formed
+
+
+def test_unwritable_picture_names_the_path(tmp_path):
+    """The pictures go through the same check (plots._save)."""
+    from matplotlib.figure import Figure
+
+    from l2t_jax import plots
+    (tmp_path / "pictures").mkdir()
+    undo = _read_only(str(tmp_path / "pictures"))
+    if undo is None:
+        pytest.skip("neither chmod nor chattr makes a directory read-only here")
+    try:
+        with pytest.raises(workdir_files.RunFileError,
+                           match=r"could not write .*pictures/curves\.png \("):
+            plots._save(Figure(), str(tmp_path / "pictures" / "curves.png"))
+    finally:
+        undo()
+
+
+# `python FILL_DISK_AT_STEP <main args>`: l2t_jax.main, except that once step
+# L2T_TEST_FILL_AT_STEP is logged the file system of the workdir is filled up (metrics.jsonl
+# first padded with newlines to a whole page, so that its next line needs a new page, which
+# a full tmpfs refuses), and the committed checkpoints' digest goes to L2T_TEST_DIGEST.
+FILL_DISK_AT_STEP = """
+import json, os, sys
+sys.path.insert(0, os.environ["L2T_TEST_DIR"])
 from absl import app
 from l2t_jax import main, workdir
+from test_faults import _committed_digest
 _write = workdir.MetricLog.write
 def write(self, step, values):
     _write(self, step, values)
-    if step == int(os.environ["L2T_TEST_SIGTERM_AT_STEP"]) and "train/ce" in values:
-        os.kill(os.getpid(), signal.SIGTERM)
+    if step == int(os.environ["L2T_TEST_FILL_AT_STEP"]) and "train/ce" in values:
+        with open(self.path, "a") as f:
+            f.write("\\n" * (-os.path.getsize(self.path) % 4096))
+        with open(os.path.join(os.path.dirname(self.path), "..", "filler"), "wb") as f:
+            try:
+                while True:
+                    f.write(b"x" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        with open(os.environ["L2T_TEST_DIGEST"], "w") as f:
+            json.dump(_committed_digest(os.path.join(os.path.dirname(self.path),
+                                                     "checkpoints")), f)
 workdir.MetricLog.write = write
 app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
-def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(scratch_reference, tmp_path):
-    """SIGTERM during step 2 (checkpoints only at epoch ends, 3 and 6): checkpoint 2 is
-    written, the process exits with 143 and says so; the rerun ends bitwise where the
-    uninterrupted run does."""
+def test_full_disk_is_one_line_and_the_same_command_resumes(scratch_reference, tmp_path):
+    """A real full disk: the workdir on a tmpfs of 16 MB (mounting one needs root; without
+    it the test skips: test_unwritable_run_file_names_the_path_and_the_rerun_resumes covers
+    the same path with a read-only file), filled up after step 4 (checkpoints at epoch ends,
+    3 and 6): the write of step 5's metrics fails. One error line naming metrics.jsonl, the
+    reason and the checkpoints (bitwise as they were); with space freed the same command
+    finishes exactly."""
+    config, expected, _ = scratch_reference
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.checkpoint_every_steps = 100
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        workdir = disk / "run"
+        command = main_command(write_config_file(config, tmp_path / "config.py"), workdir)
+        hook = tmp_path / "fill_disk_at_step.py"
+        hook.write_text(FILL_DISK_AT_STEP)
+        full = subprocess.run([sys.executable, str(hook)] + command[3:], cwd=REPO_ROOT,
+                              env=dict(os.environ, L2T_TEST_FILL_AT_STEP="4",
+                                       L2T_TEST_DIR=os.path.dirname(__file__),
+                                       L2T_TEST_DIGEST=str(tmp_path / "digest.json")),
+                              capture_output=True, text=True)
+        line = one_line_error(full)
+        print(line)
+        assert re.fullmatch(
+            rf"error: could not write {re.escape(str(workdir))}/metrics\.jsonl \(No space "
+            rf"left on device\)\. The checkpoints in {re.escape(str(workdir))}/checkpoints "
+            r"\(steps \[3\]\) were not touched: free space or make the workdir writable, "
+            r"then run the same command again to resume", line), line
+        digest = json.load(open(tmp_path / "digest.json"))
+        assert list(digest) == ["3"] and _committed_digest(workdir / "checkpoints") == digest
+        os.remove(disk / "filler")
+        finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        assert "resumed from step 3" in finished.stderr
+        assert_same_leaves(expected, final_params(workdir)[1])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# -------------------------------------------------------------------------- interruption
+# `python SIGNAL_AT_STEP <main args>`: l2t_jax.main, except that the process sends itself
+# L2T_TEST_SIGNAL once step L2T_TEST_SIGNAL_AT_STEP is logged (a real signal at a known step;
+# the program cannot tell it from a scheduler's or a terminal's), and again, when
+# L2T_TEST_SIGNAL_AGAIN is set, at the start of the save that the first one asks for.
+SIGNAL_AT_STEP = """
+import os, signal
+from absl import app
+from l2t_jax import checkpoints, main, workdir
+signum = getattr(signal, os.environ["L2T_TEST_SIGNAL"])
+_write = workdir.MetricLog.write
+def write(self, step, values):
+    _write(self, step, values)
+    if step == int(os.environ["L2T_TEST_SIGNAL_AT_STEP"]) and "train/ce" in values:
+        os.kill(os.getpid(), signum)
+workdir.MetricLog.write = write
+_save = checkpoints.Checkpoints.save
+def save(self, step, state, progress):
+    if os.environ.get("L2T_TEST_SIGNAL_AGAIN"):
+        os.kill(os.getpid(), signum)
+    return _save(self, step, state, progress)
+checkpoints.Checkpoints.save = save
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_signal_saves_at_the_step_boundary_and_resumes_exactly(scratch_reference, tmp_path,
+                                                               signum):
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) during step 2 (checkpoints only at epoch
+    ends, 3 and 6): checkpoint 2 is written, the process exits with 143 or 130 and says so;
+    the rerun ends bitwise where the uninterrupted run does. With SIGINT, a second Ctrl-C
+    during that save ends the process at once (killed by SIGINT, nothing committed)."""
     config, expected, _ = scratch_reference
     config = ml_collections.ConfigDict(config.to_dict())
     config.checkpoint_every_steps = 100          # resumable: the numbers do not change
     workdir = tmp_path / "run"
     command = main_command(write_config_file(config, tmp_path / "config.py"), workdir)
-    hook = tmp_path / "sigterm_at_step.py"
-    hook.write_text(SIGTERM_AT_STEP)
+    hook = tmp_path / "signal_at_step.py"
+    hook.write_text(SIGNAL_AT_STEP)
+    env = dict(os.environ, L2T_TEST_SIGNAL=signum, L2T_TEST_SIGNAL_AT_STEP="2")
+    if signum == "SIGINT":
+        twice = subprocess.run([sys.executable, str(hook)] + command[3:], cwd=REPO_ROOT,
+                               env=dict(env, L2T_TEST_SIGNAL_AGAIN="1"),
+                               capture_output=True, text=True)
+        assert twice.returncode == -signal.SIGINT, twice.stderr[-3000:]
+        assert _steps(workdir) == []                 # the save of step 2 never committed
     stopped = subprocess.run([sys.executable, str(hook)] + command[3:], cwd=REPO_ROOT,
-                             env=dict(os.environ, L2T_TEST_SIGTERM_AT_STEP="2"),
-                             capture_output=True, text=True)
-    assert stopped.returncode == train.PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+                             env=env, capture_output=True, text=True)
+    code = {"SIGTERM": train.PREEMPTED_EXIT_CODE, "SIGINT": train.INTERRUPTED_EXIT_CODE}
+    assert stopped.returncode == code[signum] == 128 + getattr(signal, signum), \
+        stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
-    assert "stopped by SIGTERM after step 2: saved a checkpoint of step 2" in stopped.stderr
+    what = {"SIGTERM": "SIGTERM", "SIGINT": "Ctrl-C (SIGINT)"}[signum]
+    line = f"stopped by {what} after step 2: saved a checkpoint of step 2"
+    assert line in stopped.stderr, stopped.stderr[-3000:]
+    print([x for x in stopped.stderr.splitlines() if "stopped by" in x][0])
     assert _steps(workdir) == [2]
     assert not os.path.exists(workdir / "result.json")
     finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
@@ -456,6 +663,116 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(scratch_referenc
     step, resumed = final_params(workdir)
     assert step == 6
     assert_same_leaves(expected, resumed)
+
+
+class _DeviceClock:
+    """Wraps the compiled training step of train_and_evaluate (through
+    train.compile_with_notice) to learn when each step *finishes on the device*: a
+    watcher thread blocks on each step's metrics in order, while the loop may have
+    dispatched further (jax dispatches asynchronously). ``on_finished(step)`` runs in that
+    thread (here: it sends the signal)."""
+
+    def __init__(self, monkeypatch, on_finished):
+        import queue
+        import threading
+        self.queue, self.finished, self.calls = queue.Queue(), [], 0
+        compile_with_notice = train.compile_with_notice
+
+        def compiling(*args, **kwargs):
+            compiled = compile_with_notice(*args, **kwargs)
+
+            def step(*step_args):
+                state, metrics = compiled(*step_args)
+                self.calls += 1
+                self.queue.put((self.calls, metrics))
+                return state, metrics
+            return step
+        monkeypatch.setattr(train, "compile_with_notice", compiling)
+
+        def watch():
+            while True:
+                step, metrics = self.queue.get()
+                if step is None:
+                    return
+                jax.block_until_ready(metrics)
+                self.finished.append(step)
+                on_finished(step)
+        self.thread = threading.Thread(target=watch, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.queue.put((None, None))
+        self.thread.join(60)
+
+
+def test_preemption_stops_within_one_step_and_cuts_an_evaluation_short(assets, tmp_path,
+                                                                        monkeypatch):
+    """Item 1 of issue 21. A step heavy enough that the loop, left alone, dispatches steps
+    well ahead of the device, and no host round trip until the epoch ends (log and
+    checkpoint every 100 steps):
+
+    - SIGTERM when the device finishes step 2: the checkpoint is of step 2 or 3 (at most
+      the one step in flight; the loop used to dispatch to the epoch end, step 6, and run
+      them all first);
+    - SIGTERM during the first epoch-end evaluation (its 2nd batch of 6 of val): with
+      config.preemption_grace_s = 0 at most one more batch runs; checkpoint 6 is saved
+      without that epoch's accuracies, and the resumed run evaluates it first.
+
+    Both resumed runs end bitwise where the uninterrupted one does, with the same
+    result.json numbers."""
+    config = scratch_config(assets, epochs=2, steps_per_epoch=6, batch_size=16,
+                            eval_batch_size=2, log_every_steps=100, checkpoint_every_steps=100)
+    config.model_overrides.target.widths = LONG_RUN_WIDTHS
+    reference = train.train_and_evaluate(config, str(tmp_path / "reference"))
+    expected = final_params(tmp_path / "reference")[1]
+
+    # 1. SIGTERM sent when the device finishes step 2.
+    clock = _DeviceClock(monkeypatch, lambda step: step == 2 and os.kill(os.getpid(),
+                                                                         signal.SIGTERM))
+    try:
+        with pytest.raises(train.Preempted) as info:
+            train.train_and_evaluate(config, str(tmp_path / "mid-step"))
+    finally:
+        clock.close()
+        monkeypatch.undo()
+    print(f"SIGTERM when the device finished step 2: {info.value} (the loop had dispatched "
+          f"{clock.calls} steps)")
+    assert info.value.step in (2, 3) and _steps(tmp_path / "mid-step") == [info.value.step]
+
+    # 2. SIGTERM during the 2nd batch of the first evaluation.
+    eval_program, batches = train._eval_program, []
+
+    def counting_eval_program(*args):
+        eval_step = eval_program(*args)
+
+        def counted(*step_args):
+            batches.append(1)
+            if len(batches) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return eval_step(*step_args)
+        return counted
+    monkeypatch.setattr(train, "_eval_program", counting_eval_program)
+    try:
+        with pytest.raises(train.Preempted,
+                           match=r"after step 6: saved a checkpoint of step 6 .*\(the "
+                                 r"evaluation of epoch 0 was cut short") as info:
+            train.train_and_evaluate(config, str(tmp_path / "in-evaluation"))
+    finally:
+        monkeypatch.undo()
+    print(f"SIGTERM in evaluation batch 2 (of 6 per split): {info.value}; "
+          f"{len(batches)} batches ran")
+    assert len(batches) <= 3 and _steps(tmp_path / "in-evaluation") == [6]
+    assert not [line for line in open(tmp_path / "in-evaluation" / "metrics.jsonl")
+                if "eval/" in line]
+
+    for run in ("mid-step", "in-evaluation"):
+        result = train.train_and_evaluate(config, str(tmp_path / run))
+        for key in ("test_at_best_val", "best_val", "best_epoch", "steps"):
+            assert result[key] == reference[key], (run, key)
+        assert_same_leaves(expected, final_params(tmp_path / run)[1])
+    evaluated = [json.loads(line)["step"] for line in
+                 open(tmp_path / "in-evaluation" / "metrics.jsonl") if "eval/" in line]
+    assert evaluated == [6, 12]
 
 
 # ---------------------------------------------------------------------------- divergence

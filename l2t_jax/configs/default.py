@@ -130,6 +130,20 @@ def get_config(variant=None):
     # is dropped inside the step; metrics train/skipped and result.json skipped_steps count
     # them). May change when a run is resumed.
     config.on_nonfinite = "stop"
+    # SIGTERM or Ctrl-C stops the run at the next step boundary with a checkpoint (exit
+    # status 143 or 130). An epoch-end evaluation in progress may go on for this many
+    # seconds after the signal; past it, it is abandoned and runs again on resume. 0 (the
+    # default) keeps the whole grace period of a preemption notice for the save. One
+    # process only: several always finish their evaluation.
+    config.preemption_grace_s = 0.0
+    # Several processes (jax.distributed, l2t_jax/parallel.py), in whole seconds (jax's
+    # defaults): how long to wait for the coordinator and every process at the start (and
+    # for every process to have compiled the step); after how long without a heartbeat a
+    # process counts as dead (the others then stop, naming it); how long a finishing process
+    # waits for the others.
+    config.distributed_init_timeout_s = 300
+    config.distributed_heartbeat_timeout_s = 100
+    config.distributed_shutdown_timeout_s = 300
     return config
 
 
