@@ -96,6 +96,13 @@ def _worker(output_path, mode):
             return bilevel.train_step(transfer, lambda s: 0.1 * 0.5 ** s, *args)
 
         step_fn = parallel.jit_sharded_step(step, mesh)
+        # As the training loop does: every process compiles, then all meet at a barrier
+        # before the first collective (gloo gives a late process 30 s to join it, which a
+        # process compiling more slowly on a loaded machine can miss). The calls below reuse
+        # this trace: ``traces`` still counts every trace.
+        step_fn.lower(state, source_variables,
+                      *parallel.global_batch(mesh, *_rows(0, rows))).compile()
+        parallel.wait_for_all("l2t_jax/test/compiled", 300)   # the same name in every process
         for i in range(STEPS):
             images, labels = parallel.global_batch(mesh, *_rows(i, rows))
             assert images.shape == (GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), images.shape
