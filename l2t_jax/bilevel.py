@@ -36,7 +36,6 @@ import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from l2t_jax import convolution
-from l2t_jax.taps import Tap, TappedNetwork, tapped  # noqa: F401  (Tap re-exported)
+from l2t_jax.taps import TappedNetwork, tapped
 
 # PyTorch's kaiming-normal(fan_out) and the ResNets' normal(0, sqrt(2 / (k*k*out))) are the
 # same distribution: variance 2 / fan_out, untruncated.
