@@ -7,7 +7,8 @@ variant after a colon selects a preset (``cifar100:tiny``); overrides follow as
 (orbax, absl, jax) to the program's own.
 
 All logic lives in :func:`l2t_jax.train.train_and_evaluate`, or for a config with
-``program = "demo"`` (configs/demo.py) in :func:`l2t_jax.demo.run_demo`.
+``program = "demo"`` (configs/demo.py) in :func:`l2t_jax.demo.run_demo`, for
+``program = "study"`` (configs/study.py) in :func:`l2t_jax.study.run_study`.
 
 Exit status: 0 when the run finished; 1 with a one-line message (no traceback) for config
 and data errors, a missing optional dependency, a diverged run, a checkpoint or a file of
@@ -29,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from l2t_jax import (build, checkpoints, compile_cache, configs, convert, demo, logs, parallel,
-                     train)
+                     study, train)
 from l2t_jax import workdir as workdir_files
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -100,7 +101,8 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     compile_cache.enable(_COMPILATION_CACHE.value)
-    program = demo.run_demo if config.get("program") == "demo" else train.train_and_evaluate
+    program = {"demo": demo.run_demo, "study": study.run_study}.get(
+        config.get("program"), train.train_and_evaluate)
     try:
         program(config, _WORKDIR.value)
     except train.Preempted as e:     # logged by train; the checkpoint is saved

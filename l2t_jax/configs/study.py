@@ -1,0 +1,92 @@
+"""The offline study of the paper's claims (l2t_jax/study.py): real digits, no download.
+
+    python -m l2t_jax.main --config=study --workdir=runs/study          # every grid
+    python -m l2t_jax.main --config=study:smoke --workdir=DIR           # CI: the runner
+    L2T_RELEASE_DIR=../shared/assets/l2t-ww-release  (the released ResNet-32 source)
+
+The demo's data design (l2t_jax/demo.py): digits 0-4 pre-train the demo's ResNet-20
+source, a VGG-9-BN learns digits 5-9 from k labelled images per class. Two sources (the
+demo's own, and the authors' released TinyImageNet ResNet-32), five methods, five label
+budgets, five seeds (the seed draws the labelled subset, the same for every method), one
+shared recipe (``recipe`` grid: how it was chosen). ``grids`` picks what runs; every grid's
+runs live under ``DIR/runs`` and are skipped when finished, so the study resumes.
+``shard='i/n'`` runs every n-th cell from the i-th (one process per core); a run without
+a shard writes the report (``DIR/report``: study.md, CSVs, pictures).
+"""
+import ml_collections
+
+SOURCES = {
+    # name -> (model, classes, widths or () for the model's own, checkpoint or "" to train)
+    "demo_resnet20": ("resnet20", 5, (8, 16, 32), ""),
+    "released_resnet32": ("resnet32", 200, (), "released:resnet32"),
+}
+
+
+def get_config(variant=None):
+    config = ml_collections.ConfigDict()
+    config.program = "study"
+    config.grids = ("recipe", "main", "meta_batch", "every_k", "sensitivity")
+    config.shard = ""                     # "i/n": this process runs cells i, i+n, ...
+    config.split_seed = 0                 # the fixed val/test split and the demo source
+    config.image_size = 32
+    config.crop_padding = 4
+    config.sources = tuple(SOURCES)
+    config.source_specs = ml_collections.ConfigDict(
+        {name: {"model": m, "num_classes": c, "widths": w, "checkpoint": ck}
+         for name, (m, c, w, ck) in SOURCES.items()})
+    config.source_epochs = 8              # the demo source's pre-training
+    config.source_batch_size = 64
+    config.target_model = "vgg9_bn"
+    config.target_widths = (16, 16, 32, 32, 32)
+    # The main grid.
+    config.methods = ("scratch", "fm:one_to_one", "fm:all_to_all", "l2t_w:one_to_one",
+                      "l2t_ww:all_to_all")
+    config.examples_per_class = (1, 2, 5, 10, 25)
+    config.seeds = (0, 1, 2, 3, 4)
+    # The shared recipe (every method; the `recipe` grid chose learning_rate).
+    config.batch_size = 16
+    config.steps_per_epoch = 10
+    config.epochs = 15                    # 150 steps; cosine to zero, no warm-up
+    config.learning_rate = 0.05
+    config.meta_learning_rate = 1e-2
+    config.T = 2
+    config.beta = 0.5
+    # The recipe search: Scratch and FM only, two budgets, two seeds (main grid's seeds).
+    config.recipe_methods = ("scratch", "fm:one_to_one")
+    config.recipe_examples_per_class = (1, 25)
+    config.recipe_learning_rates = (0.02, 0.05, 0.1)
+    config.recipe_seeds = (0, 1)
+    # The other grids vary L2T-ww (all-to-all) with the demo's source at one budget.
+    config.probe_source = "demo_resnet20"
+    config.probe_examples_per_class = 5
+    config.sensitivity_meta_learning_rates = (1e-4, 1e-3, 1e-2)
+    config.sensitivity_T = (1, 2, 5)
+    config.sensitivity_seeds = (0, 1, 2)
+    config.every_k = (1, 2, 5, 10)
+    # Held-out meta loss: m of the k labelled images per class score the adapted
+    # parameters instead of the training batch (at budgets where k - m >= 1 remain).
+    config.meta_batch_examples_per_class = (2, 5, 10)
+    config.meta_held_out_fraction = 0.2   # m = max(1, round(fraction * k))
+    if variant == "smoke":
+        # Every grid and the report at the least cost (CI): tiny runs, one source.
+        config.sources = ("demo_resnet20",)
+        config.source_epochs = 1
+        config.methods = ("scratch", "l2t_ww:all_to_all")
+        config.examples_per_class = (2,)
+        config.seeds = (0, 1)
+        config.epochs = 2
+        config.steps_per_epoch = 2
+        config.T = 1
+        config.recipe_methods = ("scratch",)
+        config.recipe_examples_per_class = (2,)
+        config.recipe_learning_rates = (0.05,)
+        config.recipe_seeds = (0,)
+        config.probe_examples_per_class = 2
+        config.sensitivity_meta_learning_rates = (1e-2,)
+        config.sensitivity_T = (1,)
+        config.sensitivity_seeds = (0, 1)
+        config.every_k = (1, 2)
+        config.meta_batch_examples_per_class = (2,)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of study; valid: smoke")
+    return config
