@@ -5,7 +5,8 @@ This module owns the iteration of SPEC.md, for a batch (x, y):
 1. real step: theta_0 -> theta_1 by SGD-momentum on CE + weighted matching (phi constant);
 2. T matching-only SGD steps from (theta_1, its momentum buffers), in a ``lax.scan``;
 3. one SGD step on CE;
-4. meta loss: CE at the adapted parameters (train-mode BN);
+4. meta loss: CE at the adapted parameters (train-mode BN), on the same batch (or, as an
+   option beyond the paper, on a held-out batch);
 5. phi <- Adam with L2 weight decay on d(meta loss)/d(phi), differentiated exactly
    (second order) through steps 2-3 by ``jax.grad``; theta_1 and its buffers are constants;
 6. rollback: theta and the buffers stay at their values after step 1.
@@ -359,8 +360,11 @@ def batch_constants(transfer: Transfer, state: TrainState, source_variables: PyT
 
 def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree,
                         momentum_1: PyTree, batch_stats_1: PyTree, batch: BatchConstants,
-                        learning_rate: jax.Array):
+                        learning_rate: jax.Array, meta_batch: Optional[BatchConstants] = None):
     """Steps 2-4 as a function of phi: returns (meta loss, aux).
+
+    The meta loss is CE at the adapted parameters on ``batch`` (the paper's), or on
+    ``meta_batch`` when given (held-out images: ``config.meta_loss_batch='held_out'``).
 
     aux: ``sim_matching`` (T,) the simulated steps' objective (the phi-weighted terms) at
     the start of each, ``adapt_ce`` CE at the start of the adaptation step,
@@ -385,8 +389,8 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
     if transfer.remat != "none":
         simulated_step = jax.checkpoint(simulated_step, policy=REMAT_POLICIES[transfer.remat])
 
-    def ce_objective(theta):
-        ce, _, _, stats = target_losses(transfer, theta, batch_stats_1, batch, ())
+    def ce_objective(theta, on=batch):
+        ce, _, _, stats = target_losses(transfer, theta, batch_stats_1, on, ())
         return ce, stats
 
     # Remat saves memory only inside the scan loop: unrolled, XLA schedules the recomputed
@@ -398,7 +402,7 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
     (adapt_ce, adapt_stats), grads = jax.value_and_grad(ce_objective, has_aux=True)(theta)
     theta, _ = sgd_momentum(theta, buffers, grads, learning_rate, transfer.momentum,
                             transfer.weight_decay)
-    meta_loss, _ = ce_objective(theta)
+    meta_loss, _ = ce_objective(theta, batch if meta_batch is None else meta_batch)
     # The reference's replay ends on the first simulated step (or on the adaptation step when
     # T = 0), a train-mode forward at theta_1; its BN update is what the run keeps.
     if transfer.inner_steps > 0:
@@ -437,7 +441,9 @@ def real_step(transfer: Transfer, state: TrainState, batch: BatchConstants,
 
 
 def meta_objective(transfer: Transfer, state: TrainState, source_variables: PyTree,
-                   images: jax.Array, labels: jax.Array, learning_rate: jax.Array):
+                   images: jax.Array, labels: jax.Array, learning_rate: jax.Array,
+                   meta_images: Optional[jax.Array] = None,
+                   meta_labels: Optional[jax.Array] = None):
     """The meta loss of one iteration as a function of phi (for tests and analysis).
 
     Runs the source and the real step, then returns ``phi -> (meta loss, aux)`` (see
@@ -445,18 +451,28 @@ def meta_objective(transfer: Transfer, state: TrainState, source_variables: PyTr
     """
     batch = batch_constants(transfer, state, source_variables, images, labels)
     theta_1, momentum_1, batch_stats_1, _ = real_step(transfer, state, batch, learning_rate)
-    return _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learning_rate)
+    return _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learning_rate,
+                             _meta_batch(meta_images, meta_labels))
 
 
-def _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learning_rate):
+def _meta_batch(meta_images, meta_labels) -> Optional[BatchConstants]:
+    """The held-out images the meta loss scores (CE only: no source maps), or None."""
+    if meta_images is None:
+        return None
+    return BatchConstants(meta_images, meta_labels, (), (), None)
+
+
+def _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learning_rate,
+                      meta_batch=None):
     return functools.partial(_simulate_and_adapt, transfer, theta_1=theta_1,
                              momentum_1=momentum_1, batch_stats_1=batch_stats_1, batch=batch,
-                             learning_rate=learning_rate)
+                             learning_rate=learning_rate, meta_batch=meta_batch)
 
 
 def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.Array],
                state: TrainState, source_variables: PyTree, images: jax.Array,
-               labels: jax.Array, *, update_phi: bool = True
+               labels: jax.Array, meta_images: Optional[jax.Array] = None,
+               meta_labels: Optional[jax.Array] = None, *, update_phi: bool = True
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One L2T-ww iteration (module docstring). Pure; the training program and the benchmark
     jit it with :func:`l2t_jax.train.step_program`.
@@ -467,6 +483,9 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
       state: the training state.
       source_variables: the frozen source network's ``{'params', 'batch_stats'}``.
       images: (B, H, W, 3) normalised inputs; labels: (B,) int.
+      meta_images, meta_labels: a held-out batch (B', H, W, 3), (B',) that the meta loss
+        scores instead of ``images`` (``config.meta_loss_batch='held_out'``); None: the
+        paper's same batch.
       update_phi: False takes only the real step (1), with phi's weights but phi fixed:
         the iterations between meta-updates when phi is updated every k-th iteration
         (``config.meta_update_every``), a second program of their own.
@@ -491,7 +510,7 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
 
     # 2-5. Meta-gradient through the simulated steps; theta_1 and its buffers are constants.
     objective = _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch,
-                                  learning_rate)
+                                  learning_rate, _meta_batch(meta_images, meta_labels))
     (meta_loss, aux), meta_grads = jax.value_and_grad(objective, has_aux=True)(
         state.meta_params)
     updates, meta_opt_state = transfer.meta_optimizer().update(

@@ -80,6 +80,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.meta_update_every < 1:
         raise ValueError("config.meta_update_every must be >= 1 (1: phi at every step), got "
                          f"{config.meta_update_every}")
+    if config.meta_loss_batch not in ("same", "held_out"):
+        raise ValueError(f"config.meta_loss_batch={config.meta_loss_batch!r}; valid: same (the "
+                         "paper's), held_out")
+    held_out = config.data.meta_held_out_per_class
+    if config.meta_loss_batch == "held_out":
+        if not methods.get_method(config.method).meta_networks:
+            raise ValueError(f"config.meta_loss_batch='held_out' needs a method with "
+                             f"meta-networks (l2t_w, l2t_ww); {config.method} has no meta loss")
+        if held_out < 1:
+            raise ValueError("config.meta_loss_batch='held_out' needs "
+                             "config.data.meta_held_out_per_class >= 1 (images per class for "
+                             f"the meta loss), got {held_out}")
+        if 0 < config.data.train_examples_per_class <= held_out:
+            raise ValueError(f"config.data.meta_held_out_per_class={held_out} leaves no "
+                             "training image of the config.data.train_examples_per_class="
+                             f"{config.data.train_examples_per_class} per class")
+    elif held_out:
+        raise ValueError(f"config.data.meta_held_out_per_class={held_out} is only used with "
+                         "config.meta_loss_batch='held_out'")
     if config.lr_reference_batch_size < 0:
         raise ValueError("config.lr_reference_batch_size must be >= 0 (0: no scaling), got "
                          f"{config.lr_reference_batch_size}")
@@ -166,7 +185,9 @@ def load_splits(config) -> dict:
     ``data.split_seed``).
 
     With ``config.data.train_examples_per_class`` the train split keeps that many examples
-    of each class, drawn from the seed.
+    of each class, drawn from the seed. With ``config.meta_loss_batch='held_out'``,
+    ``data.meta_held_out_per_class`` of them per class move to a ``meta`` split (the meta
+    loss's batches), also drawn from the seed.
     """
     names = ("train",) + tuple(config.data.eval_splits)
     if config.data.kind == "image_folder" and not config.data.official_split:
@@ -180,6 +201,9 @@ def load_splits(config) -> dict:
     if config.data.train_examples_per_class:
         splits["train"] = data.per_class_subset(
             splits["train"], config.data.train_examples_per_class, config.seed)
+    if config.meta_loss_batch == "held_out":
+        splits["meta"], splits["train"] = data.split_per_class(
+            splits["train"], config.data.meta_held_out_per_class, config.seed)
     return splits
 
 

@@ -32,7 +32,8 @@ RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_c
 # config.json lacks them behaved (ANY: every value does, e.g. the classes an image folder
 # run now records, which are what it used); such a run resumes when the config has it.
 ANY = object()
-ADDED_KEYS = {"lr_reference_batch_size": 0, "meta_update_every": 1,
+ADDED_KEYS = {"lr_reference_batch_size": 0, "meta_update_every": 1, "meta_loss_batch": "same",
+              "data.meta_held_out_per_class": 0,
               "source_taps": "", "source_candidates": "",
               "target_taps": "", "target_candidates": "", "data.classes": ANY,
               "data.val_fraction": ANY, "data.split_seed": ANY}

@@ -325,6 +325,27 @@ def per_class_subset(source, examples_per_class: int, seed: int) -> Subset:
     return Subset(source, np.sort(np.concatenate(chosen)))
 
 
+def split_per_class(source, examples_per_class: int, seed: int) -> tuple[Subset, Subset]:
+    """(``examples_per_class`` examples of every class, the rest), drawn without replacement
+    by ``seed`` (another stream than :func:`per_class_subset`'s). Indices refer to
+    ``source``, so both parts read through it.
+
+    Raises DataError when a class would keep nothing in the rest, naming it.
+    """
+    labels = source_labels(source)
+    classes, counts = np.unique(labels, return_counts=True)
+    if examples_per_class >= counts.min():
+        smallest = classes[np.argmin(counts)]
+        raise DataError(f"taking {examples_per_class} examples per class leaves none of class "
+                        f"{smallest} ({counts.min()} examples) in the train split")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 20190510]))
+    chosen = np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(labels == c), examples_per_class, replace=False)
+        for c in classes]))
+    rest = np.setdiff1d(np.arange(len(labels)), chosen)
+    return Subset(source, chosen), Subset(source, rest)
+
+
 # ------------------------------------------------------------- one's own image folder
 IMAGE_FOLDER_LAYOUT = ("ROOT/train/<class>/<image>, ROOT/test/<class>/<image> and optionally "
                        "ROOT/val/<class>/<image>")

@@ -522,11 +522,14 @@ def global_batch(mesh: Mesh, local_images, local_labels) -> tuple[jax.Array, jax
 
 
 # ---------------------------------------------------------------------- the step
-def jit_sharded_step(step_fn: Callable, mesh: Mesh, donate_state: bool = True) -> Callable:
+def jit_sharded_step(step_fn: Callable, mesh: Mesh, donate_state: bool = True,
+                     batches: int = 1) -> Callable:
     """``jax.jit`` of ``step_fn(state, source_variables, images, labels) -> (state, metrics)``
     on ``mesh``: state and source variables replicated, images and labels split over
     ``data``; the new state and the metrics come back replicated (so ``jax.device_get`` of
     the metrics works in every process). ``state`` is donated unless ``donate_state=False``.
+    ``batches=2``: the step takes a second (images, labels) pair after the first, split
+    the same way (the meta loss's held-out batch).
 
     Pass the state and source variables through :func:`replicate` and the batch through
     :func:`global_batch` first. With one process jit would also accept other arrays and copy
@@ -534,6 +537,6 @@ def jit_sharded_step(step_fn: Callable, mesh: Mesh, donate_state: bool = True) -
     array would be taken as the whole global batch).
     """
     replicated, batch = replicated_sharding(mesh), batch_sharding(mesh)
-    return jax.jit(step_fn, in_shardings=(replicated, replicated, batch, batch),
+    return jax.jit(step_fn, in_shardings=(replicated, replicated) + (batch, batch) * batches,
                    out_shardings=(replicated, replicated),
                    donate_argnums=(0,) if donate_state else ())

@@ -75,6 +75,11 @@ def held_out_per_class(config, k: int) -> int:
     return max(1, round(config.meta_held_out_fraction * k))
 
 
+def budgets(config, source: str) -> tuple[int, ...]:
+    """The main grid's label budgets for ``source`` (its own, else the study's)."""
+    return tuple(config.source_specs[source].examples_per_class or config.examples_per_class)
+
+
 def grid_cells(config, grid: str) -> list[Cell]:
     """The cells of ``grid`` (module docstring), in run order."""
     probe = (config.probe_source, "l2t_ww:all_to_all", config.probe_examples_per_class)
@@ -84,7 +89,7 @@ def grid_cells(config, grid: str) -> list[Cell]:
                 for entry in config.recipe_methods for seed in config.recipe_seeds]
     if grid == "main":
         return [Cell(source, entry, k, seed) for source in config.sources
-                for k in config.examples_per_class for entry in config.methods
+                for k in budgets(config, source) for entry in config.methods
                 for seed in config.seeds]
     if grid == "meta_batch":
         return [Cell(config.probe_source, "l2t_ww:all_to_all", k, seed,
@@ -310,6 +315,19 @@ def write_report(config, workdir: str) -> str:
                     val = [found[c]["best_val"] for c in cells if c in found]
                     row.append(f"val {_stats(val)}, test {_stats(values(cells))}")
                 lines.append(f"| {label(entry)} | {k} | " + " | ".join(row) + " |")
+        mean_val = {}
+        for lr in config.recipe_learning_rates:
+            val = [found[c]["best_val"] for c in grid_cells(config, "recipe")
+                   if c in found and dict(c.settings).get("learning_rate",
+                                                          config.learning_rate) == lr]
+            if val:
+                mean_val[lr] = sum(val) / len(val)
+        if mean_val:
+            best = max(mean_val, key=mean_val.get)
+            lines += ["", "Mean val accuracy over these rows: " + ", ".join(
+                f"{v:.2f}% at {lr:g}" for lr, v in mean_val.items())
+                + f". The best is {best:g}; the study's recipe uses "
+                f"{config.learning_rate:g}."]
         lines.append("")
 
     main_rows, paired_rows = [], []
@@ -317,12 +335,12 @@ def write_report(config, workdir: str) -> str:
         for source in config.sources:
             lines += [f"## Main: source {source}", "",
                       "| method | " + " | ".join(f"{k} / class" for k in
-                                                 config.examples_per_class)
-                      + " | seconds per run |", "|---" * (2 + len(config.examples_per_class))
+                                                 budgets(config, source))
+                      + " | seconds per run |", "|---" * (2 + len(budgets(config, source)))
                       + "|"]
             for entry in config.methods:
                 cells_row, seconds = [], []
-                for k in config.examples_per_class:
+                for k in budgets(config, source):
                     cells = [Cell(source, entry, k, s) for s in config.seeds]
                     cells_row.append(_stats(values(cells)))
                     seconds += [found[c]["wall_seconds"] for c in cells if c in found]
@@ -337,8 +355,8 @@ def write_report(config, workdir: str) -> str:
             lines += ["", "Paired differences over seeds (same labelled subsets), mean "
                       "[95% t interval]:", "",
                       "| difference | " + " | ".join(f"{k} / class" for k in
-                                                     config.examples_per_class) + " |",
-                      "|---" * (1 + len(config.examples_per_class)) + "|"]
+                                                     budgets(config, source)) + " |",
+                      "|---" * (1 + len(budgets(config, source))) + "|"]
             for a, b in (("l2t_ww:all_to_all", "fm:one_to_one"),
                          ("l2t_ww:all_to_all", "fm:all_to_all"),
                          ("l2t_w:one_to_one", "fm:one_to_one"),
@@ -346,7 +364,7 @@ def write_report(config, workdir: str) -> str:
                 if a not in config.methods or b not in config.methods:
                     continue
                 row = []
-                for k in config.examples_per_class:
+                for k in budgets(config, source):
                     pairs = [(found.get(Cell(source, a, k, s)), found.get(Cell(source, b, k, s)))
                              for s in config.seeds]
                     pairs = [(x["test"], y["test"]) for x, y in pairs if x and y]
@@ -459,7 +477,7 @@ def _dynamics(config, found: dict) -> list[str]:
              "logged steps)", "", "| source | per class | meta-grad norm, first / last | "
              "pairs with mean lambda > 0.1 |", "|---|---|---|---|"]
     for source in config.sources:
-        for k in config.examples_per_class:
+        for k in budgets(config, source):
             cells = [c for c in (Cell(source, "l2t_ww:all_to_all", k, s) for s in config.seeds)
                      if c in found]
             if not cells:

@@ -88,17 +88,21 @@ WATCHED_METRICS = ("ce", "transfer", "adapt_ce", "sim_matching", "meta_loss",
 
 # ---------------------------------------------------------------------------- programs
 def step_program(transfer: bilevel.Transfer, learning_rate_fn: Callable, mesh,
-                 on_nonfinite: str = "stop", update_phi: bool = True) -> Callable:
+                 on_nonfinite: str = "stop", update_phi: bool = True,
+                 held_out_meta: bool = False) -> Callable:
     """The jitted training step on ``mesh``: ``step(state, source_variables, images,
     labels) -> (state, metrics)``, the state donated (:func:`l2t_jax.parallel.
     jit_sharded_step`); with ``on_nonfinite='skip'`` a non-finite step keeps the old state
     (:func:`skip_nonfinite`); ``update_phi=False`` is the real step alone, phi fixed
-    (``config.meta_update_every``). The training loop runs it and the benchmark times it."""
+    (``config.meta_update_every``); ``held_out_meta`` adds the meta loss's batch,
+    ``step(state, source_variables, images, labels, meta_images, meta_labels)``
+    (``config.meta_loss_batch='held_out'``). The training loop runs it and the benchmark
+    times it."""
     step = functools.partial(bilevel.train_step, transfer, learning_rate_fn,
                              update_phi=update_phi)
     if on_nonfinite == "skip":
         step = skip_nonfinite(step)
-    return parallel.jit_sharded_step(step, mesh)
+    return parallel.jit_sharded_step(step, mesh, batches=2 if held_out_meta else 1)
 
 
 def compile_with_notice(what: str, jitted: Callable, *args, notify: bool = True):
@@ -506,8 +510,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # bilevel step, the others the real step with phi fixed: two programs, each compiled
     # once, when first needed.
     every = config.meta_update_every if transfer.meta_networks is not None else 1
+    held_out = config.meta_loss_batch == "held_out"
     programs = {update: step_program(transfer, schedule, mesh, config.on_nonfinite,
-                                     update_phi=update)
+                                     update_phi=update, held_out_meta=held_out and update)
                 for update in ((True, False) if every > 1 else (True,))}
     eval_step = _eval_program(transfer, mesh)
     books = _Bookkeeping(config, workdir, saved, mesh, progress, int(state.step), total_steps,
@@ -515,19 +520,30 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     run_info = provenance.run_metadata()
     books.log.write_run(books.start_step, run_info)
     stop = _StopRequest()
-    examples = {}                        # epoch -> its shuffled, augmented examples
+    # (split, epoch) -> its shuffled, augmented examples; the held-out meta split ("meta")
+    # has a stream of its own, a pure function of (seed, epoch, index) too.
+    examples = {}
+    streams = {"train": config.seed,
+               "meta": int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])}
 
-    def batch(step):
-        """Global batch ``step`` (this process's rows of it, as global arrays)."""
+    def split_batch(split, step):
+        """Global batch ``step`` of ``split`` (this process's rows, as global arrays)."""
         epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in examples:
-            examples.clear()
-            examples[epoch] = data.train_examples(
-                splits["train"], config.data.image_size, config.seed, epoch,
+        if (split, epoch) not in examples:
+            for key in [key for key in examples if key[0] == split]:
+                del examples[key]
+            examples[split, epoch] = data.train_examples(
+                splits[split], config.data.image_size, streams[split], epoch,
                 hflip=config.data.hflip, crop_padding=config.data.crop_padding,
                 min_examples=steps_per_epoch * config.batch_size)
         return parallel.global_batch(
-            mesh, *_load_rows(examples[epoch], index, config.batch_size, rows))
+            mesh, *_load_rows(examples[split, epoch], index, config.batch_size, rows))
+
+    def batch(step):
+        """The step's inputs: (images, labels), then the held-out meta batch if any."""
+        if held_out and step % every == 0:
+            return split_batch("train", step) + split_batch("meta", step)
+        return split_batch("train", step)
 
     def end_of_epoch(done: int) -> bool:
         """Evaluates the epoch that step ``done`` ends (``best/``, the log); False when a
@@ -567,7 +583,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 raise stopped(start, evaluation_cut=True)       # checkpoint `start` exists
         next_batch = batch(start) if start < total_steps else None
         for step in range(start, total_steps):
-            images, labels = next_batch
+            inputs = next_batch
             update = step % every == 0
             if update not in compiled:
                 compile_started = time.time()
@@ -575,7 +591,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     f"training step ({config.method}, T={config.T})"
                     if transfer.meta_networks is not None and update else
                     f"training step ({config.method}{', phi fixed' if every > 1 else ''})",
-                    programs[update], state, source_variables, images, labels,
+                    programs[update], state, source_variables, *inputs,
                     notify=main_process)
                 parallel.wait_for_all(f"l2t_jax/compiled/{int(update)}",
                                       config.distributed_init_timeout_s)
@@ -583,7 +599,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     books.stepping_since = time.time()
                 else:                              # the ETA leaves compiles out
                     books.stepping_since += time.time() - compile_started
-            state, metrics = compiled[update](state, source_variables, images, labels)
+            state, metrics = compiled[update](state, source_variables, *inputs)
             done = step + 1
             # The next batch is loaded while this step runs; then the loop waits for the
             # step. jax dispatches asynchronously: without the wait the loop ran ahead up to

@@ -219,3 +219,30 @@ def test_a_step_without_the_meta_update_is_the_real_step_with_phi_fixed():
                                 atol=1e-6)
     assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(full.meta_params),
                                               jax.tree.leaves(state.meta_params)))
+
+
+def test_held_out_meta_loss_scores_the_adapted_parameters_on_the_other_batch():
+    """meta_images/meta_labels (config.meta_loss_batch='held_out'): the meta loss is CE of
+    the adapted parameters on the held-out batch, phi's gradient comes from it, and theta
+    (step 1) is the same-batch step's; without them the step is the paper's."""
+    transfer, state, source_variables, images, labels = _tiny_setup()
+    _, _, _, held_images, _ = _tiny_setup(seed=1)
+    held_labels = (labels + 1) % 3
+    step = jax.jit(functools.partial(bilevel.train_step, transfer, lambda step: 0.1))
+    same, same_metrics = step(state, source_variables, images, labels)
+    held, held_metrics = step(state, source_variables, images, labels, held_images,
+                              held_labels)
+    chex.assert_trees_all_close(held.target_params, same.target_params, rtol=1e-5, atol=1e-6)
+    # The meta loss by hand: adapt from theta_1 on the training batch (phi's aux), then CE
+    # at the adapted parameters on the held-out batch.
+    objective = bilevel.meta_objective(transfer, state, source_variables, images, labels, 0.1,
+                                       held_images, held_labels)
+    expected, _ = objective(state.meta_params)
+    np.testing.assert_allclose(held_metrics["meta_loss"], expected, rtol=1e-5)
+    same_objective = bilevel.meta_objective(transfer, state, source_variables, images, labels,
+                                            0.1)
+    np.testing.assert_allclose(same_metrics["meta_loss"], same_objective(state.meta_params)[0],
+                               rtol=1e-5)
+    assert abs(float(held_metrics["meta_loss"]) - float(same_metrics["meta_loss"])) > 1e-3
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(held.meta_params),
+                                              jax.tree.leaves(same.meta_params)))

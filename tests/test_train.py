@@ -15,7 +15,7 @@ import pytest
 
 from helpers import (RELEASE_DIR, REPO_ROOT, assert_same_leaves, final_params, load_config,
                      main_command, tiny_config, write_config_file)
-from l2t_jax import data, train
+from l2t_jax import build, data, train
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +304,40 @@ def test_phi_every_kth_step_takes_two_programs_compiled_once(straight_run, tiny_
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     meta_steps = [line["step"] for line in lines if "train/meta_loss" in line]
     assert meta_steps == [1, 3, 5]
+
+
+def test_held_out_meta_loss_trains_on_the_rest_and_scores_its_own_split(tiny_assets, tmp_path,
+                                                                        caplog):
+    """config.meta_loss_batch='held_out': data.meta_held_out_per_class images per class leave
+    the train split (disjoint, drawn from the seed) for the meta loss's split; the run
+    trains with both programs of meta_update_every=2 (the meta batch only in phi's); bad
+    settings fail before anything compiles, naming the key."""
+    config = tiny_config(tiny_assets / "data", tiny_assets / "source", meta_update_every=2,
+                         meta_loss_batch="held_out")
+    config.data.meta_held_out_per_class = 2
+    splits = build.load_splits(config)
+    plain = build.load_splits(tiny_config(tiny_assets / "data", tiny_assets / "source"))
+    meta, rest = set(splits["meta"].indices), set(splits["train"].indices)
+    assert not meta & rest and meta | rest == set(range(len(plain["train"])))
+    assert np.bincount(data.source_labels(splits["meta"])).tolist() == [2, 2, 2]
+    with caplog.at_level("INFO", logger="l2t_jax.train"):
+        result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["train_examples"] == len(plain["train"]) - 6
+    assert any("meta 6" in r.getMessage() for r in caplog.records)
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [line["step"] for line in lines if "train/meta_loss" in line] == [1, 3, 5]
+    for key, value, message in (
+            ("meta_loss_batch", "validation", "meta_loss_batch='validation'; valid: same"),
+            ("method", "fm", "needs a method with meta-networks"),
+            ("data.meta_held_out_per_class", 0, "needs config.data.meta_held_out_per_class >= 1")):
+        bad = config.copy_and_resolve_references()
+        if key.startswith("data."):
+            bad.data[key[5:]] = value
+        else:
+            bad[key] = value
+        with pytest.raises(ValueError, match=message):
+            build.validate_config(bad)
+    bad = tiny_config(tiny_assets / "data", tiny_assets / "source")
+    bad.data.meta_held_out_per_class = 1
+    with pytest.raises(ValueError, match="only used with config.meta_loss_batch='held_out'"):
+        build.validate_config(bad)

@@ -43,6 +43,9 @@ def get_config(variant=None):
     # Limited data: keep this many examples of each class of the train split (drawn from
     # the seed); 0 keeps all.
     config.data.train_examples_per_class = 0
+    # With meta_loss_batch="held_out": images per class moved from the train split (after
+    # train_examples_per_class) to the meta loss's own split, drawn from the seed.
+    config.data.meta_held_out_per_class = 0
 
     # Networks. The source checkpoint: "released:resnet32" (the authors' TinyImageNet
     # ResNet-32, found through l2t_jax.assets) or a directory written by l2t_jax.convert.
@@ -115,6 +118,12 @@ def get_config(variant=None):
     # (0, k, 2k, ...); the others take the real step alone, with phi's weights but phi fixed,
     # at a fraction of the cost (a second compiled program). 1 is the paper's rule.
     config.meta_update_every = 1
+    # What the meta loss scores (not in the paper beyond "same"): "same", the paper's CE of
+    # the adapted parameters on the iteration's own batch; "held_out", CE on a batch of
+    # data.meta_held_out_per_class images per class kept out of the train split (the
+    # validation-style bilevel scheme), which keeps a signal once the target fits its
+    # training images. The held-out images are taken from the labelled budget.
+    config.meta_loss_batch = "same"
     config.meta_weight_decay = 1e-4
     config.steps_per_epoch = -1            # -1: len(train split) // batch_size
 
