@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One run: ``entry`` is ``method[:scheme]``; ``settings`` the run-config keys that
-    differ from the shared recipe, as sorted (key, value) pairs."""
+    """One run: ``entry`` is ``method[:scheme]``; ``settings`` sorted (key, value) pairs of
+    run-config keys (:func:`_settings`)."""
 
     source: str
     entry: str
@@ -57,17 +57,20 @@ class Cell:
 
     def directory(self, runs_root: str) -> str:
         tag = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in self.settings) or "recipe"
+                       for k, v in self.settings)
         return os.path.join(runs_root, self.source, self.entry.replace(":", "-"),
                             f"epc{self.examples_per_class}", tag, f"seed{self.seed}")
 
 
 def _settings(config, **values) -> tuple:
-    """The (key, value) pairs of ``values`` that differ from the shared recipe."""
-    recipe = {"learning_rate": config.learning_rate, "meta_loss_batch": "same",
-              "meta_update_every": 1, "meta_learning_rate": config.meta_learning_rate,
-              "T": config.T}
-    return tuple(sorted((k, v) for k, v in values.items() if recipe[k] != v))
+    """A cell's settings: theta's learning rate always (so a directory keeps its meaning
+    when the recipe's rate changes), the other ``values`` where they differ from the
+    shared recipe."""
+    recipe = {"meta_loss_batch": "same", "meta_update_every": 1,
+              "meta_learning_rate": config.meta_learning_rate, "T": config.T}
+    values = {"learning_rate": config.learning_rate, **values}
+    return tuple(sorted((k, v) for k, v in values.items()
+                        if k == "learning_rate" or recipe[k] != v))
 
 
 def held_out_per_class(config, k: int) -> int:
@@ -88,7 +91,7 @@ def grid_cells(config, grid: str) -> list[Cell]:
                 for lr in config.recipe_learning_rates for k in config.recipe_examples_per_class
                 for entry in config.recipe_methods for seed in config.recipe_seeds]
     if grid == "main":
-        return [Cell(source, entry, k, seed) for source in config.sources
+        return [Cell(source, entry, k, seed, _settings(config)) for source in config.sources
                 for k in budgets(config, source) for entry in config.methods
                 for seed in config.seeds]
     if grid == "meta_batch":
@@ -318,8 +321,7 @@ def write_report(config, workdir: str) -> str:
         mean_val = {}
         for lr in config.recipe_learning_rates:
             val = [found[c]["best_val"] for c in grid_cells(config, "recipe")
-                   if c in found and dict(c.settings).get("learning_rate",
-                                                          config.learning_rate) == lr]
+                   if c in found and dict(c.settings)["learning_rate"] == lr]
             if val:
                 mean_val[lr] = sum(val) / len(val)
         if mean_val:
@@ -341,7 +343,7 @@ def write_report(config, workdir: str) -> str:
             for entry in config.methods:
                 cells_row, seconds = [], []
                 for k in budgets(config, source):
-                    cells = [Cell(source, entry, k, s) for s in config.seeds]
+                    cells = [Cell(source, entry, k, s, _settings(config)) for s in config.seeds]
                     cells_row.append(_stats(values(cells)))
                     seconds += [found[c]["wall_seconds"] for c in cells if c in found]
                     if values(cells):
@@ -365,7 +367,8 @@ def write_report(config, workdir: str) -> str:
                     continue
                 row = []
                 for k in budgets(config, source):
-                    pairs = [(found.get(Cell(source, a, k, s)), found.get(Cell(source, b, k, s)))
+                    pairs = [(found.get(Cell(source, a, k, s, _settings(config))),
+                              found.get(Cell(source, b, k, s, _settings(config))))
                              for s in config.seeds]
                     pairs = [(x["test"], y["test"]) for x, y in pairs if x and y]
                     if len(pairs) < 2:
@@ -387,8 +390,8 @@ def write_report(config, workdir: str) -> str:
         lines += _dynamics(config, found)
 
     probe = (config.probe_source, "l2t_ww:all_to_all", config.probe_examples_per_class)
-    fm_probe = [Cell(config.probe_source, "fm:one_to_one", config.probe_examples_per_class, s)
-                for s in config.seeds]
+    fm_probe = [Cell(config.probe_source, "fm:one_to_one", config.probe_examples_per_class, s,
+                     _settings(config)) for s in config.seeds]
     if "meta_batch" in config.grids:
         lines += [f"## Meta loss on held-out labelled images (L2T-ww, {config.probe_source})",
                   "", "held_out: m = max(1, round("
@@ -398,7 +401,8 @@ def write_report(config, workdir: str) -> str:
                   "| per class | same | held_out | held_out − same | final meta-grad norm "
                   "(same / held_out) |", "|---|---|---|---|---|"]
         for k in config.meta_batch_examples_per_class:
-            same = [Cell(config.probe_source, "l2t_ww:all_to_all", k, s) for s in config.seeds]
+            same = [Cell(config.probe_source, "l2t_ww:all_to_all", k, s, _settings(config))
+                    for s in config.seeds]
             held = [Cell(config.probe_source, "l2t_ww:all_to_all", k, s,
                          _settings(config, meta_loss_batch="held_out")) for s in config.seeds]
             pairs = [(found[h]["test"], found[c]["test"]) for h, c in zip(held, same)
@@ -478,8 +482,8 @@ def _dynamics(config, found: dict) -> list[str]:
              "pairs with mean lambda > 0.1 |", "|---|---|---|---|"]
     for source in config.sources:
         for k in budgets(config, source):
-            cells = [c for c in (Cell(source, "l2t_ww:all_to_all", k, s) for s in config.seeds)
-                     if c in found]
+            cells = [c for c in (Cell(source, "l2t_ww:all_to_all", k, s, _settings(config))
+                                 for s in config.seeds) if c in found]
             if not cells:
                 continue
             first = _mean([next((r["train/meta_grad_norm"] for r in found[c]["history"]
