@@ -59,10 +59,21 @@ def test_other_batch_sizes_scale_the_rate_linearly():
         build.validate_config(bad)
 
 
-def test_the_image_folder_config_scales_the_paper_rate_to_its_batch():
-    from l2t_jax.configs import image_folder
-    assert build.base_learning_rate(image_folder.get_config()) == pytest.approx(0.05)
-    assert build.base_learning_rate(image_folder.get_config("small")) == pytest.approx(0.025)
+def test_the_image_folder_config_is_the_study_recipe_scaled_to_its_batch():
+    from l2t_jax.configs import image_folder, study
+    recipe = study.get_config()
+    for variant in (None, "small"):
+        config = image_folder.get_config(variant)
+        assert (config.batch_size, config.learning_rate, config.meta_learning_rate,
+                config.T, config.beta, config.epochs * config.steps_per_epoch) == (
+            recipe.batch_size, recipe.learning_rate, recipe.meta_learning_rate, recipe.T,
+            recipe.beta, recipe.epochs * recipe.steps_per_epoch)
+        assert build.base_learning_rate(config) == pytest.approx(0.02)
+        config.batch_size = 32                       # 0.02 per 16 images
+        assert build.base_learning_rate(config) == pytest.approx(0.04)
+    paper = image_folder.get_config("paper_recipe")
+    assert build.base_learning_rate(paper) == pytest.approx(0.05)   # 0.1 per 64, batch 32
+    assert (paper.epochs, paper.steps_per_epoch, paper.meta_learning_rate) == (200, -1, 1e-4)
 
 
 def test_the_demo_keeps_its_rates():

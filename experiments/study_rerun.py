@@ -1,0 +1,63 @@
+"""Re-runs one cell of the offline study and compares it with the recorded run, bit for bit.
+
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+      L2T_RELEASE_DIR=../shared/assets/l2t-ww-release taskset -c 0 \
+      python experiments/study_rerun.py --workdir=runs/study \
+      --cell=demo_resnet20/l2t_ww-all_to_all/epc5/learning_rate=0.02/seed0
+
+Run it as experiments/study.sh ran the cell (one XLA thread; the same machine kind): a
+run's numbers are a function of its config, the code and the device, and the thread count
+is part of the device here. Prints the comparison; exits 1 if any logged number or the
+reported accuracy differs.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from l2t_jax import compile_cache, logs, study, train
+from l2t_jax.configs import study as study_config
+
+
+def records(workdir):
+    """The run's logged numbers: every metrics.jsonl record but the run metadata."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "run" not in r]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="the study's workdir")
+    parser.add_argument("--cell", required=True, help="a run directory under WORKDIR/runs")
+    args = parser.parse_args(argv)
+    logs.configure()
+    compile_cache.enable()
+    config = study_config.get_config()
+    runs = os.path.join(args.workdir, "runs")
+    wanted = os.path.normpath(os.path.join(runs, args.cell))
+    matches = [c for c in study.all_cells(config) if os.path.normpath(c.directory(runs)) == wanted]
+    if not matches:
+        sys.exit(f"error: {args.cell} is not a cell of configs/study.py")
+    data_dir = os.path.join(args.workdir, "data")
+    sources = study.prepare_sources(config, args.workdir, data_dir)
+    with tempfile.TemporaryDirectory() as rerun:
+        result = train.train_and_evaluate(
+            study.cell_config(config, data_dir, sources[matches[0].source], matches[0]), rerun)
+        again = records(rerun)
+    with open(os.path.join(wanted, "result.json")) as f:
+        recorded = json.load(f)
+    before = records(wanted)
+    same_log = before == again
+    same_result = all(recorded[k] == result[k] for k in ("test_at_best_val", "best_val",
+                                                         "best_epoch"))
+    print(f"recorded: test {recorded['test_at_best_val']} (val {recorded['best_val']}, epoch "
+          f"{recorded['best_epoch']}; commit {recorded['run']['git']})")
+    print(f"rerun:    test {result['test_at_best_val']} (val {result['best_val']}, epoch "
+          f"{result['best_epoch']}; commit {result['run']['git']})")
+    print(f"{len(before)} logged records: {'identical' if same_log else 'DIFFERENT'}")
+    sys.exit(0 if same_log and same_result else 1)
+
+
+if __name__ == "__main__":
+    main()
