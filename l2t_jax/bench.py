@@ -15,7 +15,9 @@ is what training needs); XLA's buffer sizes from ``memory_analysis``; peak devic
 an accelerator; XLA's FLOP count of one iteration and the achieved FLOP/s; versions and
 device. ``--peak`` adds the FLOP/s of a large matrix product on the same device and the FLOP
 floor (the iteration's FLOPs at that rate). ``--phases`` adds a split of the iteration by
-phase (see :func:`phase_seconds`).
+phase (see :func:`phase_seconds`). ``--source_overrides`` / ``--target_overrides`` set other
+attributes of the networks (JSON, e.g. a CIFAR ResNet's depth), for tiny smoke runs
+(``experiments/bench_device.py --smoke``).
 """
 from __future__ import annotations
 
@@ -39,14 +41,19 @@ from l2t_jax import assets, bilevel, convert, convolution, matching, models, par
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _widths(text: str) -> dict:
-    return {"widths": tuple(int(w) for w in text.split(","))} if text else {}
+def _overrides(widths: str, attributes: str = "") -> dict:
+    """A network's overrides: ``--*_widths`` (comma-separated) and ``--*_overrides`` (a JSON
+    object of module attributes, e.g. '{"depth": 8}'; widths given there win)."""
+    overrides = {"widths": tuple(int(w) for w in widths.split(","))} if widths else {}
+    if attributes:
+        overrides.update(json.loads(attributes))
+    return overrides
 
 
 def build(args) -> tuple:
     """Returns (transfer, state, source_variables) for the parsed arguments."""
     target = models.get_model(args.target, args.num_classes, conv_impl=args.conv_impl,
-                              **_widths(args.target_widths))
+                              **_overrides(args.target_widths, args.target_overrides))
     rng = jax.random.key(args.seed)
     size = args.image_size
     if args.mode == "scratch":
@@ -54,7 +61,7 @@ def build(args) -> tuple:
         source_variables = {}
     else:
         source = models.get_model(args.source, args.source_classes, conv_impl=args.conv_impl,
-                                  **_widths(args.source_widths))
+                                  **_overrides(args.source_widths, args.source_overrides))
         transfer = bilevel.make_transfer(source, target, matching.parse_pairs(args.pairs),
                                          inner_steps=args.T, remat=args.remat,
                                          unroll_inner=args.unroll, conv_impl=args.conv_impl)
@@ -212,8 +219,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source", default="resnet32")
     parser.add_argument("--source_classes", type=int, default=200)
     parser.add_argument("--source_widths", default="", help="e.g. 8,16,16 (default: full)")
+    parser.add_argument("--source_overrides", default="",
+                        help='module attributes of the source as JSON, e.g. \'{"depth": 8}\' '
+                             "(tiny smoke runs)")
     parser.add_argument("--target", default="vgg9_bn")
     parser.add_argument("--target_widths", default="")
+    parser.add_argument("--target_overrides", default="",
+                        help="module attributes of the target as JSON, e.g. "
+                             '\'{"convs_per_stage": [1, 1]}\'')
     parser.add_argument("--num_classes", type=int, default=100)
     parser.add_argument("--pairs", default=matching.CIFAR_PAIRS)
     parser.add_argument("--image_size", type=int, default=32)
