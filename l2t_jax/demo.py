@@ -191,6 +191,9 @@ def target_config(config, data_dir: str, source_checkpoint: str, method: str, sc
     run.meta_learning_rate = config.meta_learning_rate
     run.T = config.T
     run.beta = config.beta
+    # One compiled program for init, loaded from the persistent cache by every later run
+    # (op by op, init costs about 10 s per run here, and a run is a minute).
+    run.jit_init = True
     return run
 
 

@@ -422,6 +422,38 @@ def plot_learning_curves(workdirs: Mapping[str, str | Sequence[str]], path: str)
     return _save(fig, path)
 
 
+def plot_train_metric(workdirs: Mapping[str, Sequence[str]], key: str, path: str,
+                      ylabel: str, log_y: bool = False) -> str:
+    """PNG: the logged train metric ``key`` (``train/meta_grad_norm``) against the step, one
+    line per label: the mean over its workdirs (seeds) with a ±1 sample-std band. Returns
+    ``path``; raises ValueError when no workdir logged ``key``."""
+    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    ax = fig.subplots()
+    drawn = []
+    for i, (label, dirs) in enumerate(workdirs.items()):
+        series = [metric_series(wd.read_metrics(os.path.join(d, wd.METRICS)), key)
+                  for d in dirs]
+        series = [(x.astype(float), y) for x, y in series if len(x)]
+        if not series:
+            continue
+        x, mean, std, _ = _mean_band(series)
+        color = label_color(label, i)
+        ax.plot(x, mean, color=color, lw=1.8, label=f"{label} (n={len(series)})")
+        if len(series) > 1:
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        drawn.append(mean)
+    if not drawn:
+        raise ValueError(f"no {key} in the metrics.jsonl of {list(workdirs.values())}")
+    if log_y:
+        _readable_log_y(ax, drawn)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} (mean ± sample std over seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------- limited data
 def plot_limited_data(results: Iterable[dict[str, Any]], path: str) -> str:
     """PNG: test accuracy (%) against training examples per class, one line per method

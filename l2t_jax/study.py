@@ -144,9 +144,6 @@ def cell_config(config, data_dir: str, source_checkpoint: str, cell: Cell):
         run.model_overrides.source = ml_collections.ConfigDict({"widths": tuple(spec.widths)})
     else:
         del run.model_overrides["source"]
-    # One compiled program for init, loaded from the persistent cache by every later run
-    # (op-by-op init costs about 10 s per run here; the study's runs are a minute).
-    run.jit_init = True
     for key, value in cell.settings:
         run[key] = value
     if run.get("meta_loss_batch") == "held_out":
@@ -172,7 +169,16 @@ def prepare_sources(config, workdir: str, data_dir: str) -> dict[str, str]:
     from l2t_jax import assets
     checkpoints = {}
     with _locked(os.path.join(workdir, "sources.lock")):
-        demo.write_digits_data(data_dir, config.split_seed)
+        # Written once: a shard may be reading them (they are a function of split_seed).
+        marker = os.path.join(data_dir, "written.json")
+        if not os.path.isfile(marker):
+            sizes = demo.write_digits_data(data_dir, config.split_seed)
+            with open(marker, "w") as f:
+                json.dump({"split_seed": config.split_seed, "sizes": sizes}, f)
+        with open(marker) as f:
+            if json.load(f)["split_seed"] != config.split_seed:
+                raise ValueError(f"{data_dir} holds the split of another config.split_seed; "
+                                 "use a new workdir")
         for name in config.sources:
             spec = config.source_specs[name]
             if spec.checkpoint:
@@ -282,12 +288,8 @@ def _final(history: list[dict], key: str, last: int = 10) -> float | None:
 def write_report(config, workdir: str) -> str:
     """Writes ``workdir/report/``: study.md and its CSVs and pictures (module docstring)
     from the finished runs; cells not finished show as ``-``. Returns study.md's path."""
-    from l2t_jax import methods, plots, summaries
-    runs_root = os.path.join(workdir, "runs")
-    out = os.path.join(workdir, "report")
-    os.makedirs(out, exist_ok=True)
-    loaded = {cell: _load(config, runs_root, cell) for cell in all_cells(config)}
-    found = {cell: r for cell, r in loaded.items() if r is not None}
+    report = _Report(config, workdir)
+    found, loaded = report.found, report.loaded
     lines = ["# The offline study: when does L2T-ww pay off?", "",
              f"{len(found)} of {len(loaded)} runs finished. Digits 0-4 -> 5-9 "
              f"({config.target_model} target, widths {tuple(config.target_widths)}), "
@@ -296,14 +298,45 @@ def write_report(config, workdir: str) -> str:
              f"{config.meta_learning_rate:g}, T = {config.T}, beta = {config.beta:g}. Test "
              "accuracy (%) at the best val accuracy: mean ± sample std (seeds).", ""]
     lines += _records(found.values())
+    sections = {"recipe": report.recipe, "main": report.main, "meta_batch": report.meta_batch,
+                "every_k": report.every_k, "sensitivity": report.sensitivity}
+    for grid in sections:
+        if grid in config.grids:
+            lines += sections[grid]()
+    path = os.path.join(report.out, "study.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    logger.info("study report: %s (%d of %d runs)", path, len(found), len(loaded))
+    return path
 
-    def values(cells):
-        return [found[c]["test"] for c in cells if c in found]
 
-    def label(entry):
+class _Report:
+    """The finished runs of a study workdir and one method per grid's section of study.md
+    (each returns its markdown lines and writes its CSVs and pictures into ``out``)."""
+
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.runs_root = os.path.join(workdir, "runs")
+        self.out = os.path.join(workdir, "report")
+        os.makedirs(self.out, exist_ok=True)
+        self.loaded = {cell: _load(config, self.runs_root, cell) for cell in all_cells(config)}
+        self.found = {cell: r for cell, r in self.loaded.items() if r is not None}
+        self.probe = (config.probe_source, "l2t_ww:all_to_all", config.probe_examples_per_class)
+
+    def values(self, cells) -> list[float]:
+        """Test accuracies of the finished ``cells``."""
+        return [self.found[c]["test"] for c in cells if c in self.found]
+
+    @staticmethod
+    def label(entry: str) -> str:
+        from l2t_jax import methods
         return methods.row_label(*demo.parse_method(entry))
 
-    if "recipe" in config.grids:
+    def recipe(self) -> list[str]:
+        """The recipe grid: theta's learning rate, chosen on val."""
+        config, found = self.config, self.found
+        values, label = self.values, self.label
+        lines = []
         lines += ["## Recipe: theta's learning rate (Scratch and FM; chosen on val)", "",
                   "| method | per class | " + " | ".join(f"lr {lr:g}" for lr in
                                                          config.recipe_learning_rates) + " |",
@@ -331,9 +364,16 @@ def write_report(config, workdir: str) -> str:
                 + f". The best is {best:g}; the study's recipe uses "
                 f"{config.learning_rate:g}."]
         lines.append("")
+        return lines
 
-    main_rows, paired_rows = [], []
-    if "main" in config.grids:
+    def main(self) -> list[str]:
+        """Per source: the table, the paired differences, main.csv / paired.csv, the
+        budget plot, what phi did, learning curves and weight pictures."""
+        from l2t_jax import plots, summaries
+        config, found, runs_root, out = self.config, self.found, self.runs_root, self.out
+        values, label = self.values, self.label
+        lines = []
+        main_rows, paired_rows = [], []
         for source in config.sources:
             lines += [f"## Main: source {source}", "",
                       "| method | " + " | ".join(f"{k} / class" for k in
@@ -388,11 +428,16 @@ def write_report(config, workdir: str) -> str:
             plots.plot_limited_data(results, os.path.join(out, "limited_data.png"))
             lines += ["![accuracy against label budget](limited_data.png)", ""]
         lines += _dynamics(config, found)
+        lines += _learning_curves(config, found, runs_root, out)
+        return lines
 
-    probe = (config.probe_source, "l2t_ww:all_to_all", config.probe_examples_per_class)
-    fm_probe = [Cell(config.probe_source, "fm:one_to_one", config.probe_examples_per_class, s,
-                     _settings(config)) for s in config.seeds]
-    if "meta_batch" in config.grids:
+    def meta_batch(self) -> list[str]:
+        """Held-out against same-batch meta loss, paired, with the meta-gradient norms."""
+        from l2t_jax import plots
+        config, found, runs_root, out = self.config, self.found, self.runs_root, self.out
+        values = self.values
+        lines = []
+        pictures = []
         lines += [f"## Meta loss on held-out labelled images (L2T-ww, {config.probe_source})",
                   "", "held_out: m = max(1, round("
                   f"{config.meta_held_out_fraction:g} k)) of the k images per class score "
@@ -414,23 +459,52 @@ def write_report(config, workdir: str) -> str:
                          + (f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d
                             else "-") + " | "
                          + " / ".join("-" if v is None else f"{v:.3f}" for v in norms) + " |")
-        lines.append("")
+            groups = {f"{name} meta loss": [c.directory(runs_root) for c in group if c in found]
+                      for name, group in (("same-batch", same), ("held-out", held))}
+            if all(groups.values()):
+                name = f"meta_grad_norm_epc{k}.png"
+                plots.plot_train_metric(groups, "train/meta_grad_norm", os.path.join(out, name),
+                                        "meta-gradient norm", log_y=True)
+                pictures.append(f"![meta-gradient norm, {k} per class]({name})")
+        lines += ["", *pictures, ""]
+        return lines
 
-    if "every_k" in config.grids:
-        lines += [f"## phi every k-th iteration (L2T-ww, {config.probe_source}, "
-                  f"{config.probe_examples_per_class} per class)", "",
-                  f"FM (one-to-one) at this budget: {_stats(values(fm_probe))}.", "",
-                  "| k | test accuracy | seconds per run (training loop) |",
-                  "|---|---|---|"]
+    def every_k(self) -> list[str]:
+        """Accuracy and seconds per run against k (phi every k-th iteration), paired
+        against k = 1 (the paper's rule)."""
+        config, found = self.config, self.found
+        values, probe = self.values, self.probe
+        fm_probe = [Cell(config.probe_source, "fm:one_to_one", config.probe_examples_per_class,
+                         s, _settings(config)) for s in config.seeds]
+        lines = [f"## phi every k-th iteration (L2T-ww, {config.probe_source}, "
+                 f"{config.probe_examples_per_class} per class)", "",
+                 f"FM (one-to-one) at this budget: {_stats(values(fm_probe))}. Seconds: the "
+                 "training loop's wall time (result.json: loading the compiled step from the "
+                 "cache, the steps, the evaluations; not the start-up before it).", "",
+                 "| k | test accuracy | k − (k = 1), paired | seconds per run | time / k = 1 |",
+                 "|---|---|---|---|---|"]
+        every_step = [Cell(*probe, s, _settings(config)) for s in config.seeds]
+        base = _mean([found[c]["wall_seconds"] for c in every_step if c in found])
         for every in config.every_k:
             cells = [Cell(*probe, s, _settings(config, meta_update_every=every))
                      for s in config.seeds]
-            seconds = [found[c]["wall_seconds"] for c in cells if c in found]
+            pairs = [(found[c]["test"], found[b]["test"]) for c, b in zip(cells, every_step)
+                     if c in found and b in found]
+            d = paired_difference(*zip(*pairs)) if every != 1 and len(pairs) >= 2 else None
+            seconds = _mean([found[c]["wall_seconds"] for c in cells if c in found])
             lines.append(f"| {every} | {_stats(values(cells))} | "
-                         + (f"{_mean(seconds):.0f}" if seconds else "-") + " |")
+                         + (f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d
+                            else "-") + " | "
+                         + (f"{seconds:.0f}" if seconds else "-") + " | "
+                         + (f"{seconds / base:.2f}" if seconds and base else "-") + " |")
         lines.append("")
+        return lines
 
-    if "sensitivity" in config.grids:
+    def sensitivity(self) -> list[str]:
+        """L2T-ww over meta learning rate x T."""
+        config = self.config
+        values, probe = self.values, self.probe
+        lines = []
         lines += [f"## Sensitivity (L2T-ww, {config.probe_source}, "
                   f"{config.probe_examples_per_class} per class)", "",
                   "| meta learning rate | " + " | ".join(f"T = {t}" for t in
@@ -443,13 +517,7 @@ def write_report(config, workdir: str) -> str:
                    for steps in config.sensitivity_T]
             lines.append(f"| {rate:g} | " + " | ".join(row) + " |")
         lines.append("")
-
-    path = os.path.join(out, "study.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    logger.info("study report: %s (%d of %d runs)", path, len(found), len(loaded))
-    return path
-
+        return lines
 
 def _mean(values):
     values = [v for v in values if v is not None]
@@ -497,6 +565,35 @@ def _dynamics(config, found: dict) -> list[str]:
                                   if (_final(found[c]["history"], key) or 0) > 0.1))
             lines.append(f"| {source} | {k} | {first:.3f} / {last:.3f} | "
                          f"{_mean(active):.1f} of {len(keys)} |")
+    return lines + [""]
+
+
+def _learning_curves(config, found: dict, runs_root: str, out: str) -> list[str]:
+    """Learning curves of every method at each source's smallest and largest budgets (that
+    the runs converge), and the pair- and channel-weight pictures of one L2T-ww run (the
+    probe budget, the first seed)."""
+    from l2t_jax import methods, plots
+    lines = []
+    for source in config.sources:
+        for k in sorted({min(budgets(config, source)), max(budgets(config, source))}):
+            curves = {}
+            for entry in config.methods:
+                cells = [Cell(source, entry, k, s, _settings(config)) for s in config.seeds]
+                dirs = [c.directory(runs_root) for c in cells if c in found]
+                if dirs:
+                    curves[methods.row_label(*demo.parse_method(entry))] = dirs
+            if curves:
+                name = f"learning_curves_{source}_epc{k}.png"
+                plots.plot_learning_curves(curves, os.path.join(out, name))
+                lines.append(f"![learning curves, {source}, {k} per class]({name})")
+    example = Cell(config.probe_source, "l2t_ww:all_to_all", config.probe_examples_per_class,
+                   config.seeds[0], _settings(config))
+    if example in found:
+        for name, draw in (("pair_weights.png", plots.plot_pair_weights),
+                           ("channel_weights.png", plots.plot_channel_weights)):
+            draw(example.directory(runs_root), os.path.join(out, name))
+            lines.append(f"![{name[:-4].replace('_', ' ')}, {config.probe_source}, "
+                         f"{example.examples_per_class} per class, seed {example.seed}]({name})")
     return lines + [""]
 
 

@@ -82,7 +82,8 @@ def test_the_demo_keeps_its_rates():
     config = demo_config.get_config()
     target = demo.target_config(config, "data", "source", "fm", "one_to_one", 5, 0)
     source = demo.source_config(config, "data")
-    assert build.base_learning_rate(target) == config.learning_rate == 0.05
+    assert build.base_learning_rate(target) == config.learning_rate == 0.02   # the study's
+    assert target.batch_size == 16 and target.epochs * target.steps_per_epoch == 150
     assert build.base_learning_rate(source) == 0.1 and source.batch_size == 64
 
 
