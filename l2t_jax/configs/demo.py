@@ -35,8 +35,8 @@ def get_config(variant=None):
     config.source_batch_size = recipe.source_batch_size
     config.source_epochs = recipe.source_epochs
     # Target runs: the study's recipe (fixed steps, so every budget sees the same number of
-    # updates; the meta learning rate is 1e-2 because at the reference's 1e-4 phi barely
-    # moves in 150 steps: the study's sensitivity grid).
+    # updates; meta learning rate 1e-2: the study's one-seed sensitivity check found no
+    # setting of it or T better, docs/study/study.md).
     for key in ("batch_size", "epochs", "steps_per_epoch", "learning_rate",
                 "meta_learning_rate", "T", "beta"):
         config[key] = recipe[key]
