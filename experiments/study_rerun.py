@@ -17,13 +17,15 @@ import sys
 import tempfile
 
 from l2t_jax import compile_cache, logs, study, train
+from l2t_jax import workdir as workdir_files
 from l2t_jax.configs import study as study_config
 
 
 def records(workdir):
     """The run's logged numbers: every metrics.jsonl record but the run metadata."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "run" not in r]
+    return [r for r in workdir_files.read_metrics(workdir_files.path(workdir,
+                                                                    workdir_files.METRICS))
+            if "run" not in r]
 
 
 def main(argv=None):

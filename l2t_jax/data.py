@@ -319,10 +319,16 @@ def per_class_subset(source, examples_per_class: int, seed: int) -> Subset:
         raise DataError(f"config.data.train_examples_per_class={examples_per_class} is larger "
                         f"than the smallest class of the train split (class {smallest} has "
                         f"{counts.min()} examples)")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 20190509]))
-    chosen = [rng.choice(np.flatnonzero(labels == c), examples_per_class, replace=False)
-              for c in classes]
-    return Subset(source, np.sort(np.concatenate(chosen)))
+    return Subset(source, _draw_per_class(labels, classes, examples_per_class, seed, 20190509))
+
+
+def _draw_per_class(labels: np.ndarray, classes: np.ndarray, count: int, seed: int,
+                    stream: int) -> np.ndarray:
+    """Sorted indices of ``count`` examples of every class, drawn without replacement by
+    the generator of (seed, stream)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, stream]))
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), count,
+                                              replace=False) for c in classes]))
 
 
 def split_per_class(source, examples_per_class: int, seed: int) -> tuple[Subset, Subset]:
@@ -338,10 +344,7 @@ def split_per_class(source, examples_per_class: int, seed: int) -> tuple[Subset,
         smallest = classes[np.argmin(counts)]
         raise DataError(f"taking {examples_per_class} examples per class leaves none of class "
                         f"{smallest} ({counts.min()} examples) in the train split")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 20190510]))
-    chosen = np.sort(np.concatenate([
-        rng.choice(np.flatnonzero(labels == c), examples_per_class, replace=False)
-        for c in classes]))
+    chosen = _draw_per_class(labels, classes, examples_per_class, seed, 20190510)
     rest = np.setdiff1d(np.arange(len(labels)), chosen)
     return Subset(source, chosen), Subset(source, rest)
 

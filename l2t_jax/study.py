@@ -247,27 +247,31 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float
     """a - b paired by position (the same seed): n, mean, sample std and the 95% t
     interval of the mean difference (Student's t, n - 1 degrees of freedom)."""
     from scipy import stats
+
+    from l2t_jax import summaries
     if len(a) != len(b) or len(a) < 2:
         raise ValueError(f"paired_difference needs two equal lists of >= 2 values, got "
                          f"{len(a)} and {len(b)}")
     diffs = [x - y for x, y in zip(a, b)]
     n = len(diffs)
-    mean = sum(diffs) / n
-    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    mean, std = summaries.mean_std(diffs)
     half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half}
 
 
-def _load(config, runs_root: str, cell: Cell) -> dict | None:
+def _load(runs_root: str, cell: Cell) -> dict | None:
+    """A finished cell's :func:`l2t_jax.summaries.load_result` dict plus its run metadata
+    (``run``) and logged records (``history``); None when not finished."""
     from l2t_jax import summaries
     from l2t_jax import workdir as workdir_files
     directory = cell.directory(runs_root)
     if not workdir_files.is_finished(directory):
         return None
     result = summaries.load_result(directory)
-    history = [json.loads(line) for line in open(os.path.join(directory, "metrics.jsonl"))]
-    result["run"] = workdir_files.read_json(os.path.join(directory, "result.json"))["run"]
-    result["history"] = history
+    result["run"] = workdir_files.read_json(
+        workdir_files.path(directory, workdir_files.RESULT))["run"]
+    result["history"] = workdir_files.read_metrics(
+        workdir_files.path(directory, workdir_files.METRICS))
     return result
 
 
@@ -319,7 +323,7 @@ class _Report:
         self.runs_root = os.path.join(workdir, "runs")
         self.out = os.path.join(workdir, "report")
         os.makedirs(self.out, exist_ok=True)
-        self.loaded = {cell: _load(config, self.runs_root, cell) for cell in all_cells(config)}
+        self.loaded = {cell: _load(self.runs_root, cell) for cell in all_cells(config)}
         self.found = {cell: r for cell, r in self.loaded.items() if r is not None}
         self.probe = (config.probe_source, "l2t_ww:all_to_all", config.probe_examples_per_class)
 
