@@ -9,10 +9,17 @@ Every number comes from a separate process, run one after the other (never two a
      (batch 64, the CIFAR-100 setting), then both scratch steps; ours with ``--peak``
      (large-matmul FLOP/s and the FLOP floor) and ``--phases``, the authors' phase split in
      a run of its own (it synchronises between phases, which slows the iteration);
-  2. the curve: ours for each T in ``--curve_T`` and each remat policy (remat=none unrolls
+  2. the baselines (``--baselines``: scratch, FM, AT, LwF) at each ``--baseline_batches``
+     against the authors' plain CE step at the same batch;
+  3. compiles: the full-size T=2 step with an empty and then a warm compilation cache
+     (``compile_cache_check.py``), and ``cifar100:tiny``'s seconds to its first step, cold
+     and warm (``first_step_time.py``);
+  4. the input pipeline (``python -m l2t_jax.bench_pipeline``): images/s at 32 and 224 px
+     against read threads, and the 32-px training loop's waits for data;
+  5. the curve: ours for each T in ``--curve_T`` and each remat policy (remat=none unrolls
      the simulated steps, as by default; remat runs them in a scan loop), ours with a scan
-     loop and no remat, and the authors' loop at the same T: seconds per iteration and peak
-     memory against T.
+     loop and no remat (``--no-scan`` leaves it out), and the authors' loop at the same T:
+     seconds per iteration and peak memory against T.
 Appends each run's JSON line to OUT/runs.jsonl (a rerun skips runs already there), then
 writes OUT/side_by_side.md, OUT/curve.md and OUT/time_memory_vs_T.png.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +37,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+EXPERIMENTS = Path(__file__).resolve().parent
 
 
 def _run(command: list[str], log: Path) -> dict:
@@ -61,6 +71,13 @@ def main(argv=None) -> None:
     parser.add_argument("--curve_iters", type=int, default=3, help="timed iterations, curve")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--source_checkpoint", default="released:resnet32")
+    parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the scan loop without remat at each curve T > 1")
+    parser.add_argument("--baselines", nargs="+", default=["scratch", "fm", "at", "lwf"],
+                        help="our baseline steps, against the authors' CE step")
+    parser.add_argument("--baseline_batches", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--plan_only", action="store_true", help="print the runs, run none")
+    parser.add_argument("--pipeline_threads", type=int, nargs="+", default=[0, 1, 2, 4])
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -72,13 +89,14 @@ def main(argv=None) -> None:
             if line.strip():
                 records[_key(json.loads(line))] = json.loads(line)
 
-    def official(iters):
-        return [sys.executable, args.official_bench, "--batch", "64", "--iters", str(iters),
-                "--warmup", "2"]
+    def official(iters, batch=64):
+        return [sys.executable, args.official_bench, "--batch", str(batch), "--iters",
+                str(iters), "--warmup", "2"]
 
-    def ours(iters):
-        return [sys.executable, "-m", "l2t_jax.bench", "--batch", "64", "--iters", str(iters),
-                "--warmup", str(args.warmup), "--source_checkpoint", args.source_checkpoint]
+    def ours(iters, batch=64):
+        return [sys.executable, "-m", "l2t_jax.bench", "--batch", str(batch), "--iters",
+                str(iters), "--warmup", str(args.warmup), "--source_checkpoint",
+                args.source_checkpoint]
 
     plan = []
     for t in args.T:
@@ -87,8 +105,28 @@ def main(argv=None) -> None:
         plan.append((f"official T={t} phases",
                      official(args.iters) + ["--T", str(t), "--phases"]))
         plan.append((f"ours T={t}", ours(args.iters) + ["--T", str(t), "--peak", "--phases"]))
-    plan.append(("official scratch", official(args.iters) + ["--mode", "scratch"]))
-    plan.append(("ours scratch", ours(args.iters) + ["--mode", "scratch"]))
+    for batch in args.baseline_batches:
+        plan.append((f"official scratch b={batch}",
+                     official(args.iters, batch) + ["--mode", "scratch"]))
+        for baseline in args.baselines:
+            plan.append((f"ours {baseline} b={batch}",
+                         ours(args.iters, batch) + ["--mode", baseline]))
+    # Compiles, cold and warm (the per-user cache), and a :tiny config's first step.
+    cache = out / "compile_cache"
+    for run in ("cold", "warm"):
+        plan.append((f"compile T=2 {run}", [sys.executable, str(EXPERIMENTS /
+                                                             "compile_cache_check.py"),
+                                           str(cache)]))
+    plan.append(("first step cifar100:tiny", [sys.executable, str(EXPERIMENTS /
+                                                                  "first_step_time.py")]))
+    # The input pipeline: images/s against read threads; the 32-px training loop's waits.
+    plan.append(("pipeline 32px", [sys.executable, "-m", "l2t_jax.bench_pipeline",
+                                   "--image_size", "32", "--train_steps", "30",
+                                   "--images", "1984", "--threads",
+                                   *map(str, args.pipeline_threads)]))
+    plan.append(("pipeline 224px", [sys.executable, "-m", "l2t_jax.bench_pipeline",
+                                    "--image_size", "224", "--batches", "4", "--threads",
+                                    *map(str, args.pipeline_threads)]))
     for t in args.curve_T:
         if t not in args.T:
             plan.append((f"official T={t}", official(args.curve_iters) + ["--T", str(t)]))
@@ -97,10 +135,16 @@ def main(argv=None) -> None:
                 continue
             plan.append((f"ours T={t} remat={remat}",
                          ours(args.curve_iters) + ["--T", str(t), "--remat", remat]))
-        if t > 1:   # the unrolled default against the scan loop, both without remat
+        if t > 1 and args.scan:   # the unrolled default against the scan loop, no remat
             plan.append((f"ours T={t} scan", ours(args.curve_iters) + ["--T", str(t),
                                                                      "--no-unroll"]))
 
+    if args.plan_only:
+        for name, command in plan:
+            print(name, "|", " ".join(command[1:]))
+        return
+    if "compile T=2 cold" not in records:
+        shutil.rmtree(cache, ignore_errors=True)
     for name, command in plan:
         if name in records:
             continue
@@ -130,11 +174,42 @@ def write_tables(records: dict, args, out: Path) -> None:
             "|---|---|---|---|---|---|---|"]
     for label, theirs, mine in ([(f"L2T-ww T={t}", f"official T={t}", f"ours T={t}")
                                  for t in args.T]
-                                + [("scratch (CE step)", "official scratch", "ours scratch")]):
+                                + [(f"{baseline} b={batch} (authors': CE step)",
+                                    f"official scratch b={batch}", f"ours {baseline} b={batch}")
+                                   for batch in args.baseline_batches
+                                   for baseline in args.baselines]):
         a, b = records[theirs], records[mine]
-        rows.append(f"| {label} | {_seconds(a):.2f} | {_seconds(b):.2f} | "
+        rows.append(f"| {label} | {_seconds(a):.3f} | {_seconds(b):.3f} | "
                     f"{_seconds(a) / _seconds(b):.2f}x | {_memory_gib(a):.2f} | "
                     f"{_memory_gib(b):.2f} | {b['compile_s']:.0f} |")
+    compiles = ["", "| run | lower + compile (s) | cache hits | compile seconds saved |",
+                "|---|---|---|---|"]
+    for run in ("cold", "warm"):
+        c = records[f"compile T=2 {run}"]
+        compiles.append(f"| T=2 full size, {run} cache | {c['compile_s']} | {c['hits']} | "
+                        f"{c['seconds']:.1f} |")
+    first = records["first step cifar100:tiny"]
+    compiles += ["", "| cifar100:tiny | " + " | ".join(
+        ["compile started (s)", "step program ready (s)", "first step (s)", "process (s)"])
+                 + " |", "|---|---|---|---|---|"]
+    for run in ("cold", "warm"):
+        f = first[run]
+        compiles.append(f"| {run} | {f.get('compile_started')} | "
+                        f"{f.get('step_program_ready')} | {f.get('first_step')} | "
+                        f"{f['total_s']} |")
+    pipeline = ["", "| pipeline | read threads | images/s (median of repeats) | s / batch of "
+                "64 | repeats |", "|---|---|---|---|---|"]
+    for size in (32, 224):
+        p = records[f"pipeline {size}px"]
+        for row in p["pipeline"]:
+            pipeline.append(f"| {size} px | {row['threads']} | {row['images_per_s']} | "
+                            f"{row['s_per_batch']} | {row['repeats']} |")
+        if "training" in p:
+            t = p["training"]
+            pipeline.append(f"| {size} px training loop ({t['method']}, {t['steps']} steps) "
+                            f"| auto | waited {t['data_wait_seconds']} s in all, at most "
+                            f"{t['data_wait_max_step_seconds']} s at a step | | |")
+    rows += compiles + pipeline
     floors = ["", "| T | XLA GFLOP / iter | achieved GFLOP/s | large-matmul GFLOP/s | FLOP floor "
               "(s) | step / floor |", "|---|---|---|---|---|---|"]
     for t in args.T:

@@ -1,7 +1,7 @@
-"""Times the jitted L2T-ww step (or a plain scratch step) and prints one JSON line.
+"""Times the jitted L2T-ww step (or a baseline's step) and prints one JSON line.
 
-    python -m l2t_jax.bench --batch 64 --T 2 --iters 5 [--mode scratch] [--remat dots]
-                            [--no-unroll] [--phases] [--peak]
+    python -m l2t_jax.bench --batch 64 --T 2 --iters 5 [--mode scratch|fm|at|lwf|lwf_at]
+                            [--remat dots] [--no-unroll] [--phases] [--peak]
 
 Default setting: the CIFAR-100 experiment's networks (ResNet-32 with 200 classes ->
 VGG-9-BN with 100 classes, the 15 pairs), random inputs, and random source weights unless
@@ -36,7 +36,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from l2t_jax import assets, bilevel, convert, convolution, matching, models, parallel, train
+from l2t_jax import assets, bilevel, convert, convolution, matching, methods, models, parallel, train
+from l2t_jax import build as build_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -62,9 +63,16 @@ def build(args) -> tuple:
     else:
         source = models.get_model(args.source, args.source_classes, conv_impl=args.conv_impl,
                                   **_overrides(args.source_widths, args.source_overrides))
-        transfer = bilevel.make_transfer(source, target, matching.parse_pairs(args.pairs),
-                                         inner_steps=args.T, remat=args.remat,
-                                         unroll_inner=args.unroll, conv_impl=args.conv_impl)
+        if args.mode == "l2t":
+            transfer = bilevel.make_transfer(source, target, matching.parse_pairs(args.pairs),
+                                             inner_steps=args.T, remat=args.remat,
+                                             unroll_inner=args.unroll,
+                                             conv_impl=args.conv_impl)
+        else:                     # a baseline of the table, on its own pair scheme
+            method = methods.get_method(args.mode)
+            pairs = matching.resolve_pairs(method.scheme, source, target) if method.scheme else ()
+            transfer = build_lib.method_transfer(method, source, target, pairs,
+                                                 conv_impl=args.conv_impl)
         if args.source_checkpoint:
             _, source_variables, _ = convert.load_converted(
                 assets.resolve_source_checkpoint(args.source_checkpoint),
@@ -199,9 +207,12 @@ def phase_seconds(transfer: bilevel.Transfer, state: bilevel.TrainState,
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m l2t_jax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="l2t", choices=("l2t", "scratch"),
+    baselines = tuple(name for name, row in methods.METHODS.items()
+                      if not row.meta_networks and name != "scratch")
+    parser.add_argument("--mode", default="l2t", choices=("l2t", "scratch") + baselines,
                         help="l2t: the L2T-ww iteration; scratch: a plain CE step of the "
-                             "target alone (no source, no matching), for reference")
+                             "target alone (no source, no matching); a baseline of the "
+                             "table (" + ", ".join(baselines) + "): its step, on its pairs")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--T", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)

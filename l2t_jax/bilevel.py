@@ -233,19 +233,23 @@ def init_state(transfer: Transfer, rng: jax.Array, image_shape: Sequence[int], *
         image_shape = tuple(image_shape)
         return jax.jit(lambda rng: init_state(transfer, rng, image_shape))(rng)
     model_rng, heads_rng, meta_rng, lwf_rng = jax.random.split(rng, 4)
-    images = jnp.zeros((1, *image_shape), jnp.float32)
+    # Only shapes go in (Linen's lazy_init): the variables are computed without the
+    # networks' forward passes, the same numbers as initialising on zero inputs.
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     variables = transfer.target_model.init(model_rng, images, train=False)
-    _, target_features = transfer.target_model.apply(variables, images, train=False)
+    _, target_features = jax.eval_shape(
+        functools.partial(transfer.target_model.apply, train=False), variables, images)
     target_params = {"model": variables["params"]}
     if transfer.heads is not None:
-        target_params["heads"] = transfer.heads.init(heads_rng, target_features)["params"]
+        target_params["heads"] = transfer.heads.lazy_init(heads_rng, target_features)["params"]
     if transfer.lwf_head is not None:
-        target_params["lwf_head"] = transfer.lwf_head.init(lwf_rng, target_features)["params"]
+        target_params["lwf_head"] = transfer.lwf_head.lazy_init(
+            lwf_rng, target_features)["params"]
     meta_params, meta_opt_state = {}, ()
     if transfer.meta_networks is not None:
-        pooled = tuple(jnp.zeros((1, t.channels), jnp.float32)
+        pooled = tuple(jax.ShapeDtypeStruct((1, t.channels), jnp.float32)
                        for t in transfer.source_model.feature_taps())
-        meta_params = transfer.meta_networks.init(meta_rng, pooled)["params"]
+        meta_params = transfer.meta_networks.lazy_init(meta_rng, pooled)["params"]
         meta_opt_state = transfer.meta_optimizer().init(meta_params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),

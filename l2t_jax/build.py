@@ -121,6 +121,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.source_num_classes < 1:
         raise ValueError(f"config.source_num_classes must be >= 1, got "
                          f"{config.source_num_classes}")
+    if config.data.read_threads < -1:
+        raise ValueError("config.data.read_threads must be -1 (one per CPU core), 0 or more, "
+                         f"got {config.data.read_threads}")
+    if config.data.prefetch_batches < 0:
+        raise ValueError(f"config.data.prefetch_batches must be >= 0, got "
+                         f"{config.data.prefetch_batches}")
     if config.data.crop_padding < 0:
         raise ValueError(f"config.data.crop_padding must be >= 0, got "
                          f"{config.data.crop_padding}")

@@ -36,7 +36,8 @@ ADDED_KEYS = {"lr_reference_batch_size": 0, "meta_update_every": 1, "meta_loss_b
               "data.meta_held_out_per_class": 0,
               "source_taps": "", "source_candidates": "",
               "target_taps": "", "target_candidates": "", "data.classes": ANY,
-              "data.val_fraction": ANY, "data.split_seed": ANY}
+              "data.val_fraction": ANY, "data.split_seed": ANY,
+              "data.read_threads": ANY, "data.prefetch_batches": ANY}
 
 
 class CheckpointError(OSError):

@@ -27,6 +27,7 @@ MAX_BYTES = 4 * 2 ** 30
 MIN_COMPILE_SECONDS = 0.5
 
 _saved = {"hits": 0, "seconds": 0.0}
+_by_thread: dict = {}
 _lock = threading.Lock()
 _listening = False
 _configured = False
@@ -73,16 +74,24 @@ def _on_event(event: str, **_) -> None:
     if event == "/jax/compilation_cache/cache_hits":
         with _lock:
             _saved["hits"] += 1
+            _this_thread()["hits"] += 1
 
 
 def _on_duration(event: str, seconds: float, **_) -> None:
     if event == "/jax/compilation_cache/compile_time_saved_sec":
         with _lock:
             _saved["seconds"] += seconds
+            _this_thread()["seconds"] += seconds
 
 
-def saved() -> dict:
-    """Cache hits so far in this process and the compile seconds they saved (as jax
-    estimates them: the recorded compile time minus the read)."""
+def _this_thread() -> dict:
+    # jax reports a compile's events in the thread that compiles it.
+    return _by_thread.setdefault(threading.get_ident(), {"hits": 0, "seconds": 0.0})
+
+
+def saved(this_thread: bool = False) -> dict:
+    """Cache hits so far in this process (``this_thread``: in the calling thread, so that
+    a compile can tell its own hit from a concurrent one) and the compile seconds they
+    saved (as jax estimates them: the recorded compile time minus the read)."""
     with _lock:
-        return dict(_saved)
+        return dict(_this_thread() if this_thread else _saved)

@@ -64,17 +64,10 @@ def predict(model, variables, source, image_size: int, batch_size: int = 64
     from l2t_jax import data
     forward = jax.jit(lambda variables, images: jnp.argmax(
         logits_of(model, variables, images), axis=-1))
-    examples = data.eval_examples(source, image_size)
     predictions, labels = [], []
-    for start in range(0, len(source), batch_size):
-        batch = [examples[i] for i in range(start, min(start + batch_size, len(source)))]
-        images = np.stack([image for image, _ in batch])
-        rows = len(images)
-        if rows < batch_size:
-            images = np.concatenate([images, np.zeros((batch_size - rows,) + images.shape[1:],
-                                                      images.dtype)])
+    for images, batch_labels, rows in data.eval_batches(source, image_size, batch_size):
         predictions.append(np.asarray(forward(variables, images))[:rows])
-        labels.append(np.asarray([label for _, label in batch]))
+        labels.append(batch_labels[:rows])
     return np.concatenate(predictions), np.concatenate(labels)
 
 

@@ -71,9 +71,17 @@ class TappedNetwork:
     probe_size: int = 64
     parts: tuple["TappedNetwork", ...] = ()
 
-    def init(self, rng: jax.Array, images: jax.Array, train: bool = False) -> dict:
-        """The module's variables (``{'params', 'batch_stats'}``; sown values dropped)."""
-        variables = self.module.init(rng, images, train=train)
+    def init(self, rng: jax.Array, images: jax.Array | jax.ShapeDtypeStruct,
+             train: bool = False) -> dict:
+        """The module's variables (``{'params', 'batch_stats'}``; sown values dropped).
+
+        ``images`` may be a ``jax.ShapeDtypeStruct``: then Linen's ``lazy_init`` computes
+        only the variables, not the forward pass (the same numbers, op by op, in a
+        fraction of the time: no executable per layer of the forward)."""
+        if isinstance(images, jax.ShapeDtypeStruct):
+            variables = self.module.lazy_init(rng, images, train=train)
+        else:
+            variables = self.module.init(rng, images, train=train)
         return {k: v for k, v in variables.items() if k != "intermediates"}
 
     def apply(self, variables: PyTree, images: jax.Array, *, train: bool,

@@ -33,6 +33,7 @@ Faults (tests/test_faults.py injects each one):
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import os
@@ -110,10 +111,10 @@ def compile_with_notice(what: str, jitted: Callable, *args, notify: bool = True)
     compile of a step can take minutes, and a silent program looks hung."""
     if notify:
         logger.info("compiling the %s...", what)
-    started, before = time.time(), compile_cache.saved()
+    started, before = time.time(), compile_cache.saved(this_thread=True)
     compiled = jitted.lower(*args).compile()
     if notify:
-        after = compile_cache.saved()
+        after = compile_cache.saved(this_thread=True)
         if after["hits"] > before["hits"]:
             logger.info("loaded the %s from the compilation cache in %s (saved %s of "
                         "compiling)", what, logs.duration(time.time() - started),
@@ -223,21 +224,15 @@ def eval_batches(source, config, mesh):
     to a multiple of the device count; each process loads only its rows, and rows past the
     end of the data are padding (label -1). One shape for every batch: no recompilation."""
     batch = -(-config.eval_batch_size // mesh.size) * mesh.size
-    rows = parallel.process_batch_slice(batch, mesh)
-    examples = data.eval_examples(source, config.data.image_size)
-    size = config.data.image_size
-    for start in range(0, len(source), batch):
-        images, labels = [], []
-        for position in range(start + rows.start, start + rows.stop):
-            if position < len(source):
-                image, label = examples[position]
-            else:
-                image, label = np.zeros((size, size, 3), np.float32), -1
-            images.append(image)
-            labels.append(label)
-        images, labels = parallel.global_batch(mesh, np.stack(images),
-                                               np.asarray(labels, np.int32))
-        yield images, labels, min(batch, len(source) - start)
+    batches = data.eval_batches(source, config.data.image_size, batch,
+                                rows=parallel.process_batch_slice(batch, mesh),
+                                threads=config.data.read_threads,
+                                prefetch_batches=config.data.prefetch_batches)
+    try:
+        for images, labels, real in batches:
+            yield (*parallel.global_batch(mesh, images, labels), real)
+    finally:
+        batches.close()
 
 
 def evaluate(eval_step, variables, source, config, mesh,
@@ -289,11 +284,48 @@ def transfer_weights(transfer: bilevel.Transfer, state, source_variables, source
             "pair_weights": pair, "channel_weights": channel}
 
 
-def _load_rows(examples, index: int, batch_size: int, rows: slice):
-    """Rows ``rows`` of global batch ``index``: the examples at positions
-    ``index * batch_size + rows.start ... index * batch_size + rows.stop - 1``."""
-    local = [examples[index * batch_size + r] for r in range(rows.start, rows.stop)]
-    return np.stack([image for image, _ in local]), np.stack([label for _, label in local])
+class _StepInputs:
+    """The steps' inputs from ``start`` on, as global arrays: this process's rows of each
+    train batch and, on the steps that update phi with the held-out meta loss, of the meta
+    split's batch (a stream of its own, seeded apart). Read ahead by
+    :func:`l2t_jax.data.step_batches`; ``wait_s`` adds up the seconds the loop waited for
+    them, ``max_wait_s`` is the longest wait of one step."""
+
+    def __init__(self, config, splits: dict, mesh, steps_per_epoch: int, start: int,
+                 total_steps: int, meta_every: int | None):
+        rows = parallel.process_batch_slice(config.batch_size, mesh)
+
+        def stream(split: str, seed: int, steps: range):
+            return iter(data.step_batches(
+                splits[split], steps, steps_per_epoch=steps_per_epoch,
+                batch_size=config.batch_size, rows=rows, image_size=config.data.image_size,
+                seed=seed, hflip=config.data.hflip, crop_padding=config.data.crop_padding,
+                threads=config.data.read_threads,
+                prefetch_batches=config.data.prefetch_batches))
+        self.mesh, self.meta_every = mesh, meta_every
+        self.wait_s = self.max_wait_s = 0.0
+        self.train = stream("train", config.seed, range(start, total_steps))
+        self.meta = None
+        if meta_every is not None:
+            first = -(-start // meta_every) * meta_every
+            self.meta = stream("meta", int(np.random.SeedSequence(
+                [config.seed, 1]).generate_state(1)[0]), range(first, total_steps, meta_every))
+
+    def next(self, step: int) -> tuple:
+        """Step ``step``'s inputs: (images, labels), then the meta batch if it has one.
+        Steps are read in order, each once."""
+        started = time.perf_counter()
+        inputs = parallel.global_batch(self.mesh, *next(self.train))
+        if self.meta is not None and step % self.meta_every == 0:
+            inputs += parallel.global_batch(self.mesh, *next(self.meta))
+        waited = time.perf_counter() - started
+        self.wait_s, self.max_wait_s = self.wait_s + waited, max(self.max_wait_s, waited)
+        return inputs
+
+    def close(self) -> None:
+        for iterator in (self.train, self.meta):
+            if iterator is not None:
+                iterator.close()
 
 
 def _eval_program(transfer: bilevel.Transfer, mesh):
@@ -328,6 +360,7 @@ class _Bookkeeping:
         self.started = time.time()       # this start's wall clock (result.json, progress)
         self.wall_before = progress.get("wall_seconds", 0.0)
         self.stepping_since = None       # set after compiling: the ETA's clock
+        self.logged_at, self.logged_wait_s = 0.0, 0.0      # the last log step's clocks
         self._state_is_finite = jax.jit(_all_finite,
                                         out_shardings=parallel.replicated_sharding(mesh))
 
@@ -353,8 +386,10 @@ class _Bookkeeping:
                     "skip such batches")
         return checked
 
-    def step_done(self, done: int, metrics: dict) -> None:
-        """Queues step ``done``'s metrics; at log steps fetches, writes and prints them."""
+    def step_done(self, done: int, metrics: dict, data_wait_s: float) -> None:
+        """Queues step ``done``'s metrics; at log steps fetches, writes and prints them, with
+        the seconds the loop waited for input since the last log step (``data_wait_s``:
+        the total so far)."""
         self.pending.append((done, metrics))
         log_step = done % self.config.log_every_steps == 0 or done == self.total_steps
         if not (log_step or len(self.pending) >= 256):
@@ -366,17 +401,22 @@ class _Bookkeeping:
         if self.config.on_nonfinite == "skip":
             metrics = dict(metrics, skipped=self.progress["skipped_steps"] - skipped_before,
                            skipped_total=self.progress["skipped_steps"])
+        now = time.time()
+        waited, self.logged_wait_s = data_wait_s - self.logged_wait_s, data_wait_s
+        interval, self.logged_at = now - max(self.logged_at, self.stepping_since), now
         self.log.write(done, {f"train/{k}": v for k, v in metrics.items()})
         if self.main_process:
-            rate = (done - self.start_step) / (time.time() - self.stepping_since)
+            rate = (done - self.start_step) / (now - self.stepping_since)
             logger.info(
-                "step %d/%d (epoch %d) ce %.4f transfer %.4f%s%s | %.2f steps/s, ETA %s",
+                "step %d/%d (epoch %d) ce %.4f transfer %.4f%s%s | %.2f steps/s, "
+                "waited for data %.0f%%, ETA %s",
                 done, self.total_steps, (done - 1) // self.steps_per_epoch, metrics["ce"],
                 metrics["transfer"],
                 f" meta {metrics['meta_loss']:.4f}" if "meta_loss" in metrics else "",
                 f" | skipped {self.progress['skipped_steps']} steps"
                 if self.progress["skipped_steps"] else "",
-                rate, logs.duration((self.total_steps - done) / rate))
+                rate, 100 * waited / max(interval, 1e-9),
+                logs.duration((self.total_steps - done) / rate))
 
     def epoch_done(self, done: int, epoch: int, accuracies: dict, variables) -> None:
         """Records epoch ``epoch``'s accuracies; a new best val writes ``best/``."""
@@ -405,16 +445,32 @@ class _Bookkeeping:
         self.checkpoints.save(done, state, self.progress)
 
 
+def _init_fn(config, transfer) -> Callable[[], bilevel.TrainState]:
+    """The fresh state's initialisation (config.seed, config.jit_init)."""
+    return functools.partial(bilevel.init_state, transfer, jax.random.key(config.seed),
+                             (config.data.image_size, config.data.image_size, 3),
+                             jit=config.jit_init)
+
+
+def _step_arguments(config, transfer, mesh, source_variables, held_out_meta: bool) -> tuple:
+    """What the step program is called with, as ``jax.ShapeDtypeStruct`` s with their
+    shardings: (state, source variables, images, labels[, meta images, meta labels])."""
+    state = parallel.abstract_replicated(mesh, jax.eval_shape(_init_fn(config, transfer)))
+    source = parallel.abstract_replicated(mesh, jax.eval_shape(lambda v: v, source_variables))
+    size, sharding = config.data.image_size, parallel.batch_sharding(mesh)
+    batch = (jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32,
+                                  sharding=sharding),
+             jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding))
+    return (state, source) + batch * (2 if held_out_meta else 1)
+
+
 def _initial_state(config, workdir: str, transfer, mesh, saved: checkpoints.Checkpoints):
     """(state, progress): restored from the newest readable checkpoint, or fresh (and then
     config.json is written)."""
-    init = functools.partial(bilevel.init_state, transfer, jax.random.key(config.seed),
-                             (config.data.image_size, config.data.image_size, 3),
-                             jit=config.jit_init)
+    init = _init_fn(config, transfer)
     progress = {"epoch": 0, "best_val": -1.0, "test_at_best": -1.0, "best_epoch": -1,
                 "wall_seconds": 0.0, "skipped_steps": 0}
-    if saved.latest_step() is not None:
-        checkpoints.check_resumable(config, workdir)
+    if saved.latest_step() is not None:             # (checked resumable by the caller)
         abstract = parallel.abstract_replicated(mesh, jax.eval_shape(init))
         state, restored_progress = saved.restore_latest_readable(abstract)
         progress.update(restored_progress)
@@ -503,47 +559,43 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 "%d-%d of each batch of %d", mesh.size, jax.process_count(),
                 jax.process_index(), rows.start, rows.stop - 1, config.batch_size)
     saved = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    state, progress = _initial_state(config, workdir, transfer, mesh, saved)
-    source_variables = parallel.replicate(mesh, source_variables)
     schedule = build.learning_rate_schedule(config, steps_per_epoch)
     # With meta_update_every = k > 1, iterations k, 2k, ... (counting from 0) take the
-    # bilevel step, the others the real step with phi fixed: two programs, each compiled
-    # once, when first needed.
+    # bilevel step, the others the real step with phi fixed: two programs. The first
+    # (the bilevel step) compiles in a thread from the arguments' shapes while the state
+    # is initialised or restored (XLA's compile leaves the interpreter free); the other
+    # when first needed.
     every = config.meta_update_every if transfer.meta_networks is not None else 1
     held_out = config.meta_loss_batch == "held_out"
     programs = {update: step_program(transfer, schedule, mesh, config.on_nonfinite,
                                      update_phi=update, held_out_meta=held_out and update)
                 for update in ((True, False) if every > 1 else (True,))}
+
+    def what(update: bool) -> str:
+        return (f"training step ({config.method}, T={config.T})"
+                if transfer.meta_networks is not None and update else
+                f"training step ({config.method}{', phi fixed' if every > 1 else ''})")
+    resuming_from = saved.latest_step()
+    if resuming_from is not None:
+        checkpoints.check_resumable(config, workdir)      # before anything compiles
+    first_program = None                  # a finished run has nothing to compile
+    if resuming_from is None or resuming_from < total_steps:
+        compiling = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="l2t-compile")
+        first_program = compiling.submit(
+            compile_with_notice, what(True), programs[True],
+            *_step_arguments(config, transfer, mesh, source_variables, held_out),
+            notify=main_process)
+        compiling.shutdown(wait=False)
+    state, progress = _initial_state(config, workdir, transfer, mesh, saved)
+    source_variables = parallel.replicate(mesh, source_variables)
     eval_step = _eval_program(transfer, mesh)
     books = _Bookkeeping(config, workdir, saved, mesh, progress, int(state.step), total_steps,
                          steps_per_epoch)
     run_info = provenance.run_metadata()
     books.log.write_run(books.start_step, run_info)
     stop = _StopRequest()
-    # (split, epoch) -> its shuffled, augmented examples; the held-out meta split ("meta")
-    # has a stream of its own, a pure function of (seed, epoch, index) too.
-    examples = {}
-    streams = {"train": config.seed,
-               "meta": int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])}
-
-    def split_batch(split, step):
-        """Global batch ``step`` of ``split`` (this process's rows, as global arrays)."""
-        epoch, index = divmod(step, steps_per_epoch)
-        if (split, epoch) not in examples:
-            for key in [key for key in examples if key[0] == split]:
-                del examples[key]
-            examples[split, epoch] = data.train_examples(
-                splits[split], config.data.image_size, streams[split], epoch,
-                hflip=config.data.hflip, crop_padding=config.data.crop_padding,
-                min_examples=steps_per_epoch * config.batch_size)
-        return parallel.global_batch(
-            mesh, *_load_rows(examples[split, epoch], index, config.batch_size, rows))
-
-    def batch(step):
-        """The step's inputs: (images, labels), then the held-out meta batch if any."""
-        if held_out and step % every == 0:
-            return split_batch("train", step) + split_batch("meta", step)
-        return split_batch("train", step)
+    inputs_from = _StepInputs(config, splits, mesh, steps_per_epoch, books.start_step,
+                              total_steps, every if held_out else None)
 
     def end_of_epoch(done: int) -> bool:
         """Evaluates the epoch that step ``done`` ends (``best/``, the log); False when a
@@ -581,18 +633,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                         start // steps_per_epoch - 1)
             if not end_of_epoch(start):
                 raise stopped(start, evaluation_cut=True)       # checkpoint `start` exists
-        next_batch = batch(start) if start < total_steps else None
+        next_batch = inputs_from.next(start) if start < total_steps else None
+        inputs_from.wait_s = inputs_from.max_wait_s = 0.0   # read while compiling: no wait
         for step in range(start, total_steps):
             inputs = next_batch
             update = step % every == 0
             if update not in compiled:
                 compile_started = time.time()
-                compiled[update] = compile_with_notice(
-                    f"training step ({config.method}, T={config.T})"
-                    if transfer.meta_networks is not None and update else
-                    f"training step ({config.method}{', phi fixed' if every > 1 else ''})",
-                    programs[update], state, source_variables, *inputs,
-                    notify=main_process)
+                compiled[update] = (
+                    first_program.result() if update and first_program is not None else
+                    compile_with_notice(what(update), programs[update], state,
+                                        source_variables, *inputs, notify=main_process))
                 parallel.wait_for_all(f"l2t_jax/compiled/{int(update)}",
                                       config.distributed_init_timeout_s)
                 if books.stepping_since is None:
@@ -606,9 +657,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             # the next metrics fetch (log_every_steps, up to 256 steps), and every step
             # dispatched had to run before a stop request could save. One step in flight
             # bounds that to one step, for the cost of the host's time to dispatch a step.
-            next_batch = batch(done) if done < total_steps else None
+            next_batch = inputs_from.next(done) if done < total_steps else None
             jax.block_until_ready(metrics)
-            books.step_done(done, metrics)
+            books.step_done(done, metrics, inputs_from.wait_s)
             saved_now = done % steps_per_epoch == 0 or done % config.checkpoint_every_steps == 0
             evaluated = done % steps_per_epoch != 0 or end_of_epoch(done)
             if saved_now or not evaluated:
@@ -620,6 +671,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     books.save(state)
                 raise stopped(done)
     finally:
+        inputs_from.close()
         stop.close()
         books.log.close()
     saved.wait()
@@ -640,7 +692,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
               "extra_sources": [dict(s)["model"] for s in config.extra_sources],
               "skipped_steps": progress["skipped_steps"],
               "learning_rate": build.base_learning_rate(config),
-              "wall_seconds": round(books.wall_seconds(), 1), "run": run_info}
+              "wall_seconds": round(books.wall_seconds(), 1),
+              # this start's waits for input (a resumed run counts from its restart)
+              "data_wait_seconds": round(inputs_from.wait_s, 3),
+              "data_wait_max_step_seconds": round(inputs_from.max_wait_s, 4),
+              "run": run_info}
     if main_process:
         path = workdir_files.write_result(workdir, result)
         logger.info("test accuracy %.2f%% at the best val accuracy %.2f%% (epoch %d); "

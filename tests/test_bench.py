@@ -37,6 +37,10 @@ def test_bench_reports_flops_memory_and_the_floor(capsys):
                           "2", "--warmup", "0", "--iters", "1"])
     assert scratch["pairs"] == 0 and scratch["T"] is None
     assert scratch["xla_flops_per_iter"] < one["xla_flops_per_iter"] / 5
+    # A baseline of the table: its own terms and pair scheme (FM: one-to-one), no phi.
+    fm = bench.main(TINY + ["--mode", "fm"])
+    assert fm["pairs"] == 3 and fm["T"] is None and fm["mode"] == "fm"
+    assert scratch["xla_flops_per_iter"] < fm["xla_flops_per_iter"] < one["xla_flops_per_iter"]
     with pytest.raises(SystemExit):
         bench.main(["--mode", "scratch", "--phases"])
 
@@ -57,16 +61,38 @@ def test_compare_tables_put_each_run_in_its_row(tmp_path):
                                      info={"phase_median_s": {"5_meta_backward": s / 2}})
     floor = dict(xla_flops_per_iter=6e11, achieved_gflop_s=100.0, matmul_peak_gflop_s=200.0,
                  flop_floor_s=3.0, step_over_floor=2.0, phases_s={"meta_backward": 2.5})
+    pipeline = lambda *rows, **extra: dict(pipeline=[
+        dict(threads=t, images_per_s=r, s_per_batch=round(64 / r, 4), repeats=[r])
+        for t, r in rows], **extra)
     records = {"official T=2": theirs(6.0, 2048),
                "official T=2 phases": theirs(7.0, 2048), "ours T=2": ours(5.0, 3.0, **floor),
-               "official scratch": theirs(0.6, 1024), "ours scratch": ours(0.4, 1.5),
+               "official scratch b=64": theirs(0.6, 1024), "ours scratch b=64": ours(0.4, 1.5),
+               "ours fm b=64": ours(0.75, 1.75),
                "official T=1": theirs(3.0, 1500), "ours T=1 remat=none": ours(2.0, 2.5),
-               "ours T=2 remat=dots": ours(5.5, 2.0)}
-    args = types.SimpleNamespace(T=[2], curve_T=[1, 2], remat=["none", "dots"])
+               "ours T=2 remat=dots": ours(5.5, 2.0),
+               "compile T=2 cold": dict(compile_s=40.0, hits=0, seconds=0.0),
+               "compile T=2 warm": dict(compile_s=10.0, hits=8, seconds=30.5),
+               "first step cifar100:tiny": dict(
+                   cold=dict(compile_started=8.0, step_program_ready=40.0, first_step=41.5,
+                             total_s=60.0),
+                   warm=dict(compile_started=8.0, step_program_ready=12.0, first_step=13.0,
+                             total_s=30.0)),
+               "pipeline 32px": pipeline((0, 1000.0), (2, 1600.0), training=dict(
+                   method="scratch", steps=30, data_wait_seconds=0.01,
+                   data_wait_max_step_seconds=0.002)),
+               "pipeline 224px": pipeline((0, 100.0), (2, 190.0))}
+    args = types.SimpleNamespace(T=[2], curve_T=[1, 2], remat=["none", "dots"],
+                                 baselines=["scratch", "fm"], baseline_batches=[64])
     compare.write_tables(records, args, tmp_path)
     table = (tmp_path / "side_by_side.md").read_text()
-    assert "| L2T-ww T=2 | 6.00 | 5.00 | 1.20x | 2.00 | 3.00 | 30 |" in table
-    assert "| scratch (CE step) | 0.60 | 0.40 | 1.50x | 1.00 | 1.50 | 30 |" in table
+    assert "| L2T-ww T=2 | 6.000 | 5.000 | 1.20x | 2.00 | 3.00 | 30 |" in table
+    assert "| scratch b=64 (authors': CE step) | 0.600 | 0.400 | 1.50x | 1.00 | 1.50 | 30 |" in table
+    assert "| fm b=64 (authors': CE step) | 0.600 | 0.750 | 0.80x | 1.00 | 1.75 | 30 |" in table
+    assert "| T=2 full size, warm cache | 10.0 | 8 | 30.5 |" in table
+    assert "| cold | 8.0 | 40.0 | 41.5 | 60.0 |" in table
+    assert "| 32 px | 2 | 1600.0 | 0.04 | [1600.0] |" in table
+    assert "at most 0.002 s at a step" in table
+    assert "| 224 px | 0 | 100.0 | 0.64 | [100.0] |" in table
     assert "| 2 | 600 | 100.0 | 200.0 | 3.00 | 2.00 |" in table
     assert "| 2 | 5_meta_backward | 3.50 | |" in table
     assert "| 2 | meta_backward | | 2.50 |" in table

@@ -165,6 +165,32 @@ def test_jitted_init_gives_the_op_by_op_state():
                            op_by_op.target_params["model"]["conv0"]["kernel"])
 
 
+def test_init_from_shapes_is_bitwise_the_init_on_zero_images():
+    """init_state computes the variables from shapes (Linen's lazy_init, no forward pass):
+    bit for bit what initialising on zero images and the features they give did (the
+    released runs were made that way), with the LwF head and meta-networks too."""
+    for method_terms in (dict(), dict(terms=("feature_matching", "distillation"))):
+        transfer = _tiny_transfer(**method_terms)
+        rng = jax.random.key(5)
+        model_rng, heads_rng, meta_rng, lwf_rng = jax.random.split(rng, 4)
+        images = jnp.zeros((1, 32, 32, 3), jnp.float32)
+        variables = transfer.target_model.init(model_rng, images, train=False)
+        _, features = transfer.target_model.apply(variables, images, train=False)
+        expected = {"model": variables["params"]}
+        if transfer.heads is not None:
+            expected["heads"] = transfer.heads.init(heads_rng, features)["params"]
+        if transfer.lwf_head is not None:
+            expected["lwf_head"] = transfer.lwf_head.init(lwf_rng, features)["params"]
+        state = bilevel.init_state(transfer, rng, (32, 32, 3))
+        chex.assert_trees_all_equal(state.target_params, expected)
+        chex.assert_trees_all_equal(state.batch_stats, variables["batch_stats"])
+        if transfer.meta_networks is not None:
+            pooled = tuple(jnp.zeros((1, t.channels)) for t in
+                           transfer.source_model.feature_taps())
+            chex.assert_trees_all_equal(
+                state.meta_params, transfer.meta_networks.init(meta_rng, pooled)["params"])
+
+
 def test_bad_pairs_and_sources_are_clear_errors():
     source = models.get_model("resnet32", 200)
     target = models.get_model("vgg9_bn", 100)

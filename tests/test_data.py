@@ -92,6 +92,68 @@ def test_augmentation_matches_the_reference_recipe():
     assert sorted(np.concatenate([first[i][1] for i in range(4)]).tolist()) == list(range(16))
 
 
+class _Recording(data.ArraySource):
+    """An ArraySource that records which examples were read (from any thread)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = []
+
+    def __getitem__(self, index):
+        self.read.append(int(index))
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_step_batches_are_the_epochs_batches_rows_read_ahead_in_threads(threads):
+    """The training loop's pipeline: step s is rows `rows` of batch s % spe of epoch
+    s // spe (train_batches), across epoch ends, from any start step; only those rows'
+    examples are read; threads and read-ahead change nothing."""
+    rng = np.random.default_rng(0)
+    source = _Recording(rng.integers(0, 256, (21, 32, 32, 3), dtype=np.uint8),
+                        rng.integers(0, 5, 21))
+    steps_per_epoch, batch, rows = 5, 4, slice(1, 3)          # 20 of 21 examples per epoch
+    steps = range(3, 13)                                      # resumed at 3, epochs 0-2
+    got = list(data.step_batches(source, steps, steps_per_epoch=steps_per_epoch,
+                                 batch_size=batch, rows=rows, image_size=32, seed=7,
+                                 threads=threads, prefetch_batches=2))
+    assert len(got) == len(steps)
+    reads = sorted(source.read)
+    expected_reads = []
+    for (images, labels), step in zip(got, steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        whole = data.train_batches(source, batch, 32, seed=7, epoch=epoch,
+                                   min_batches=steps_per_epoch)[index]
+        assert images.dtype == np.float32 and images.shape == (2, 32, 32, 3)
+        np.testing.assert_array_equal(images, whole[0][rows])
+        np.testing.assert_array_equal(labels, whole[1][rows])
+    # What step_batches read: the examples at its rows' positions, nothing else.
+    for step in steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        order = data.train_examples(source, 32, 7, epoch, min_examples=20)
+        for position in range(index * batch + rows.start, index * batch + rows.stop):
+            source.read = []
+            order[position]
+            expected_reads += source.read
+    assert reads == sorted(expected_reads)
+
+
+def test_eval_batches_pad_the_last_batch_and_split_rows():
+    rng = np.random.default_rng(1)
+    source = data.ArraySource(rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+                              np.arange(10))
+    singles = data.eval_examples(source, 32)
+    batches = list(data.eval_batches(source, 32, 4, rows=slice(2, 4), threads=2))
+    assert [real for _, _, real in batches] == [4, 4, 2]
+    for j, (images, labels, _) in enumerate(batches):
+        for r, position in enumerate(range(4 * j + 2, 4 * j + 4)):
+            if position < 10:
+                np.testing.assert_array_equal(images[r], singles[position][0])
+                assert labels[r] == position
+            else:                                   # padding: zero input, label -1
+                assert labels[r] == -1 and not images[r].any()
+
+
 def test_missing_tfds_data_says_how_to_prepare(tmp_path):
     with pytest.raises(data.DataError, match="tfds build cifar100 --file_format=array_record"):
         data.TfdsSource("cifar100", "train", str(tmp_path))

@@ -48,20 +48,22 @@ EXIT_BOUND_S = HEARTBEAT_S + 15
 FAULT_HOOK = """
 import os, signal
 from absl import app
-from l2t_jax import checkpoints, data, main, train
+from l2t_jax import checkpoints, data, main
 fault, step = os.environ.get("L2T_TEST_FAULT"), int(os.environ.get("L2T_TEST_FAULT_STEP", 0))
 if fault and os.environ.get("L2T_PROCESS_ID") == os.environ["L2T_TEST_FAULT_PROCESS"]:
-    _load, _save = train._load_rows, checkpoints.Checkpoints.save
-    def load(examples, index, batch_size, rows):
-        if fault == "raise" and index == step:
-            raise data.DataError(f"cannot decode image bad.png (rows {rows.start}-"
-                                 f"{rows.stop - 1} of batch {index})")
-        return _load(examples, index, batch_size, rows)
+    _batches, _save = data.step_batches, checkpoints.Checkpoints.save
+    def batches(source, steps, **kwargs):
+        for at, batch in zip(steps, _batches(source, steps, **kwargs)):
+            if fault == "raise" and at == step:
+                rows = kwargs["rows"]
+                raise data.DataError(f"cannot decode image bad.png (rows {rows.start}-"
+                                     f"{rows.stop - 1} of batch {at})")
+            yield batch
     def save(self, done, state, progress):
         if fault == "kill" and done == step:
             os.kill(os.getpid(), signal.SIGKILL)
         return _save(self, done, state, progress)
-    train._load_rows, checkpoints.Checkpoints.save = load, save
+    data.step_batches, checkpoints.Checkpoints.save = batches, save
 app.run(main.main, flags_parser=main.parse_flags)
 """
 

@@ -40,6 +40,11 @@ def get_config(variant=None):
     config.data.skip_corrupt = False       # image folders: skip undecodable files (logged)
     config.data.hflip = True               # random horizontal flips in training
     config.data.crop_padding = 4           # <= 64 px: zero-pad then random crop
+    # The input pipeline (l2t_jax/data.py, step_batches): threads reading and augmenting
+    # examples (-1: one per CPU core, at most 16; 0: one background thread does it all),
+    # and batches read ahead of the step. Neither changes a number.
+    config.data.read_threads = -1
+    config.data.prefetch_batches = 2
     # Limited data: keep this many examples of each class of the train split (drawn from
     # the seed); 0 keeps all.
     config.data.train_examples_per_class = 0
