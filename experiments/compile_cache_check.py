@@ -5,7 +5,7 @@ training program's compile path with the per-user compilation cache (l2t_jax.com
     python experiments/compile_cache_check.py CACHE_DIR    # twice: cold, then warm
 
 Prints {"compile_s": lower + compile seconds, "hits": cache hits, "seconds": compile time
-the hits saved (jax's estimate)}. BENCHMARKS.md, "Compilation cache"."""
+the hits saved (jax's estimate)}. BENCHMARKS.md, "Compiles"."""
 import json, sys, time
 import jax, jax.numpy as jnp
 from l2t_jax import bilevel, build, compile_cache, parallel, train
