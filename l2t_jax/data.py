@@ -652,12 +652,18 @@ def step_batches(source, steps: Sequence[int], *, steps_per_epoch: int, batch_si
                               min_examples=steps_per_epoch * batch_size)
 
     def example(k: int):
-        step = steps[k // local]
-        epoch, index = divmod(step, steps_per_epoch)
-        return epoch_examples(epoch)[index * batch_size + rows.start + k % local]
+        j, row = _batch_and_row(k, rows)
+        epoch, index = divmod(steps[j], steps_per_epoch)
+        return epoch_examples(epoch)[index * batch_size + row]
 
     return _batched(grain.MapDataset.range(len(steps) * local).map(example), local,
                     threads, prefetch_batches)
+
+
+def _batch_and_row(k: int, rows: slice) -> tuple[int, int]:
+    """Element k of a stream holding rows ``rows`` of each batch: (which batch, its row)."""
+    j, r = divmod(k, rows.stop - rows.start)
+    return j, rows.start + r
 
 
 def _batched(examples, batch_size: int, threads: int, prefetch_batches: int):
@@ -697,7 +703,8 @@ def eval_batches(source, image_size: int, batch_size: int, rows: slice | None = 
     size = (image_size, image_size, 3)
 
     def example(k: int):
-        position = (k // local) * batch_size + rows.start + k % local
+        j, row = _batch_and_row(k, rows)
+        position = j * batch_size + row
         if position < len(source):
             return eval_example(source[position], image_size)
         return np.zeros(size, np.uint8), np.int32(-1)

@@ -452,10 +452,16 @@ def _init_fn(config, transfer) -> Callable[[], bilevel.TrainState]:
                              jit=config.jit_init)
 
 
-def _step_arguments(config, transfer, mesh, source_variables, held_out_meta: bool) -> tuple:
+def _abstract_state(config, transfer, mesh) -> bilevel.TrainState:
+    """The state's shapes, dtypes and (replicated) sharding, no compute: the restore
+    target and the compile's first argument."""
+    return parallel.abstract_replicated(mesh, jax.eval_shape(_init_fn(config, transfer)))
+
+
+def _step_arguments(config, state, mesh, source_variables, held_out_meta: bool) -> tuple:
     """What the step program is called with, as ``jax.ShapeDtypeStruct`` s with their
-    shardings: (state, source variables, images, labels[, meta images, meta labels])."""
-    state = parallel.abstract_replicated(mesh, jax.eval_shape(_init_fn(config, transfer)))
+    shardings: (state, source variables, images, labels[, meta images, meta labels]);
+    ``state`` from :func:`_abstract_state`."""
     source = parallel.abstract_replicated(mesh, jax.eval_shape(lambda v: v, source_variables))
     size, sharding = config.data.image_size, parallel.batch_sharding(mesh)
     batch = (jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32,
@@ -464,14 +470,14 @@ def _step_arguments(config, transfer, mesh, source_variables, held_out_meta: boo
     return (state, source) + batch * (2 if held_out_meta else 1)
 
 
-def _initial_state(config, workdir: str, transfer, mesh, saved: checkpoints.Checkpoints):
-    """(state, progress): restored from the newest readable checkpoint, or fresh (and then
-    config.json is written)."""
+def _initial_state(config, workdir: str, transfer, mesh, saved: checkpoints.Checkpoints,
+                   abstract: bilevel.TrainState):
+    """(state, progress): restored from the newest readable checkpoint (into ``abstract``,
+    :func:`_abstract_state`), or fresh (and then config.json is written)."""
     init = _init_fn(config, transfer)
     progress = {"epoch": 0, "best_val": -1.0, "test_at_best": -1.0, "best_epoch": -1,
                 "wall_seconds": 0.0, "skipped_steps": 0}
     if saved.latest_step() is not None:             # (checked resumable by the caller)
-        abstract = parallel.abstract_replicated(mesh, jax.eval_shape(init))
         state, restored_progress = saved.restore_latest_readable(abstract)
         progress.update(restored_progress)
         logger.info("resumed from step %d", int(state.step))
@@ -578,15 +584,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     resuming_from = saved.latest_step()
     if resuming_from is not None:
         checkpoints.check_resumable(config, workdir)      # before anything compiles
+    abstract_state = _abstract_state(config, transfer, mesh)
     first_program = None                  # a finished run has nothing to compile
     if resuming_from is None or resuming_from < total_steps:
         compiling = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="l2t-compile")
         first_program = compiling.submit(
             compile_with_notice, what(True), programs[True],
-            *_step_arguments(config, transfer, mesh, source_variables, held_out),
+            *_step_arguments(config, abstract_state, mesh, source_variables, held_out),
             notify=main_process)
         compiling.shutdown(wait=False)
-    state, progress = _initial_state(config, workdir, transfer, mesh, saved)
+    state, progress = _initial_state(config, workdir, transfer, mesh, saved, abstract_state)
     source_variables = parallel.replicate(mesh, source_variables)
     eval_step = _eval_program(transfer, mesh)
     books = _Bookkeeping(config, workdir, saved, mesh, progress, int(state.step), total_steps,
