@@ -9,7 +9,10 @@ compiles into reads of a few seconds.
 Where: ``JAX_COMPILATION_CACHE_DIR`` when the user set it; else the directory given to
 :func:`enable` (``--compilation_cache`` on the command line); else ``DEFAULT`` under the
 package's cache (``~/.cache/l2t_jax/xla``, or ``$L2T_CACHE_DIR/xla``). ``off`` disables it.
-The directory is capped at :data:`MAX_BYTES`; jax deletes the least recently used entries.
+The directory is capped at :data:`MAX_BYTES`; jax deletes the least recently used entries
+(its size accounting needs the ``filelock`` package, a dependency of ours: without it jax
+fails every cache read and write, so the cap is then left unset, the cache stays unbounded
+and a warning says so).
 """
 from __future__ import annotations
 
@@ -56,13 +59,25 @@ def enable(directory: Optional[str] = None) -> Optional[str]:
     jax.config.update("jax_enable_compilation_cache", True)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    if _have_filelock():
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    else:
+        logger.warning("compilation cache: the filelock package is missing, so the cache "
+                       "is not capped at %d GiB (pip install filelock)", MAX_BYTES // 2 ** 30)
     if not _listening:
         jax.monitoring.register_event_listener(_on_event)
         jax.monitoring.register_event_duration_secs_listener(_on_duration)
         _listening = True
     logger.info("compilation cache: %s (--compilation_cache=off disables it)", directory)
     return directory
+
+
+def _have_filelock() -> bool:
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def configured() -> bool:
