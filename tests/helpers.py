@@ -10,6 +10,8 @@ import importlib.util
 import json
 import math
 import os
+import random
+import socket
 import subprocess
 import sys
 
@@ -241,3 +243,30 @@ def load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ------------------------------------------------------------------ coordinator ports
+_ports_given: set = set()
+
+
+def free_port() -> int:
+    """A port for a jax.distributed coordinator that no other test of this session gets.
+
+    Below Linux's ephemeral range (32768-60999), so the OS hands it to no other socket
+    between this call and the coordinator's bind; each xdist worker draws from its own
+    block of 2000 (two tests on two workers once drew the same ephemeral port, and four
+    processes joined one coordinator); a port is never given twice in one process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    low = 20000 + 2000 * (int(worker[2:] or 0) % 6)
+    rng = random.Random()
+    while True:
+        port = rng.randrange(low, low + 2000)
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port

@@ -23,7 +23,6 @@ tolerance of tests/test_parallel.py (another device count changes the summation 
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO_ROOT, final_params, tiny_config, write_config_file
+from helpers import REPO_ROOT, final_params, free_port, tiny_config, write_config_file
 from l2t_jax import train
 
 RTOL, ATOL = 1e-4, 1e-5            # tests/test_parallel.py's tolerance (reasons there)
@@ -68,12 +67,6 @@ app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _steps(workdir):
     return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
                   if n.isdigit())
@@ -105,7 +98,7 @@ def launched(tiny_assets, tmp_path_factory):
     _delete_after(root / "from-one", 3)
 
     def processes(name, count, devices, **env):
-        port = _free_port()
+        port = free_port()
         return [(name, p, devices, dict(
             env, L2T_COORDINATOR=f"127.0.0.1:{port}", L2T_NUM_PROCESSES=str(count),
             L2T_PROCESS_ID=str(p)) if count > 1 else dict(env, L2T_DISTRIBUTED="0"))
@@ -115,7 +108,7 @@ def launched(tiny_assets, tmp_path_factory):
             + processes("killed", 2, 2, L2T_TEST_FAULT="kill", L2T_TEST_FAULT_PROCESS="1",
                         L2T_TEST_FAULT_STEP="2")
             + processes("four", 1, 4) + processes("from-one", 2, 2)
-            + [("unreachable", 1, 1, {"L2T_COORDINATOR": f"127.0.0.1:{_free_port()}",
+            + [("unreachable", 1, 1, {"L2T_COORDINATOR": f"127.0.0.1:{free_port()}",
                                       "L2T_NUM_PROCESSES": "2", "L2T_PROCESS_ID": "1"})])
     started, running = time.time(), {}
     for name, p, devices, env in jobs:

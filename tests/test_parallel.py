@@ -15,7 +15,6 @@ tests compare their results:
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, free_port
 
 GLOBAL_BATCH, STEPS, IMAGE_SIZE, NUM_CLASSES = 8, 3, 32, 3
 TIMEOUT_S = 240           # for all the workers; a hang fails with the processes' output
@@ -132,12 +131,6 @@ def _worker(output_path, mode):
 
 
 # ---------------------------------------------------------------------- the tests
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(directory, jobs):
     """Runs the worker processes ``name -> (mode, devices, extra env)`` together; returns
     {name: why it failed, with its output} for those that failed (a hang is killed after
@@ -184,7 +177,7 @@ def runs(tmp_path_factory):
     """
     directory = tmp_path_factory.mktemp("parallel")
     single = (("L2T_DISTRIBUTED", "0"),)     # even under a launcher (SLURM) in CI
-    port = _free_port()
+    port = free_port()
     multi = lambda pid: (("L2T_COORDINATOR", f"127.0.0.1:{port}"), ("L2T_NUM_PROCESSES", "2"),
                          ("L2T_PROCESS_ID", str(pid)))
     started = time.time()
