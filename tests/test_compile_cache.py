@@ -25,8 +25,8 @@ def _run(argument, tmp_path, *flags):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=os.pathsep.join([REPO_ROOT, env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", PROGRAM, argument, *flags], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", PROGRAM, argument, *flags], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
