@@ -36,7 +36,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from l2t_jax import assets, bilevel, convert, convolution, matching, methods, models, parallel, train
+from l2t_jax import (assets, bilevel, convert, convolution, matching, methods, models,
+                     parallel, train)
 from l2t_jax import build as build_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -471,20 +471,20 @@ def _step_arguments(config, state, mesh, source_variables, held_out_meta: bool) 
 
 
 def _initial_state(config, workdir: str, transfer, mesh, saved: checkpoints.Checkpoints,
-                   abstract: bilevel.TrainState):
-    """(state, progress): restored from the newest readable checkpoint (into ``abstract``,
-    :func:`_abstract_state`), or fresh (and then config.json is written)."""
-    init = _init_fn(config, transfer)
+                   abstract: bilevel.TrainState, resuming: bool):
+    """(state, progress): when ``resuming`` (the workdir has checkpoints, checked resumable
+    by the caller), restored from the newest readable one into ``abstract``
+    (:func:`_abstract_state`); else fresh, and then config.json is written."""
     progress = {"epoch": 0, "best_val": -1.0, "test_at_best": -1.0, "best_epoch": -1,
                 "wall_seconds": 0.0, "skipped_steps": 0}
-    if saved.latest_step() is not None:             # (checked resumable by the caller)
+    if resuming:
         state, restored_progress = saved.restore_latest_readable(abstract)
         progress.update(restored_progress)
         logger.info("resumed from step %d", int(state.step))
         return state, progress
     if parallel.is_main_process():
         logger.info("initialising the training state (seed %d)...", config.seed)
-    state = parallel.replicate(mesh, init())   # the same seed in every process
+    state = parallel.replicate(mesh, _init_fn(config, transfer)())   # one seed everywhere
     if parallel.is_main_process():
         workdir_files.write_config(workdir, checkpoints.config_for_comparison(config))
     return state, progress
@@ -593,7 +593,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             *_step_arguments(config, abstract_state, mesh, source_variables, held_out),
             notify=main_process)
         compiling.shutdown(wait=False)
-    state, progress = _initial_state(config, workdir, transfer, mesh, saved, abstract_state)
+    state, progress = _initial_state(config, workdir, transfer, mesh, saved, abstract_state,
+                                     resuming=resuming_from is not None)
     source_variables = parallel.replicate(mesh, source_variables)
     eval_step = _eval_program(transfer, mesh)
     books = _Bookkeeping(config, workdir, saved, mesh, progress, int(state.step), total_steps,
