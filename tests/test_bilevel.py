@@ -9,17 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import TINY_CONV_IMPL, tiny_networks
 from l2t_jax import bilevel, matching, models
 
-TINY_SOURCE = dict(widths=(4, 6, 8))           # ResNet-20: taps 0..8
-TINY_TARGET = dict(widths=(4, 6, 8, 8, 8))     # VGG-9: taps 0..4
 TINY_PAIRS = matching.parse_pairs("2-0,2-1,5-1,5-2,8-3,8-4,8-2")
 
 
 def _tiny_transfer(**hyperparameters):
-    source = models.get_model("resnet20", 5, **TINY_SOURCE)
-    target = models.get_model("vgg9_bn", 3, **TINY_TARGET)
-    return bilevel.make_transfer(source, target, TINY_PAIRS, **hyperparameters)
+    return bilevel.make_transfer(*tiny_networks(), TINY_PAIRS, conv_impl=TINY_CONV_IMPL,
+                                 **hyperparameters)
 
 
 def _tiny_setup(seed=0, dtype=jnp.float32, batch=4, **hyperparameters):

@@ -9,18 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import final_params, tiny_config, write_npz_splits, write_tiny_source
-from l2t_jax import bilevel, build, losses, matching, methods, models, train
+from helpers import (TINY_CONV_IMPL, final_params, tiny_config, tiny_networks, write_npz_splits,
+                     write_tiny_source)
+from l2t_jax import bilevel, build, losses, matching, methods, train
 
-SOURCE = dict(widths=(4, 6, 8))          # ResNet-20: taps 0..8, candidates 2, 5, 8
-TARGET = dict(widths=(4, 6, 8, 8, 8))    # VGG-9: taps 0..4
 
 
 def _setup(method, scheme):
-    source = models.get_model("resnet20", 5, **SOURCE)
-    target = models.get_model("vgg9_bn", 3, **TARGET)
+    source, target = tiny_networks()
     pairs = matching.resolve_pairs(scheme, source, target)
-    transfer = build.method_transfer(method, source, target, pairs, inner_steps=1)
+    transfer = build.method_transfer(method, source, target, pairs, inner_steps=1,
+                                     conv_impl=TINY_CONV_IMPL)
     rng = jax.random.key(0)
     state = bilevel.init_state(transfer, rng, (32, 32, 3))
     source_variables = source.init(jax.random.fold_in(rng, 1), jnp.zeros((1, 32, 32, 3)),

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config, write_npz_splits, write_tiny_source
+from helpers import TINY_CONV_IMPL, tiny_config, tiny_networks, write_npz_splits, write_tiny_source
 from l2t_jax import bilevel, build, methods, models, terms, train
 
 
@@ -67,8 +67,7 @@ def test_only_phi_weighted_terms_enter_the_simulated_steps():
     """An extra term that phi does not weight is in the real step's loss, not in the
     simulated steps' objective: with a term constant in theta (so theta_1 is the same),
     L2T-ww with it has L2T-ww's simulated objective and meta loss, and a larger transfer."""
-    source = models.get_model("resnet20", 5, widths=(4, 6, 8))
-    target = models.get_model("vgg9_bn", 3, widths=(4, 6, 8, 8, 8))
+    source, target = tiny_networks()
     pairs = ((2, 0), (5, 1), (8, 4))
     rng = jax.random.key(0)
     source_variables = source.init(jax.random.fold_in(rng, 1), jnp.zeros((1, 32, 32, 3)),
@@ -77,7 +76,8 @@ def test_only_phi_weighted_terms_enter_the_simulated_steps():
     labels = jnp.arange(4) % 3
     outcomes = {}
     for method in ("l2t_ww", "test_l2t_plus"):
-        transfer = build.method_transfer(method, source, target, pairs, inner_steps=1)
+        transfer = build.method_transfer(method, source, target, pairs, inner_steps=1,
+                                         conv_impl=TINY_CONV_IMPL)
         state = bilevel.init_state(transfer, rng, (32, 32, 3))
 
         step = jax.jit(functools.partial(bilevel.train_step, transfer, lambda _: 0.1))

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import (RELEASE_DIR, REPO_ROOT, assert_same_leaves, final_params, load_config,
-                     main_command, tiny_config, write_config_file)
+from helpers import (RELEASE_DIR, REPO_ROOT, TINY_CONV_IMPL, assert_same_leaves, final_params,
+                     load_config, main_command, tiny_config, write_config_file)
 from l2t_jax import build, data, train
 
 
@@ -243,6 +243,7 @@ def test_every_experiment_config_runs_two_steps(name, tiny_assets, tmp_path):
     # One simulated step: each one adds a quarter to the compilation, and T's loop is the
     # family-independent part (test_bilevel, test_parity check it at T = 2).
     config.T = 1
+    config.conv_impl = TINY_CONV_IMPL   # as the tiny tests' (helpers.py: why)
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["steps"] == 2 and result["target"] == config.target_model
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
