@@ -150,6 +150,7 @@ def _base_config(config, data_dir: str, name: str):
     run.checkpoint_every_steps = 10_000        # runs are short: checkpoint at epoch ends
     run.source_model = config.source_model
     run.source_num_classes = len(SOURCE_CLASSES)
+    run.conv_impl = config.conv_impl
     run.model_overrides = ml_collections.ConfigDict({
         "source": {"widths": tuple(config.source_widths)},
         "target": {"widths": tuple(config.target_widths)}})

@@ -122,9 +122,9 @@ def _demo_like(config) -> ml_collections.ConfigDict:
     """The demo-config view of the study that :mod:`l2t_jax.demo`'s run builders read."""
     view = ml_collections.ConfigDict({
         key: config[key] for key in (
-            "image_size", "crop_padding", "target_model", "target_widths", "batch_size",
-            "epochs", "steps_per_epoch", "learning_rate", "meta_learning_rate", "T", "beta",
-            "split_seed", "source_epochs", "source_batch_size")})
+            "image_size", "crop_padding", "target_model", "target_widths", "conv_impl",
+            "batch_size", "epochs", "steps_per_epoch", "learning_rate", "meta_learning_rate",
+            "T", "beta", "split_seed", "source_epochs", "source_batch_size")})
     # The source the demo pre-trains (cell_config replaces it per cell).
     spec = config.source_specs["demo_resnet20"]
     view.source_model, view.source_widths = spec.model, tuple(spec.widths)

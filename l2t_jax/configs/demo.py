@@ -32,6 +32,7 @@ def get_config(variant=None):
     config.source_widths = tuple(source.widths)
     config.target_model = recipe.target_model
     config.target_widths = tuple(recipe.target_widths)
+    config.conv_impl = recipe.conv_impl
     config.source_batch_size = recipe.source_batch_size
     config.source_epochs = recipe.source_epochs
     # Target runs: the study's recipe (fixed steps, so every budget sees the same number of
@@ -50,6 +51,7 @@ def get_config(variant=None):
         config.epochs = 2
         config.steps_per_epoch = 3
         config.T = 1
+        config.conv_impl = "native"    # as study:smoke's (configs/study.py: why)
     elif variant == "quick":
         # A result that means something in a few minutes (the Colab notebook's default):
         # the full recipe and source, three methods, two seeds.
