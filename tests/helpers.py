@@ -98,13 +98,12 @@ def write_npz_splits(directory, sizes=(("train", 40), ("val", 12), ("test", 12))
                  labels=rng.integers(0, 3, n))
 
 
-def tiny_networks(target_classes=3):
+def tiny_networks():
     """tiny_config's networks, built directly (the tests of the step itself): (source
-    ResNet-20 at SOURCE_WIDTHS, 5 classes; target VGG-9-BN at TARGET_WIDTHS)."""
+    ResNet-20 at SOURCE_WIDTHS, 5 classes; target VGG-9-BN at TARGET_WIDTHS, 3 classes)."""
     from l2t_jax import models
     return (models.get_model("resnet20", 5, widths=SOURCE_WIDTHS, conv_impl=TINY_CONV_IMPL),
-            models.get_model("vgg9_bn", target_classes, widths=TARGET_WIDTHS,
-                             conv_impl=TINY_CONV_IMPL))
+            models.get_model("vgg9_bn", 3, widths=TARGET_WIDTHS, conv_impl=TINY_CONV_IMPL))
 
 
 def write_tiny_source(directory):

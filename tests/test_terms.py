@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY_CONV_IMPL, tiny_config, tiny_networks, write_npz_splits, write_tiny_source
+from helpers import (TINY_CONV_IMPL, tiny_config, tiny_networks, write_npz_splits,
+                     write_tiny_source)
 from l2t_jax import bilevel, build, methods, models, terms, train
 
 
