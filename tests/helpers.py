@@ -100,7 +100,8 @@ def write_npz_splits(directory, sizes=(("train", 40), ("val", 12), ("test", 12))
 
 def tiny_networks():
     """tiny_config's networks, built directly (the tests of the step itself): (source
-    ResNet-20 at SOURCE_WIDTHS, 5 classes; target VGG-9-BN at TARGET_WIDTHS, 3 classes)."""
+    ResNet-20 at SOURCE_WIDTHS, 5 classes; target VGG-9-BN at TARGET_WIDTHS, 3 classes).
+    The transfer needs no conv_impl of its own: its 1x1 matching heads are always dots."""
     from l2t_jax import models
     return (models.get_model("resnet20", 5, widths=SOURCE_WIDTHS, conv_impl=TINY_CONV_IMPL),
             models.get_model("vgg9_bn", 3, widths=TARGET_WIDTHS, conv_impl=TINY_CONV_IMPL))

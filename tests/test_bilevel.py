@@ -9,15 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY_CONV_IMPL, tiny_networks
+from helpers import tiny_networks
 from l2t_jax import bilevel, matching, models
 
 TINY_PAIRS = matching.parse_pairs("2-0,2-1,5-1,5-2,8-3,8-4,8-2")
 
 
 def _tiny_transfer(**hyperparameters):
-    return bilevel.make_transfer(*tiny_networks(), TINY_PAIRS, conv_impl=TINY_CONV_IMPL,
-                                 **hyperparameters)
+    return bilevel.make_transfer(*tiny_networks(), TINY_PAIRS, **hyperparameters)
 
 
 def _tiny_setup(seed=0, dtype=jnp.float32, batch=4, **hyperparameters):

@@ -9,17 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (TINY_CONV_IMPL, final_params, tiny_config, tiny_networks, write_npz_splits,
-                     write_tiny_source)
+from helpers import final_params, tiny_config, tiny_networks, write_npz_splits, write_tiny_source
 from l2t_jax import bilevel, build, losses, matching, methods, train
-
 
 
 def _setup(method, scheme):
     source, target = tiny_networks()
     pairs = matching.resolve_pairs(scheme, source, target)
-    transfer = build.method_transfer(method, source, target, pairs, inner_steps=1,
-                                     conv_impl=TINY_CONV_IMPL)
+    transfer = build.method_transfer(method, source, target, pairs, inner_steps=1)
     rng = jax.random.key(0)
     state = bilevel.init_state(transfer, rng, (32, 32, 3))
     source_variables = source.init(jax.random.fold_in(rng, 1), jnp.zeros((1, 32, 32, 3)),

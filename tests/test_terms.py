@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (TINY_CONV_IMPL, tiny_config, tiny_networks, write_npz_splits,
-                     write_tiny_source)
+from helpers import tiny_config, tiny_networks, write_npz_splits, write_tiny_source
 from l2t_jax import bilevel, build, methods, models, terms, train
 
 
@@ -77,8 +76,7 @@ def test_only_phi_weighted_terms_enter_the_simulated_steps():
     labels = jnp.arange(4) % 3
     outcomes = {}
     for method in ("l2t_ww", "test_l2t_plus"):
-        transfer = build.method_transfer(method, source, target, pairs, inner_steps=1,
-                                         conv_impl=TINY_CONV_IMPL)
+        transfer = build.method_transfer(method, source, target, pairs, inner_steps=1)
         state = bilevel.init_state(transfer, rng, (32, 32, 3))
 
         step = jax.jit(functools.partial(bilevel.train_step, transfer, lambda _: 0.1))

@@ -86,7 +86,7 @@ def get_config(variant=None):
         config.steps_per_epoch = 3
         config.T = 1
         # XLA's native convolutions compile in about 60% of the CPU default's time, and
-        # compiling is most of this variant's time (the default is the main grid's).
+        # compiling is most of this variant's time (the full study keeps "auto").
         config.conv_impl = "native"
         config.recipe_methods = ("scratch",)
         config.recipe_examples_per_class = (2,)
