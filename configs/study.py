@@ -1,4 +1,4 @@
-"""The offline study of the paper's claims (l2t_jax/study.py): real digits, no download.
+"""The offline study of the paper's claims (l2t_jax/tools/study.py): real digits, no download.
 
 The config itself ships with the package: l2t_jax/configs/study.py. This file is what
 `--config=configs/study.py` loads from a checkout; `--config=study` works from anywhere.

@@ -1,11 +1,11 @@
 """Runs the benchmarks of BENCHMARKS.md and writes their tables and plot.
 
     L2T_OFFICIAL_DIR=<authors' checkout> L2T_RELEASE_DIR=<release assets> \\
-    python experiments/bench_compare.py --official_bench ../shared/bench/official_l2t_step.py \\
+    python experiments/bench_compare.py --official_bench PATH/official_l2t_step.py \\
         --out runs/bench
 
 Every number comes from a separate process, run one after the other (never two at once):
-  1. side by side: the authors' loop and ``python -m l2t_jax.bench`` at each ``--T``
+  1. side by side: the authors' loop and ``python -m l2t_jax.tools.bench`` at each ``--T``
      (batch 64, the CIFAR-100 setting), then both scratch steps; ours with ``--peak``
      (large-matmul FLOP/s and the FLOP floor) and ``--phases``, the authors' phase split in
      a run of its own (it synchronises between phases, which slows the iteration);
@@ -14,7 +14,7 @@ Every number comes from a separate process, run one after the other (never two a
   3. compiles: the full-size T=2 step with an empty and then a warm compilation cache
      (``compile_cache_check.py``), and ``cifar100:tiny``'s seconds to its first step, cold
      and warm (``first_step_time.py``);
-  4. the input pipeline (``python -m l2t_jax.bench_pipeline``): images/s at 32 and 224 px
+  4. the input pipeline (``python -m l2t_jax.tools.bench_pipeline``): images/s at 32 and 224 px
      against read threads, and the 32-px training loop's waits for data;
   5. the curve: ours for each T in ``--curve_T`` and each remat policy (remat=none unrolls
      the simulated steps, as by default; remat runs them in a scan loop), ours with a scan
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
                 str(iters), "--warmup", "2"]
 
     def ours(iters, batch=64):
-        return [sys.executable, "-m", "l2t_jax.bench", "--batch", str(batch), "--iters",
+        return [sys.executable, "-m", "l2t_jax.tools.bench", "--batch", str(batch), "--iters",
                 str(iters), "--warmup", str(args.warmup), "--source_checkpoint",
                 args.source_checkpoint]
 
@@ -122,11 +122,11 @@ def main(argv=None) -> None:
     plan.append(("first step cifar100:tiny", [sys.executable, str(EXPERIMENTS /
                                                                   "first_step_time.py")]))
     # The input pipeline: images/s against read threads; the 32-px training loop's waits.
-    plan.append(("pipeline 32px", [sys.executable, "-m", "l2t_jax.bench_pipeline",
+    plan.append(("pipeline 32px", [sys.executable, "-m", "l2t_jax.tools.bench_pipeline",
                                    "--image_size", "32", "--train_steps", "30",
                                    "--images", "1984", "--threads",
                                    *map(str, args.pipeline_threads)]))
-    plan.append(("pipeline 224px", [sys.executable, "-m", "l2t_jax.bench_pipeline",
+    plan.append(("pipeline 224px", [sys.executable, "-m", "l2t_jax.tools.bench_pipeline",
                                     "--image_size", "224", "--batches", "4", "--threads",
                                     *map(str, args.pipeline_threads)]))
     for t in args.curve_T:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The accelerator benchmark (issue 20, item 6): every measurement in turn, each within a
+"""The accelerator benchmark: every measurement in turn, each within a
 time budget, into one JSON file and one markdown table.
 
     experiments/bench_device.sh OUT_DIR [--budget_s 450] [--item_budget_s 150] [--smoke]
@@ -9,7 +9,7 @@ Measurements (they run in the order ours_T2, precision_T2, scratch, imagenet_T2,
 authors_T2, ours_T1, ours_T5, ours_T{2,1,5}_remat_full, ours_T2_highest, authors_T1,
 authors_T5: the first ones matter most; what the budget does not reach is recorded as
 skipped, with the reason):
-  ours_T{1,2,5}, ours_T{1,2,5}_remat_full: ``python -m l2t_jax.bench`` (the jitted training step,
+  ours_T{1,2,5}, ours_T{1,2,5}_remat_full: ``python -m l2t_jax.tools.bench`` (the jitted training step,
       ``train.step_program``), the CIFAR-100 setting (ResNet-32 with 200 classes ->
       VGG-9-BN with 100 classes, the 15 pairs, batch 64, random 32x32 inputs), at T = 1,
       2, 5, without remat (unrolled, the default) and with ``--remat full``;
@@ -21,7 +21,7 @@ skipped, with the reason):
   scratch: a plain CE step of VGG-9-BN (no source, no matching);
   imagenet_T2: the 224-px step, ResNet-34 (1000 classes) -> ResNet-18 (200 classes), the
       16 ImageNet pairs, batch 64, T = 2;
-  authors_T2 (T1, T5): the authors' PyTorch loop (``../shared/bench/official_l2t_step.py``,
+  authors_T2 (T1, T5): the authors' PyTorch loop (a timing harness, ``--official_bench``,
       through ``experiments/official_step_cuda.py``) on the same GPU, where torch with CUDA,
       the harness and the authors' checkout (``L2T_OFFICIAL_DIR``) are found;
   ours_T2_highest: the step of ours_T2 with ``JAX_DEFAULT_MATMUL_PRECISION=highest`` (what
@@ -60,7 +60,8 @@ REPO = Path(SELF).parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from l2t_jax import paper, provenance  # noqa: E402  (neither imports jax)
+from l2t_jax.training import provenance
+from l2t_jax.transfer import pair_lists  # noqa: E402  (neither imports jax)
 
 # The meta-gradient's relative change (default vs highest) above which "highest" is the
 # recommended default precision.
@@ -78,11 +79,11 @@ CIFAR_SMOKE = ["--source", "l2t_jax.models:CifarResNet", "--source_overrides",
                *TINY_TARGET]
 SCRATCH_SMOKE = TINY_TARGET
 IMAGENET_FULL = ["--source", "resnet34", "--source_classes", "1000", "--target", "resnet18",
-                 "--num_classes", "200", "--pairs", paper.IMAGENET_PAIRS, "--image_size",
+                 "--num_classes", "200", "--pairs", pair_lists.IMAGENET_PAIRS, "--image_size",
                  "224"]
 IMAGENET_SMOKE = ["--source", "resnet34", "--source_classes", "10", "--source_widths",
                   "4,4,8,8", "--target", "resnet18", "--num_classes", "10",
-                  "--target_widths", "4,4,8,8", "--pairs", paper.IMAGENET_PAIRS,
+                  "--target_widths", "4,4,8,8", "--pairs", pair_lists.IMAGENET_PAIRS,
                   "--image_size", "32"]
 
 
@@ -304,7 +305,7 @@ def drive(args) -> dict:
             record["reason"] = (f"total budget spent: {max(remaining, 0):.0f} s of "
                                 f"{args.budget_s:.0f} s left")
         elif item["kind"] == "bench":
-            command = [sys.executable, "-m", "l2t_jax.bench", *item["argv"]]
+            command = [sys.executable, "-m", "l2t_jax.tools.bench", *item["argv"]]
         elif item["kind"] == "precision":
             command = [sys.executable, SELF, "--worker", "precision", "--repeats",
                        str(item["repeats"]), "--", *item["argv"]]
@@ -459,7 +460,9 @@ def worker_precision(bench_argv: list[str], repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from l2t_jax import bench, bilevel, convolution
+    from l2t_jax.models import convolution
+    from l2t_jax.tools import bench
+    from l2t_jax.transfer import bilevel
 
     bench_args = bench.parse_args(bench_argv)
     transfer, state, source_variables = bench.build(bench_args)
@@ -581,8 +584,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="bench.py --source_checkpoint for the CIFAR rows (e.g. "
                              "released:resnet32); default: random source weights")
     parser.add_argument("--official_bench", default="",
-                        help="path of official_l2t_step.py (default: ../shared/bench/ or "
-                             "shared/bench/ beside the repository)")
+                        help="path of a timing harness of the authors' loop, official_l2t_step.py "
+                             "(default: shared/bench/ beside the repository, if any)")
     parser.add_argument("--only", default="",
                         help="comma-separated measurement names to run (the others are "
                              "recorded as not selected)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator benchmark (issue 20, item 6), one command:
+# The accelerator benchmark, one command:
 #
 #   experiments/bench_device.sh OUT_DIR [--budget_s 450] [--item_budget_s 150] [--smoke] ...
 #

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Cold vs warm compile of the full-size CIFAR-100 L2T-ww step (T=2, batch 64) through the
-training program's compile path with the per-user compilation cache (l2t_jax.compile_cache).
+training program's compile path with the per-user compilation cache (l2t_jax.training.compile_cache).
 
     python experiments/compile_cache_check.py CACHE_DIR    # twice: cold, then warm
 
@@ -8,7 +8,8 @@ Prints {"compile_s": lower + compile seconds, "hits": cache hits, "seconds": com
 the hits saved (jax's estimate)}. BENCHMARKS.md, "Compiles"."""
 import json, sys, time
 import jax, jax.numpy as jnp
-from l2t_jax import bilevel, build, compile_cache, parallel, train
+from l2t_jax.training import build, compile_cache, parallel, train
+from l2t_jax.transfer import bilevel
 compile_cache.enable(sys.argv[1])
 config = build.default_config()
 config.batch_size = 64

@@ -4,12 +4,12 @@ without data of one's own (README, "Transfer to your own data"):
     python experiments/digits_folder.py --output digits_folder [--train_per_class 40]
 
 ROOT/{train,test}/<zero..nine>/<k>.png (and val/ with --val_per_class), grayscale, RGB and
-RGBA files of five sizes (l2t_jax.demo.write_digits_image_folder). Nothing is downloaded.
+RGBA files of five sizes (l2t_jax.tools.demo.write_digits_image_folder). Nothing is downloaded.
 """
 import argparse
 import json
 
-from l2t_jax import demo
+from l2t_jax.tools import demo
 
 
 def main(argv=None):

@@ -17,7 +17,9 @@ import time
 import jax
 import numpy as np
 
-from l2t_jax import bilevel, build, parallel, study, train
+from l2t_jax.tools import study
+from l2t_jax.training import build, parallel, train
+from l2t_jax.transfer import bilevel
 from l2t_jax.configs import study as study_config
 
 

@@ -8,8 +8,8 @@ image size (written to a temporary directory; the config's data set is not neede
 the compilation cache in ``--cache`` (default: a fresh temporary directory), twice: cold
 (an empty cache) and warm (the cache the first run wrote). Reports for each the seconds
 from the process's start to the log lines that matter (state initialised, step compiled,
-step 1 done) and prints one JSON line (issue 20, item 3: a ``:tiny`` config's first step
-within 30 s).
+step 1 done) and prints one JSON line (the goal: a ``:tiny`` config's first step within
+30 s).
 """
 from __future__ import annotations
 

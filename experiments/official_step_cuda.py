@@ -3,7 +3,7 @@
 CUDA device, for ``experiments/bench_device.py``.
 
     L2T_OFFICIAL_DIR=<authors' checkout> python experiments/official_step_cuda.py \\
-        --official_bench ../shared/bench/official_l2t_step.py [--device cuda] -- \\
+        --official_bench PATH/official_l2t_step.py [--device cuda] -- \\
         --batch 64 --T 2 --iters 10 --warmup 3
 
 The harness is imported as a module and its builders wrapped, not edited:

@@ -107,12 +107,13 @@ def write_assets(root: str, widths_source, n_train: int, n_eval: int):
     import jax
     import jax.numpy as jnp
 
-    from l2t_jax import convert, models
+    from l2t_jax import models
+    from l2t_jax.training import converted
     helpers.write_npz_splits(os.path.join(root, "data"),
                              sizes=(("train", n_train), ("val", n_eval), ("test", n_eval)))
     model = models.get_model("resnet20", 5, widths=widths_source)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    convert.save_converted(os.path.join(root, "source"), variables, {
+    converted.save_converted(os.path.join(root, "source"), variables, {
         "model": "resnet20", "num_classes": 5, "model_overrides": {"widths": widths_source}})
 
 

@@ -1,4 +1,4 @@
-"""Runs (or prints) the grid of one of the paper's tables; the logic is in l2t_jax.grid.
+"""Runs (or prints) the grid of one of the paper's tables; the logic is in l2t_jax.tools.tables.
 
     python experiments/run_table.py --table=main --root=runs --seeds=0,1,2
     python experiments/run_table.py --table=main --root=runs --seeds=0 --targets=cifar100,stl10 \
@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from l2t_jax import grid  # noqa: E402
+from l2t_jax.tools import tables  # noqa: E402
 
 
 def _list(text):
@@ -26,13 +26,13 @@ def _list(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=grid.TABLES, default="main")
+    parser.add_argument("--table", choices=tables.TABLES, default="main")
     parser.add_argument("--root", required=True, help="directory for the runs' workdirs")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--targets", default=None,
-                        help="main/limited: " + ",".join(grid.TARGET_CONFIGS)
+                        help="main/limited: " + ",".join(tables.TARGET_CONFIGS)
                         + " (or any shipped config, or a config file); multisource: "
-                        + ",".join(grid.MULTI_SOURCE_CONFIGS) + ". Default: the table's")
+                        + ",".join(tables.MULTI_SOURCE_CONFIGS) + ". Default: the table's")
     parser.add_argument("--methods", default=None,
                         help="rows by method (fm), method-scheme (fm-one_to_one) or label")
     parser.add_argument("--examples_per_class", default=None,
@@ -45,7 +45,7 @@ def main(argv=None):
     try:
         seeds = [int(s) for s in _list(args.seeds) or []]
         sizes = _list(args.examples_per_class)
-        runs = grid.table_runs(
+        runs = tables.table_runs(
             args.table, args.root, seeds, targets=_list(args.targets),
             methods=_list(args.methods),
             examples_per_class=None if sizes is None else [int(n) for n in sizes],
@@ -55,8 +55,8 @@ def main(argv=None):
     if not args.dry_run:
         print(f"{args.table} table: {len(runs)} runs under {args.root}", flush=True)
     try:
-        report = grid.run_grid(runs, dry_run=args.dry_run)
-    except grid.GridError as e:
+        report = tables.run_grid(runs, dry_run=args.dry_run)
+    except tables.GridError as e:
         sys.exit(f"error: {e}")
     if not args.dry_run:
         print(f"done: {len(report['ran'])} ran, {len(report['skipped'])} already finished")

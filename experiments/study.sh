@@ -3,7 +3,7 @@
 # (one core and one XLA thread each) over the cells, then the report. Hours on the 2-core
 # machine; finished runs are skipped, so it resumes.
 #
-#   L2T_RELEASE_DIR=../shared/assets/l2t-ww-release experiments/study.sh runs/study
+#   L2T_RELEASE_DIR=DIR experiments/study.sh runs/study    # DIR: the authors' released files
 #   cp runs/study/report/* docs/study/
 #
 # The committed report was made grid by grid in this order (each a call of `launch`):

@@ -1,7 +1,7 @@
 """Re-runs one cell of the offline study and compares it with the recorded run, bit for bit.
 
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-      L2T_RELEASE_DIR=../shared/assets/l2t-ww-release taskset -c 0 \
+      L2T_RELEASE_DIR=DIR taskset -c 0 \
       python experiments/study_rerun.py --workdir=runs/study \
       --cell=demo_resnet20/l2t_ww-all_to_all/epc5/learning_rate=0.02/seed0
 
@@ -16,8 +16,9 @@ import os
 import sys
 import tempfile
 
-from l2t_jax import compile_cache, logs, study, train
-from l2t_jax import workdir as workdir_files
+from l2t_jax.tools import study
+from l2t_jax.training import compile_cache, logs, train
+from l2t_jax.training import workdir as workdir_files
 from l2t_jax.configs import study as study_config
 
 

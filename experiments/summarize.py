@@ -1,5 +1,5 @@
-"""Summarizes finished runs as the paper's tables; the logic is in l2t_jax.summaries
-(and l2t_jax.plots for the figure).
+"""Summarizes finished runs as the paper's tables; the logic is in l2t_jax.tools.summaries
+(and l2t_jax.tools.plots for the figure).
 
     python experiments/summarize.py --root=runs                       # main table
     python experiments/summarize.py --root=runs --table=multisource --out=reports
@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from l2t_jax import grid, summaries  # noqa: E402
+from l2t_jax.tools import summaries, tables  # noqa: E402
 
 TITLES = {"main": "Main table: test accuracy (%)",
           "multisource": "Multi-source transfer to STL-10: test accuracy (%)",
@@ -27,7 +27,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="directory holding the runs")
-    parser.add_argument("--table", choices=grid.TABLES, default="main")
+    parser.add_argument("--table", choices=tables.TABLES, default="main")
     parser.add_argument("--out", default=None,
                         help="output directory (default: <root>/<table>, or --root)")
     args = parser.parse_args(argv)
@@ -48,7 +48,7 @@ def main(argv=None):
     written = [os.path.join(out, "table.md"),
                summaries.to_csv(rows, os.path.join(out, "table.csv"))]
     if args.table == "limited" and results:
-        from l2t_jax import plots   # matplotlib only when there is a figure to draw
+        from l2t_jax.tools import plots  # matplotlib only when there is a figure to draw
         written.append(plots.plot_limited_data(
             results, os.path.join(out, "limited_data.png")))
     print(f"{len(results)} runs from {search_root}; wrote {', '.join(written)}")

@@ -7,7 +7,7 @@ validation split, the same limited train subset), restores the target (``best/``
 target at the best val accuracy, or the newest checkpoint), predicts every image of the
 split with the evaluation transform of training, and writes into the workdir
 ``eval_<split>_<which>.json`` (top-1, per class: images, correct, accuracy; the confusion
-matrix, rows = true class) and ``confusion_<split>_<which>.png`` (:mod:`l2t_jax.plots`).
+matrix, rows = true class) and ``confusion_<split>_<which>.png`` (:mod:`l2t_jax.tools.plots`).
 It prints the same as a table. One process, the default device.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from l2t_jax import workdir as workdir_files
+from l2t_jax.training import workdir as workdir_files
 
 
 def run_config(workdir: str):
@@ -28,7 +28,7 @@ def run_config(workdir: str):
     has its default) as a ConfigDict."""
     import ml_collections
 
-    from l2t_jax import build
+    from l2t_jax.training import build
 
     def merge(base: dict, saved: Mapping) -> dict:
         for key, value in saved.items():
@@ -49,7 +49,7 @@ def class_names(config) -> list[str]:
 
 def logits_of(model, variables, images):
     """The network's logits (eval-mode BN); ``model`` a
-    :class:`~l2t_jax.taps.TappedNetwork`."""
+    :class:`~l2t_jax.models.taps.TappedNetwork`."""
     return model.module.apply(variables, images, train=False)
 
 
@@ -106,7 +106,8 @@ def evaluate_run(workdir: str, split: str = "test", which: str = "best",
     Raises:
       FileNotFoundError, ValueError (also data.DataError): naming the file, split or key.
     """
-    from l2t_jax import build, checkpoints, plots
+    from l2t_jax.tools import plots
+    from l2t_jax.training import build, checkpoints
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} is not a directory")
     config = run_config(workdir)
@@ -156,7 +157,7 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from l2t_jax import checkpoints, convert, logs
+    from l2t_jax.training import checkpoints, converted, logs
     parser = argparse.ArgumentParser(
         prog="python -m l2t_jax.evaluate",
         description="Top-1 and per-class accuracy and a confusion-matrix picture of a run's "
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logs.configure()
     try:
         report = evaluate_run(args.workdir, args.split, args.which, args.batch_size, args.out)
-    except (FileNotFoundError, ValueError, convert.TorchMissingError) as e:
+    except (FileNotFoundError, ValueError, converted.TorchMissingError) as e:
         sys.exit(f"error: {e}")
     print(format_report(report))
 

@@ -30,15 +30,17 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from l2t_jax import checkpoints, convert, data, models
-from l2t_jax import workdir as workdir_files
+from l2t_jax import data
+from l2t_jax.models import torch_layout
+from l2t_jax.training import checkpoints, converted
+from l2t_jax.training import workdir as workdir_files
 
 
 def _import_torch():
     try:
         import torch
     except ImportError as e:
-        raise convert.TorchMissingError(
+        raise converted.TorchMissingError(
             "exporting to PyTorch needs torch, which is not installed: pip install "
             "'l2t-jax[convert]' (on a GPU machine, first the CPU wheel: pip install torch "
             "--index-url https://download.pytorch.org/whl/cpu)") from e
@@ -50,7 +52,7 @@ def torch_state_dict(model, variables: Mapping[str, Any]) -> dict:
     trained) in the reference layout: :func:`l2t_jax.convert.torch_state_dict_from_flax`,
     plus ``num_batches_tracked`` for every BatchNorm."""
     torch = _import_torch()
-    arrays = convert.torch_state_dict_from_flax(model, variables)
+    arrays = torch_layout.torch_state_dict_from_flax(model, variables)
     state_dict = {key: torch.from_numpy(np.array(value, copy=True, order="C"))
                   for key, value in arrays.items()}
     for key in list(arrays):
@@ -58,27 +60,6 @@ def torch_state_dict(model, variables: Mapping[str, Any]) -> dict:
             state_dict[key[:-len("running_mean")] + "num_batches_tracked"] = torch.tensor(
                 0, dtype=torch.int64)
     return state_dict
-
-
-def layout(network) -> str:
-    """In words: whose module the exported keys fit."""
-    model = network.module
-    if isinstance(model, models.ImageNetResNet):
-        return (f"torchvision.models.resnet{model.depth} (torchvision's module and key "
-                "names)")
-    if isinstance(model, models.CifarResNet):
-        return (f"the authors' CIFAR ResNet-{model.depth} (alinlab/L2T-ww, "
-                "resnet_cifar.CResNet: conv1, bn1, block1, blocks2.N, block3, ...)")
-    if isinstance(model, models.VGG):
-        return ("the authors' VGG-9-BN (alinlab/L2T-ww, vgg_cifar.vgg9_bn: features.K, "
-                "classifier)")
-    from l2t_jax import zoo
-    if isinstance(model, zoo.WideResNet):
-        return (f"RepDistiller's WRN-{model.depth}-{model.widen_factor} (models/wrn.py: conv1, "
-                "block1.layer.N, bn1, fc)")
-    if isinstance(model, zoo.MobileNetV2):
-        return "torchvision.models.mobilenet_v2 (torchvision's module and key names)"
-    return f"{network.name}, keys as l2t_jax.convert reads them"
 
 
 def describe(config: Mapping[str, Any], model, which: str, step: Optional[int],
@@ -91,7 +72,7 @@ def describe(config: Mapping[str, Any], model, which: str, step: Optional[int],
     result = workdir_files.read_json(result_path) if os.path.isfile(result_path) else {}
     return {
         "model": model.name,
-        "layout": layout(model),
+        "layout": torch_layout.layout_description(model),
         "model_overrides": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in
                             dict(dict(config.get("model_overrides") or {}).get("target")
                                  or {}).items()},
@@ -117,7 +98,7 @@ def export(workdir: str, output: str, which: str = "best") -> tuple[str, str]:
 
     Raises:
       FileNotFoundError: no config.json, best/ or checkpoint in ``workdir``.
-      convert.TorchMissingError: torch is not installed.
+      converted.TorchMissingError: torch is not installed.
     """
     torch = _import_torch()
     if not os.path.isdir(workdir):
@@ -147,7 +128,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         paths = export(args.workdir, args.output, args.which)
-    except (FileNotFoundError, ValueError, convert.TorchMissingError) as e:
+    except (FileNotFoundError, ValueError, converted.TorchMissingError) as e:
         sys.exit(f"error: {e}")
     for path in paths:
         print(path)

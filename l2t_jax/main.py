@@ -6,19 +6,20 @@ variant after a colon selects a preset (``cifar100:tiny``); overrides follow as
 ``--config.T=5 --config.batch_size=64``. ``--log_libraries`` adds the libraries' INFO lines
 (orbax, absl, jax) to the program's own.
 
-All logic lives in :func:`l2t_jax.train.train_and_evaluate`, or for a config with
-``program = "demo"`` (configs/demo.py) in :func:`l2t_jax.demo.run_demo`, for
-``program = "study"`` (configs/study.py) in :func:`l2t_jax.study.run_study`.
+All logic lives in :func:`l2t_jax.training.train.train_and_evaluate`, or for a config with
+a ``program`` key in the experiment tool it names (:data:`PROGRAMS`: ``demo``,
+configs/demo.py; ``study``, configs/study.py), imported only then.
 
 Exit status: 0 when the run finished; 1 with a one-line message (no traceback) for config
 and data errors, a missing optional dependency, a diverged run, a checkpoint or a file of
 the run (metrics, results, pictures) that could not be written, and in a multi-process run
 a failed or unreachable process (named); 143 (as for a process ended by SIGTERM) when
 SIGTERM stopped the run after saving a checkpoint, so that schedulers and
-:mod:`l2t_jax.grid` treat it as unfinished: the same command resumes; 130 likewise after
+:mod:`l2t_jax.tools.runner` treat it as unfinished: the same command resumes; 130 likewise after
 Ctrl-C (SIGINT). Several processes (multi-host) start jax's distributed runtime first
-(:func:`l2t_jax.parallel.maybe_initialize_distributed`), with the config's timeouts.
+(:func:`l2t_jax.training.parallel.maybe_initialize_distributed`), with the config's timeouts.
 """
+import importlib
 import os
 import re
 import sys
@@ -29,9 +30,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from l2t_jax import (build, checkpoints, compile_cache, configs, convert, demo, logs, parallel,
-                     study, train)
-from l2t_jax import workdir as workdir_files
+from l2t_jax import configs
+from l2t_jax.training import build, checkpoints, compile_cache, converted, logs, parallel, train
+from l2t_jax.training import workdir as workdir_files
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
@@ -44,6 +45,22 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "jax's persistent compilation cache, shared by all runs: a "
     "directory, or 'off'; default ~/.cache/l2t_jax/xla (JAX_COMPILATION_CACHE_DIR wins).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Programs other than one training run, by the config's ``program`` key: experiment tools,
+# which sit above the library, so they are imported only when a config names them.
+PROGRAMS = {"demo": "l2t_jax.tools.demo:run_demo", "study": "l2t_jax.tools.study:run_study"}
+
+
+def program_of(config):
+    """The function that runs ``config``: ``train_and_evaluate`` for a training run, else
+    the tool of :data:`PROGRAMS` its ``program`` key names."""
+    name = config.get("program")
+    if not name:
+        return train.train_and_evaluate
+    if name not in PROGRAMS:
+        raise ValueError(f"config.program={name!r}; valid: {', '.join(PROGRAMS)}")
+    module, _, function = PROGRAMS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _resolve_config_arguments(argv: list[str]) -> list[str]:
@@ -101,10 +118,8 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     compile_cache.enable(_COMPILATION_CACHE.value)
-    program = {"demo": demo.run_demo, "study": study.run_study}.get(
-        config.get("program"), train.train_and_evaluate)
     try:
-        program(config, _WORKDIR.value)
+        program_of(config)(config, _WORKDIR.value)
     except train.Preempted as e:     # logged by train; the checkpoint is saved
         sys.exit(e.exit_code)
     except KeyboardInterrupt:        # Ctrl-C outside the training loop (start-up, the end)
@@ -114,7 +129,7 @@ def main(argv):
     # missing to read a .pth file: the message names the problem and the fix, a traceback
     # would not.
     except (train.DivergenceError, checkpoints.CheckpointError, workdir_files.RunFileError,
-            ValueError, FileNotFoundError, convert.TorchMissingError) as e:
+            ValueError, FileNotFoundError, converted.TorchMissingError) as e:
         _fail(_peer_failure(e, config) or f"error: {e}", e)
     except Exception as e:
         if jax.process_count() == 1:

@@ -22,7 +22,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Before any test module computes with jax: the package's XLA flags (xla_workarounds) only
 # take effect when set before the backend starts, and the subprocesses inherit them
 # (importing l2t_jax.models would set them too; this does not depend on the import order).
-from l2t_jax import xla_workarounds  # noqa: E402
+from l2t_jax.models import xla_workarounds  # noqa: E402
 
 xla_workarounds.apply()
 

@@ -111,17 +111,18 @@ def write_tiny_source(directory):
     import jax
     import jax.numpy as jnp
 
-    from l2t_jax import convert, models
+    from l2t_jax import models
+    from l2t_jax.training import converted
     model = models.get_model("resnet20", 5, widths=SOURCE_WIDTHS)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    convert.save_converted(directory, variables, {
+    converted.save_converted(directory, variables, {
         "model": "resnet20", "num_classes": 5, "model_overrides": {"widths": SOURCE_WIDTHS}})
 
 
 def tiny_config(data_dir, source_dir, **overrides):
     import ml_collections
 
-    from l2t_jax import build
+    from l2t_jax.training import build
     config = build.default_config()
     config.data.kind = "npz"
     config.data.name = "test-arrays"

@@ -1,4 +1,4 @@
-"""The benchmark tools: ``python -m l2t_jax.bench`` on tiny networks (its FLOP count grows
+"""The benchmark tools: ``python -m l2t_jax.tools.bench`` on tiny networks (its FLOP count grows
 with the simulated step: XLA counts what the loop unrolls) and the tables of
 ``experiments/bench_compare.py`` from given runs."""
 import importlib.util
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from l2t_jax import bench, xla_workarounds
+from l2t_jax.models import xla_workarounds
+from l2t_jax.tools import bench
 
 # A small graph (compile time dominates): ResNet-20 with 3 pairs, tiny widths.
 TINY = ["--source", "resnet20", "--source_widths", "4,4,8", "--pairs", "2-0,5-1,8-4",

@@ -70,7 +70,7 @@ def test_smoke_run_writes_every_measurement(tmp_path):
     assert scratch["step_s_median"] > 0 and scratch["compile_s"] > 0
     assert scratch["step_s_min"] <= scratch["step_s_median"] <= scratch["step_s_max"]
     assert scratch["peak_device_memory_gib"] is None          # the CPU has no memory_stats
-    assert scratch["result"]["mode"] == "scratch" and "python -m l2t_jax.bench" in (
+    assert scratch["result"]["mode"] == "scratch" and "python -m l2t_jax.tools.bench" in (
         scratch["command"])
 
     precision = report["measurements"]["precision_T2"]
@@ -105,7 +105,9 @@ def test_smoke_run_writes_every_measurement(tmp_path):
 def test_every_planned_command_parses_and_builds(smoke):
     # The GPU run cannot be tried here: each command's flags parse, and its networks and
     # pairs build (tracing only, nothing compiled), at the size the GPU run uses.
-    from l2t_jax import bench, bilevel, matching, models
+    from l2t_jax import models
+    from l2t_jax.tools import bench
+    from l2t_jax.transfer import bilevel, pairing
 
     driver = _driver()
     args = driver.parse_args(["--out", "unused"] + (["--smoke"] if smoke else []))
@@ -141,7 +143,7 @@ def test_every_planned_command_parses_and_builds(smoke):
                                       **bench._overrides(parsed.source_widths,
                                                          parsed.source_overrides))
             transfer = bilevel.make_transfer(source, target,
-                                             matching.parse_pairs(parsed.pairs))
+                                             pairing.parse_pairs(parsed.pairs))
             assert len(transfer.pairs) == len(parsed.pairs.split(","))
 
 

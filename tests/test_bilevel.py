@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from helpers import tiny_networks
-from l2t_jax import bilevel, matching, models
+from l2t_jax import models
+from l2t_jax.transfer import bilevel, pairing
 
-TINY_PAIRS = matching.parse_pairs("2-0,2-1,5-1,5-2,8-3,8-4,8-2")
+TINY_PAIRS = pairing.parse_pairs("2-0,2-1,5-1,5-2,8-3,8-4,8-2")
 
 
 def _tiny_transfer(**hyperparameters):
@@ -198,7 +199,7 @@ def test_bad_pairs_and_sources_are_clear_errors():
                                          r"taps 0\.\.4 \(channels \[64, 128, 256, 512, 512\]\)"):
         bilevel.make_transfer(source, target, [(4, 5)])
     with pytest.raises(ValueError, match="bad pair '4:0'"):
-        matching.parse_pairs("4:0")
+        pairing.parse_pairs("4:0")
     with pytest.raises(ValueError, match=r"config.T must be >= 0"):
         bilevel.make_transfer(source, target, [(4, 0)], inner_steps=-1)
     with pytest.raises(ValueError, match="unknown pair_weight_type 'sigmoid'.*relu6"):

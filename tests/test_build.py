@@ -1,11 +1,12 @@
-"""l2t_jax.build: config validation (errors naming the key), the learning-rate schedules,
+"""l2t_jax.training.build: config validation (errors naming the key), the learning-rate schedules,
 and a PyTorch file given as the source."""
 import ml_collections
 import numpy as np
 import pytest
 
 from helpers import tiny_config, write_npz_splits
-from l2t_jax import build, train
+from l2t_jax.training import build, train
+from l2t_jax.transfer import optim
 
 
 def test_config_errors_name_the_key(tiny_assets):
@@ -26,7 +27,7 @@ def test_config_errors_name_the_key(tiny_assets):
 
 
 # The paper's experiments and the authors' source pre-training: theta's rate is 0.1
-# (SPEC.md; the reference's train scripts), at each config's own batch size.
+# (docs/semantics.md; the reference's train scripts), at each config's own batch size.
 PAPER_CONFIGS = ("cifar100", "stl10", "cub200", "dogs", "mit67", "stanford40",
                  "pretrain_tinyimagenet", "pretrain_cifar10")
 
@@ -77,7 +78,7 @@ def test_the_image_folder_config_is_the_study_recipe_scaled_to_its_batch():
 
 
 def test_the_demo_keeps_its_rates():
-    from l2t_jax import demo
+    from l2t_jax.tools import demo
     from l2t_jax.configs import demo as demo_config
     config = demo_config.get_config()
     target = demo.target_config(config, "data", "source", "fm", "one_to_one", 5, 0)
@@ -88,7 +89,7 @@ def test_the_demo_keeps_its_rates():
 
 
 def test_step_schedule_is_multistep_lr():
-    rates = build.step_learning_rate(0.1, 8, 10, (0.5, 0.75), 0.1)
+    rates = optim.step_learning_rate(0.1, 8, 10, (0.5, 0.75), 0.1)
     values = [float(rates(epoch * 10)) for epoch in range(8)]
     np.testing.assert_allclose(values, [0.1] * 4 + [0.01] * 2 + [0.001] * 2, rtol=1e-6)
 

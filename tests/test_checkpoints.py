@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from l2t_jax import checkpoints, parallel
+from l2t_jax.training import checkpoints, parallel
 
 
 def _state(value):
@@ -38,7 +38,7 @@ def test_save_restore_and_fallback_past_an_unreadable_checkpoint(tmp_path):
 
 
 def test_another_config_is_refused_by_the_keys_that_differ(tmp_path):
-    from l2t_jax import workdir
+    from l2t_jax.training import workdir
     config = ml_collections.ConfigDict({"seed": 0, "epochs": 5, "beta": 0.5})
     with pytest.raises(ValueError, match="no config.json"):
         checkpoints.check_resumable(config, str(tmp_path))
@@ -54,7 +54,7 @@ def test_another_config_is_refused_by_the_keys_that_differ(tmp_path):
 def test_a_run_from_before_a_key_was_added_resumes_as_it_ran(tmp_path):
     """config.json without lr_reference_batch_size (added later): the run used its rate as
     given, i.e. 0; other added keys take any value (data.classes records what it used)."""
-    from l2t_jax import workdir
+    from l2t_jax.training import workdir
     old = {"seed": 0, "batch_size": 32, "data": {"name": "folder"}}
     workdir.write_config(str(tmp_path), old)
     config = ml_collections.ConfigDict({**old, "lr_reference_batch_size": 128, "data": {

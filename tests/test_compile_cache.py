@@ -1,4 +1,4 @@
-"""The per-user compilation cache (l2t_jax/compile_cache.py): a second process loads what
+"""The per-user compilation cache (l2t_jax/training/compile_cache.py): a second process loads what
 the first compiled, and says so; 'off' writes nothing."""
 import json
 import os

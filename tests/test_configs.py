@@ -6,7 +6,8 @@ import os
 import pytest
 
 from helpers import REPO_ROOT, load_config
-from l2t_jax import build, configs
+from l2t_jax import configs
+from l2t_jax.training import build
 
 CONFIGS = ("cifar100", "stl10", "cub200", "dogs", "mit67", "stanford40")
 

@@ -14,6 +14,8 @@ import torch_reference as ref
 from helpers import (RESNET32_SHA256, calibrate_bn_statistics, nchw, normalized_images,
                      randomize_bn_statistics)
 from l2t_jax import convert, models
+from l2t_jax.models import torch_layout
+from l2t_jax.training import converted
 
 TOLERANCE = 1e-4  # float32, max abs
 
@@ -33,20 +35,20 @@ def _compare_eval(torch_model, flax_model, variables, images, tolerance=TOLERANC
 
 
 def test_released_resnet32_through_the_command_line(released_resnet32_path, tmp_path):
-    assert convert.sha256_of(released_resnet32_path) == RESNET32_SHA256
+    assert converted.sha256_of(released_resnet32_path) == RESNET32_SHA256
     output = os.path.join(tmp_path, "resnet32")
     convert.main(["--model", "resnet32", "--checkpoint", released_resnet32_path,
                   "--output", output, "--source_dataset", "tinyimagenet"])
-    model, variables, metadata = convert.load_converted(output, expect_model="resnet32",
+    model, variables, metadata = converted.load_converted(output, expect_model="resnet32",
                                                         expect_num_classes=200)
     assert metadata["num_classes"] == 200 and metadata["recorded"]["best"] == 49.27
     assert metadata["sha256"] == RESNET32_SHA256
     _compare_eval(ref.load_released_resnet32(released_resnet32_path), model, variables,
                   normalized_images(8, 32))
     with pytest.raises(ValueError, match="has 200 classes, the config asks for 100"):
-        convert.load_converted(output, expect_num_classes=100)
+        converted.load_converted(output, expect_num_classes=100)
     with pytest.raises(ValueError, match="holds a resnet32"):
-        convert.load_converted(output, expect_model="resnet20")
+        converted.load_converted(output, expect_model="resnet20")
 
 
 @pytest.mark.parametrize("depth", [34])
@@ -57,10 +59,10 @@ def test_torchvision_layout_resnet(depth, tmp_path):
     calibrate_bn_statistics(torch_model, nchw(normalized_images(8, 64, seed=5)))
     path = os.path.join(tmp_path, f"resnet{depth}.pth")
     torch.save(torch_model.state_dict(), path)     # a bare state dict, like torchvision's
-    state_dict, info = convert.read_torch_checkpoint(path)
+    state_dict, info = converted.read_torch_checkpoint(path)
     assert info == {}
     model = models.get_model(f"resnet{depth}", 1000)
-    variables = convert.flax_variables_from_torch(model, state_dict)
+    variables = torch_layout.flax_variables_from_torch(model, state_dict)
     _compare_eval(torch_model, model, variables, normalized_images(2, 64, seed=1))
 
 
@@ -70,33 +72,33 @@ def test_vgg9_bn():
     randomize_bn_statistics(torch_model, seed=1)
     calibrate_bn_statistics(torch_model, nchw(normalized_images(8, 32, seed=5)))
     model = models.get_model("vgg9_bn", 100)
-    variables = convert.flax_variables_from_torch(model, torch_model.state_dict())
+    variables = torch_layout.flax_variables_from_torch(model, torch_model.state_dict())
     _compare_eval(torch_model, model, variables, normalized_images(4, 32, seed=2))
 
 
 def test_round_trip_and_strict_errors(released_resnet32_path):
-    state_dict, _ = convert.read_torch_checkpoint(released_resnet32_path)
+    state_dict, _ = converted.read_torch_checkpoint(released_resnet32_path)
     model = models.get_model("resnet32", 200)
-    variables = convert.flax_variables_from_torch(model, state_dict)
-    back = convert.torch_state_dict_from_flax(model, variables)
-    kept = {k for k in state_dict if not convert.IGNORED_TORCH_KEYS.search(k)}
+    variables = torch_layout.flax_variables_from_torch(model, state_dict)
+    back = torch_layout.torch_state_dict_from_flax(model, variables)
+    kept = {k for k in state_dict if not torch_layout.IGNORED_TORCH_KEYS.search(k)}
     assert set(back) == kept
     for key in kept:
         np.testing.assert_array_equal(back[key], state_dict[key].numpy())
 
     with pytest.raises(ValueError, match=r"200 classes.*num_classes=100"):
-        convert.flax_variables_from_torch(models.get_model("resnet32", 100), state_dict)
+        torch_layout.flax_variables_from_torch(models.get_model("resnet32", 100), state_dict)
     with pytest.raises(ValueError, match=r"(?s)looks like resnet32.*no place in resnet20"):
-        convert.flax_variables_from_torch(models.get_model("resnet20", 200), state_dict)
+        torch_layout.flax_variables_from_torch(models.get_model("resnet20", 200), state_dict)
     missing = {k: v for k, v in state_dict.items() if k != "blocks4.2.bn1.running_var"}
     with pytest.raises(ValueError, match=r"(?s)missing.*blocks4\.2\.bn1\.running_var"):
-        convert.flax_variables_from_torch(model, missing)
+        torch_layout.flax_variables_from_torch(model, missing)
     extra = dict(state_dict, **{"blocks9.0.conv1.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"(?s)no place in .*blocks9\.0\.conv1\.weight"):
-        convert.flax_variables_from_torch(model, extra)
+        torch_layout.flax_variables_from_torch(model, extra)
     misshaped = dict(state_dict, **{"block3.conv2.weight": torch.zeros(32, 32, 1, 1)})
     with pytest.raises(ValueError, match=r"'block3\.conv2\.weight' has shape \(32, 32, 1, 1\)"):
-        convert.flax_variables_from_torch(model, misshaped)
+        torch_layout.flax_variables_from_torch(model, misshaped)
 
 
 def test_a_pytorch_file_without_torch_names_the_extra(tmp_path, monkeypatch):
@@ -105,7 +107,7 @@ def test_a_pytorch_file_without_torch_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)      # `import torch` raises ImportError
     with pytest.raises(ImportError, match=r"model\.pth needs torch, which is not installed: "
                                           r"pip install 'l2t-jax\[convert\]'"):
-        convert.read_torch_checkpoint(str(checkpoint))
+        converted.read_torch_checkpoint(str(checkpoint))
 
 
 class _WritesAMarker:
@@ -127,15 +129,15 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     checkpoint = tmp_path / "hostile.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)},
                 "payload": _WritesAMarker(str(marker))}, checkpoint)
-    with pytest.raises(convert.UntrustedCheckpointError,
+    with pytest.raises(converted.UntrustedCheckpointError,
                        match=r"hostile\.pth holds more than tensors and numbers.*refused.*"
                              r"--allow_pickle"):
-        convert.read_torch_checkpoint(str(checkpoint))
+        converted.read_torch_checkpoint(str(checkpoint))
     assert not marker.exists()
     out = tmp_path / "converted"
     with pytest.raises(SystemExit, match=r"error: .*--allow_pickle"):
         convert.main(["--model", "resnet20", "--checkpoint", str(checkpoint),
                       "--output", str(out)])
     assert not marker.exists() and not out.exists()
-    convert.read_torch_checkpoint(str(checkpoint), allow_pickle=True)
+    converted.read_torch_checkpoint(str(checkpoint), allow_pickle=True)
     assert marker.exists()          # full unpickling ran the file's code

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from helpers import normalized_images
-from l2t_jax import convert, convolution, models
+from l2t_jax import models
+from l2t_jax.models import convolution, torch_layout
+from l2t_jax.training import converted
 
 
 def test_second_order_matmul_convolution_compiles_without_transposes():
@@ -31,12 +33,12 @@ def test_second_order_matmul_convolution_compiles_without_transposes():
 
 def test_matmul_convolution_equals_native(released_resnet32_path):
     """Both convolution implementations give the same numbers on the real networks."""
-    state_dict, _ = convert.read_torch_checkpoint(released_resnet32_path)
+    state_dict, _ = converted.read_torch_checkpoint(released_resnet32_path)
     images = jnp.asarray(normalized_images(4, 32, seed=4))
     for name, classes, weights in [("resnet32", 200, state_dict), ("vgg9_bn", 100, None)]:
         native = models.get_model(name, classes, conv_impl="native")
         matmul = models.get_model(name, classes, conv_impl="matmul")
-        variables = (convert.flax_variables_from_torch(native, weights) if weights
+        variables = (torch_layout.flax_variables_from_torch(native, weights) if weights
                      else native.init(jax.random.key(0), images, train=False))
         out_native = native.apply(variables, images, train=False)
         out_matmul = matmul.apply(variables, images, train=False)

@@ -14,7 +14,9 @@ import torch
 
 import torch_reference as ref
 from helpers import REPO_ROOT, load_config, nchw
-from l2t_jax import build, checkpoints, data, demo, evaluate, export, train
+from l2t_jax import data, evaluate, export
+from l2t_jax.tools import demo
+from l2t_jax.training import build, checkpoints, train
 
 CLASSES = ["one", "two", "zero"]
 

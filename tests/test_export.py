@@ -15,7 +15,8 @@ import torch
 
 import torch_reference as ref
 from helpers import nchw, normalized_images
-from l2t_jax import checkpoints, data, export, models
+from l2t_jax import data, export, models
+from l2t_jax.training import checkpoints
 
 TOLERANCE = 1e-4
 

@@ -1,4 +1,4 @@
-"""Faults injected for real into the training program (l2t_jax/train.py, issues 8 and 21;
+"""Faults injected for real into the training program (l2t_jax/training/train.py, issues 8 and 21;
 multi-process faults and resuming on other device counts: test_faults_distributed.py).
 
 Each test breaks something the way it breaks in practice and checks what the program does:
@@ -46,8 +46,10 @@ import pytest
 from helpers import (REPO_ROOT, SOURCE_WIDTHS, assert_same_leaves, final_params, main_command,
                      one_line_error, tiny_config, write_config_file, write_npz_splits,
                      write_tiny_source)
-from l2t_jax import bilevel, build, convert, data, main, models, parallel, train
-from l2t_jax import workdir as workdir_files
+from l2t_jax import data, main, models
+from l2t_jax.training import build, converted, parallel, train
+from l2t_jax.transfer import bilevel
+from l2t_jax.training import workdir as workdir_files
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +263,7 @@ def test_main_reports_each_fault_in_one_line(assets, tmp_path, monkeypatch):
                 (data.DataError("cannot decode image x.png"),
                  "error: cannot decode image x.png"),
                 (FileNotFoundError("no checkpoint at 'x'"), "error: no checkpoint at 'x'"),
-                (convert.TorchMissingError("reading x.pth needs torch"),
+                (converted.TorchMissingError("reading x.pth needs torch"),
                  "error: reading x.pth needs torch")]:
             def program(config, workdir, fault=fault):
                 raise fault
@@ -510,7 +512,7 @@ def test_unwritable_picture_names_the_path(tmp_path):
     """The pictures go through the same check (plots._save)."""
     from matplotlib.figure import Figure
 
-    from l2t_jax import plots
+    from l2t_jax.tools import plots
     (tmp_path / "pictures").mkdir()
     undo = _read_only(str(tmp_path / "pictures"))
     if undo is None:
@@ -784,7 +786,7 @@ def _scaled_source(directory, factor):
                  "batch_stats": variables["batch_stats"]}
     if os.path.exists(directory):
         shutil.rmtree(directory)
-    convert.save_converted(directory, variables, {
+    converted.save_converted(directory, variables, {
         "model": "resnet20", "num_classes": 5, "model_overrides": {"widths": SOURCE_WIDTHS}})
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO_ROOT, final_params, free_port, tiny_config, write_config_file
-from l2t_jax import train
+from l2t_jax.training import train
 
 RTOL, ATOL = 1e-4, 1e-5            # tests/test_parallel.py's tolerance (reasons there)
 HEARTBEAT_S = 5

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from helpers import load_config, one_line_error, run_main
-from l2t_jax import build, data, demo
+from l2t_jax import data
+from l2t_jax.tools import demo
+from l2t_jax.training import build
 
 CLASSES = ["one", "two", "zero"]            # digits 0, 1, 2 by folder name, sorted
 

@@ -2,7 +2,7 @@
 the grid progress line."""
 import logging
 
-from l2t_jax import logs
+from l2t_jax.training import logs
 
 
 def test_configure_keeps_the_package_at_info_and_libraries_at_warning():
@@ -10,7 +10,7 @@ def test_configure_keeps_the_package_at_info_and_libraries_at_warning():
     before = root.level
     try:
         logs.configure()
-        assert logging.getLogger("l2t_jax.train").getEffectiveLevel() == logging.INFO
+        assert logging.getLogger("l2t_jax.training.train").getEffectiveLevel() == logging.INFO
         assert logging.getLogger("absl").getEffectiveLevel() == logging.WARNING
         logs.configure(log_libraries=True)
         assert logging.getLogger("absl").getEffectiveLevel() == logging.INFO

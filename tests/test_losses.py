@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from l2t_jax import losses
+from l2t_jax.transfer import losses
 
 
 @pytest.mark.parametrize("in_size,out_size", [(32, 16), (32, 8), (8, 32), (8, 2), (16, 4),

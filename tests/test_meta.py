@@ -1,12 +1,12 @@
 """The meta-networks: uniform channel weights at initialisation (f starts at zero,
-SPEC.md), one lambda per example and pair, and a bad pair-weight type refused when the
+docs/semantics.md), one lambda per example and pair, and a bad pair-weight type refused when the
 module is built."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2t_jax import meta
+from l2t_jax.transfer import meta
 
 
 def test_initial_channel_weights_are_uniform():

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from helpers import final_params, tiny_config, tiny_networks, write_npz_splits, write_tiny_source
-from l2t_jax import bilevel, build, losses, matching, methods, train
+from l2t_jax.training import build, train
+from l2t_jax.transfer import bilevel, losses, methods, pairing
 
 
 def _setup(method, scheme):
     source, target = tiny_networks()
-    pairs = matching.resolve_pairs(scheme, source, target)
+    pairs = pairing.resolve_pairs(scheme, source, target)
     transfer = build.method_transfer(method, source, target, pairs, inner_steps=1)
     rng = jax.random.key(0)
     state = bilevel.init_state(transfer, rng, (32, 32, 3))

@@ -10,7 +10,8 @@ import torch
 
 import torch_reference as ref
 from helpers import nchw, normalized_images, randomize_bn_statistics
-from l2t_jax import convert, models
+from l2t_jax import models
+from l2t_jax.models import layers, torch_layout
 
 
 def test_train_mode_batchnorm_matches_torch():
@@ -19,13 +20,13 @@ def test_train_mode_batchnorm_matches_torch():
     torch_model = ref.VGG9BN(num_classes=10, widths=(8, 16, 16, 32, 32))
     randomize_bn_statistics(torch_model, seed=2)
     model = models.get_model("vgg9_bn", 10, widths=(8, 16, 16, 32, 32))
-    variables = convert.flax_variables_from_torch(model, torch_model.state_dict())
+    variables = torch_layout.flax_variables_from_torch(model, torch_model.state_dict())
     images = normalized_images(4, 32, seed=3)
     torch_logits, _ = torch_model.train()(torch.from_numpy(nchw(images)))
     (logits, _), updated = model.apply(variables, jnp.asarray(images), train=True,
                                        mutable=["batch_stats"])
     np.testing.assert_allclose(np.asarray(logits), torch_logits.detach().numpy(), atol=1e-4)
-    after = convert.torch_state_dict_from_flax(
+    after = torch_layout.torch_state_dict_from_flax(
         model, {"params": variables["params"], "batch_stats": updated["batch_stats"]})
     for key, value in torch_model.state_dict().items():
         if key.endswith(("running_mean", "running_var")):
@@ -62,9 +63,9 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_in_torch():
     nhwc = lambda a: np.transpose(a, (0, 2, 3, 1))
     with jax.enable_x64(True):
         def loss(x):  # a second-order path: the squared output, weighted
-            return jnp.sum(upstream * models.max_pool_2x2(x) ** 2)
+            return jnp.sum(upstream * layers.max_pool_2x2(x) ** 2)
         x64 = jnp.asarray(x)
-        out = models.max_pool_2x2(x64)
+        out = layers.max_pool_2x2(x64)
         grad = jax.grad(loss)(x64)
         hvp = jax.jvp(jax.grad(loss), (x64,), (jnp.ones_like(x64),))[1]
     tx = torch.from_numpy(nchw(x)).requires_grad_(True)

@@ -1,11 +1,12 @@
-"""l2t_jax.paper (no JAX): the paper's numbers and names as data, the row labels that name
-its rows (l2t_jax.methods.row_label), and the reference's default pair lists."""
+"""l2t_jax.tools.paper (no JAX): the paper's numbers and names as data, the row labels that name
+its rows (l2t_jax.transfer.methods.row_label), and the reference's default pair lists."""
 import os
 
 import pytest
 
 from helpers import REPO_ROOT
-from l2t_jax import methods, paper
+from l2t_jax.tools import paper
+from l2t_jax.transfer import methods, pair_lists
 
 
 @pytest.mark.parametrize("method, scheme, label", [
@@ -50,15 +51,20 @@ def test_second_source_labels():
 
 
 def test_pair_lists_are_defined_once():
-    """The reference's default pair lists are written in l2t_jax.paper only; matching.py and
-    the default config import them (read as text: importing matching would load JAX)."""
+    """The authors' default pair lists are written in l2t_jax.transfer.pair_lists only; the
+    default config imports them."""
     from l2t_jax.configs import default
-    assert default.CIFAR_PAIRS is paper.CIFAR_PAIRS
-    assert default.IMAGENET_PAIRS is paper.IMAGENET_PAIRS
-    assert len(paper.CIFAR_PAIRS.split(",")) == 15
-    assert len(paper.IMAGENET_PAIRS.split(",")) == 16
-    for name in ("l2t_jax/matching.py", "l2t_jax/configs/default.py"):
-        with open(os.path.join(REPO_ROOT, name)) as f:
-            text = f.read()
-        assert "from l2t_jax.paper import CIFAR_PAIRS, IMAGENET_PAIRS" in text, name
-        assert paper.CIFAR_PAIRS not in text and paper.IMAGENET_PAIRS not in text, name
+    assert default.CIFAR_PAIRS is pair_lists.CIFAR_PAIRS
+    assert default.IMAGENET_PAIRS is pair_lists.IMAGENET_PAIRS
+    assert len(pair_lists.CIFAR_PAIRS.split(",")) == 15
+    assert len(pair_lists.IMAGENET_PAIRS.split(",")) == 16
+    package = os.path.join(REPO_ROOT, "l2t_jax")
+    holders = []
+    for directory, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(directory, name)) as f:
+                    text = f.read()
+                if pair_lists.CIFAR_PAIRS in text or pair_lists.IMAGENET_PAIRS in text:
+                    holders.append(os.path.relpath(os.path.join(directory, name), REPO_ROOT))
+    assert holders == [os.path.join("l2t_jax", "transfer", "pair_lists.py")], holders

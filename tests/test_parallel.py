@@ -1,4 +1,4 @@
-"""Data parallelism and multi-host (l2t_jax/parallel.py) on fake CPU devices.
+"""Data parallelism and multi-host (l2t_jax/training/parallel.py) on fake CPU devices.
 
 The device count is fixed when jax starts, so each configuration runs in its own Python
 process: this file run as a script (``_worker``), with JAX_NUM_CPU_DEVICES (the jax option
@@ -63,7 +63,9 @@ def _worker(output_path, mode):
     import jax
     import jax.numpy as jnp
 
-    from l2t_jax import bilevel, matching, models, parallel
+    from l2t_jax import models
+    from l2t_jax.training import parallel
+    from l2t_jax.transfer import bilevel, pairing
 
     parallel.maybe_initialize_distributed()
     # Random init through XLA's RngBitGenerator: compiles in ~1/5 of threefry's time on CPU
@@ -74,7 +76,7 @@ def _worker(output_path, mode):
     source = models.get_model("resnet20", 5, widths=(4, 6, 8), conv_impl="native")
     target = models.get_model("vgg9_bn", NUM_CLASSES, widths=(8, 8, 16, 16, 16),
                               conv_impl="native")
-    transfer = bilevel.make_transfer(source, target, matching.parse_pairs("2-0,5-2,8-4"),
+    transfer = bilevel.make_transfer(source, target, pairing.parse_pairs("2-0,5-2,8-4"),
                                      inner_steps=1, conv_impl="native")
     rng = jax.random.key(0)
     # Host copies: every run starts from them (the step donates its state).
@@ -247,7 +249,7 @@ def test_sharded_step_traces_once(runs):
 def test_single_process_helpers(monkeypatch):
     """In the pytest process: no distributed start without a launcher, process 0 loads the
     whole batch, and a coordinator without a process count is a clear error."""
-    from l2t_jax import parallel
+    from l2t_jax.training import parallel
     for name in ("L2T_COORDINATOR", "L2T_NUM_PROCESSES", "L2T_PROCESS_ID", "L2T_DISTRIBUTED",
                  "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri"):
         monkeypatch.delenv(name, raising=False)

@@ -16,7 +16,9 @@ import torch
 
 import torch_reference as ref
 from helpers import nchw, normalized_images
-from l2t_jax import bilevel, convert, matching, models
+from l2t_jax import models
+from l2t_jax.models import torch_layout
+from l2t_jax.transfer import bilevel, pair_lists, pairing
 
 BATCH = 4
 
@@ -58,7 +60,7 @@ def _meta_from_flax(params):
 
 
 def _theta_from_flax(target_model, theta):
-    out = {"model." + k: v for k, v in convert.torch_state_dict_from_flax(
+    out = {"model." + k: v for k, v in torch_layout.torch_state_dict_from_flax(
         target_model, {"params": theta["model"]}).items()}
     for name, head in theta["heads"].items():
         index = name.split("_")[1]
@@ -79,7 +81,7 @@ def _bn_feeding_biases(torch_model):
 
 def _run_both(released_resnet32_path, pair_weight_type="relu6", inner_steps=2,
               conv_impl="auto"):
-    pairs = matching.parse_pairs(matching.CIFAR_PAIRS)
+    pairs = pairing.parse_pairs(pair_lists.CIFAR_PAIRS)
     torch.manual_seed(0)
     source_torch = ref.load_released_resnet32(released_resnet32_path).double().eval()
     target_torch = ref.VGG9BN(num_classes=100).double().train()
@@ -110,8 +112,8 @@ def _run_both(released_resnet32_path, pair_weight_type="relu6", inner_steps=2,
         target = models.get_model("vgg9_bn", 100, conv_impl=conv_impl)
         transfer = bilevel.make_transfer(source, target, pairs, inner_steps=inner_steps,
                                          pair_weight_type=pair_weight_type, conv_impl=conv_impl)
-        source_variables = convert.flax_variables_from_torch(source, source_torch.state_dict())
-        target_variables = convert.flax_variables_from_torch(target, target_torch.state_dict())
+        source_variables = torch_layout.flax_variables_from_torch(source, source_torch.state_dict())
+        target_variables = torch_layout.flax_variables_from_torch(target, target_torch.state_dict())
         meta_params = jax.tree.map(jnp.asarray, _meta_to_flax(what_nets, where_nets))
         target_params = {"model": target_variables["params"],
                          "heads": _heads_to_flax(dict(heads.named_parameters()), len(pairs))}
@@ -119,7 +121,7 @@ def _run_both(released_resnet32_path, pair_weight_type="relu6", inner_steps=2,
                           if k.startswith("model.")}
         running_stats = {k: v for k, v in target_torch.state_dict().items() if "running" in k}
         momentum_tree = {
-            "model": convert.flax_variables_from_torch(
+            "model": torch_layout.flax_variables_from_torch(
                 target, model_momentum | running_stats)["params"],
             "heads": _heads_to_flax({k[len("heads."):]: v for k, v in momentum_buffers.items()
                                      if k.startswith("heads.")}, len(pairs)),
@@ -149,7 +151,7 @@ def _run_both(released_resnet32_path, pair_weight_type="relu6", inner_steps=2,
         got = {
             "theta": _theta_from_flax(target, new_state.target_params),
             "momentum": _theta_from_flax(target, new_state.momentum),
-            "bn_stats": convert.torch_state_dict_from_flax(
+            "bn_stats": torch_layout.torch_state_dict_from_flax(
                 target, {"batch_stats": new_state.batch_stats}),
             "meta_grads": _meta_from_flax(meta_grads),
             "meta_params": _meta_from_flax(new_state.meta_params),

@@ -1,4 +1,4 @@
-"""l2t_jax.plots on fake workdirs (no JAX): the files exist, are PNGs of some size, the
+"""l2t_jax.tools.plots on fake workdirs (no JAX): the files exist, are PNGs of some size, the
 heat map puts each pair's weight in its (source tap, target tap) cell, and the limited-data
 figure draws a grid's runs."""
 import json
@@ -10,7 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from helpers import write_limited_runs
-from l2t_jax import plots, summaries
+from l2t_jax.tools import plots, summaries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The CIFAR setting: ResNet-32's 15 taps -> VGG-9-BN's 5, all-to-all over taps 4, 9, 14.

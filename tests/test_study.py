@@ -1,4 +1,4 @@
-"""The offline demo and the offline study (l2t_jax/demo.py, l2t_jax/study.py): the demo's
+"""The offline demo and the offline study (l2t_jax/tools/demo.py, l2t_jax/tools/study.py): the demo's
 data design, its Colab notebook executed headless at the smallest setting (the whole demo
 pipeline: source pre-training, the grid of target runs, the table and the pictures), and the
 study's grids, statistics and report.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO_ROOT
-from l2t_jax import demo, study
+from l2t_jax.tools import demo, study
 from l2t_jax.configs import study as study_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

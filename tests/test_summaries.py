@@ -1,4 +1,4 @@
-"""l2t_jax.summaries on fake workdirs (no JAX): collecting and summarizing results against
+"""l2t_jax.tools.summaries on fake workdirs (no JAX): collecting and summarizing results against
 the paper, Markdown/CSV output, and the summarize script. The fake workdirs
 (helpers.write_run) serve test_grid.py and test_plots.py too."""
 import math
@@ -7,7 +7,7 @@ import os
 import pytest
 
 from helpers import load_script, write_limited_runs, write_run
-from l2t_jax import summaries
+from l2t_jax.tools import summaries
 
 DATASETS = {"cifar100": "cifar100", "stl10": "stl10", "cub200": "caltech_birds2011",
             "digits": "digits"}

@@ -1,4 +1,4 @@
-"""Feature taps by name (l2t_jax/taps.py): a Flax model defined only here, with its taps
+"""Feature taps by name (l2t_jax/models/taps.py): a Flax model defined only here, with its taps
 named in the config, is a target and then a source of the training program."""
 import json
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config, write_npz_splits
-from l2t_jax import build, models, taps, train
+from l2t_jax import models
+from l2t_jax.models import taps
+from l2t_jax.training import build, train
 
 
 class Stage(nn.Module):
@@ -86,7 +88,7 @@ class NoBatchNormNet(nn.Module):
 
 def test_a_network_without_batch_norm_traces_through_the_step():
     """Traced, not compiled (jax.eval_shape): the step reads no batch_stats it lacks."""
-    from l2t_jax import bilevel
+    from l2t_jax.transfer import bilevel
     source = models.get_model("resnet20", 5, widths=(4, 6, 8))
     target = models.get_model(f"{__name__}:NoBatchNormNet", 3, taps="conv")
     transfer = bilevel.make_transfer(source, target, ((2, 0), (8, 0)), inner_steps=1)
@@ -102,9 +104,9 @@ def test_a_network_without_batch_norm_traces_through_the_step():
 def test_tap_errors_name_what_can_be_tapped():
     untapped = models.get_model(PLAIN_NET, 3)     # enough for scratch or pre-training
     assert untapped.taps == () and untapped.feature_taps() == ()
-    from l2t_jax import matching
+    from l2t_jax.transfer import pairing
     with pytest.raises(ValueError, match=r"declares no taps .*config.target_taps="):
-        matching.resolve_pairs("one_to_one", models.get_model("resnet20", 5), untapped)
+        pairing.resolve_pairs("one_to_one", models.get_model("resnet20", 5), untapped)
     with pytest.raises(ValueError, match=r"'stage9' is neither a submodule nor a sown value"
                                          r".*before_pool, stage1, stage2, and 4 nested paths such as stage1/bn"):
         models.get_model(PLAIN_NET, 3, taps="stage1,stage9").feature_taps()
@@ -117,15 +119,15 @@ def test_tap_errors_name_what_can_be_tapped():
 
 def test_schemes_work_over_named_taps():
     """Strides from eval_shape: one_to_one pairs the taps of equal stride."""
-    from l2t_jax import matching
+    from l2t_jax.transfer import pairing
     source = models.get_model(PLAIN_NET, 5, taps="stage1,stage2/conv,before_pool",
                               candidates="stage1,before_pool", probe_size=32)
     target = models.get_model(PLAIN_NET, 3, widths=(6, 6, 6), taps="stage1,stage2,stage3",
                               probe_size=32)
     assert [t.stride for t in target.feature_taps()] == [1, 2, 4]
-    assert matching.resolve_pairs("one_to_one", source, target) == ((0, 0), (2, 1))
-    assert matching.resolve_pairs("single", source, target) == ((2, 2),)
-    assert len(matching.resolve_pairs("all_to_all", source, target)) == 2 * 3
+    assert pairing.resolve_pairs("one_to_one", source, target) == ((0, 0), (2, 1))
+    assert pairing.resolve_pairs("single", source, target) == ((2, 2),)
+    assert len(pairing.resolve_pairs("all_to_all", source, target)) == 2 * 3
 
 
 def test_paper_indices_map_to_the_declared_tap_names():
@@ -133,10 +135,10 @@ def test_paper_indices_map_to_the_declared_tap_names():
     assert resnet32.taps[4] == "blocks2_3" and resnet32.candidate_taps() == (4, 9, 14)
     assert models.get_model("resnet18", 10).taps == ("stem", "layer1", "layer2", "layer3",
                                                      "layer4")
-    from l2t_jax import matching
+    from l2t_jax.transfer import pairing
     vgg = models.get_model("vgg9_bn", 10)
-    assert (matching.resolve_pairs("blocks2_3-stage0,14-stage4", resnet32, vgg)
-            == matching.resolve_pairs("4-0,14-4", resnet32, vgg))
+    assert (pairing.resolve_pairs("blocks2_3-stage0,14-stage4", resnet32, vgg)
+            == pairing.resolve_pairs("4-0,14-4", resnet32, vgg))
 
 
 def test_a_test_only_model_trains_as_target_then_as_source(tmp_path):

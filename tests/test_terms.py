@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config, tiny_networks, write_npz_splits, write_tiny_source
-from l2t_jax import bilevel, build, methods, models, terms, train
+from l2t_jax import models
+from l2t_jax.training import build, train
+from l2t_jax.transfer import bilevel, methods, terms
 
 
 def _logit_penalty(inputs, transfer):

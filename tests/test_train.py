@@ -15,7 +15,8 @@ import pytest
 
 from helpers import (RELEASE_DIR, REPO_ROOT, TINY_CONV_IMPL, assert_same_leaves, final_params,
                      load_config, main_command, tiny_config, write_config_file)
-from l2t_jax import build, data, train
+from l2t_jax import data
+from l2t_jax.training import build, train
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,7 @@ def test_broken_image_stops_training_with_its_name(tiny_assets, tmp_path, monkey
     the batch is read: before any compiled code runs. (One step of the 4 images per epoch:
     the first batch holds the broken file.)"""
     from PIL import Image
-    from l2t_jax import parallel
+    from l2t_jax.training import parallel
     rng = np.random.default_rng(1)
     for split in ("train", "test"):
         for name in ("a", "b", "c"):
@@ -290,7 +291,7 @@ def test_phi_every_kth_step_takes_two_programs_compiled_once(straight_run, tiny_
     config, straight_workdir, _, _ = straight_run
     config = tiny_config(tiny_assets / "data", tiny_assets / "source", keep_checkpoints=6,
                          meta_update_every=2)
-    with caplog.at_level("INFO", logger="l2t_jax.train"):
+    with caplog.at_level("INFO", logger="l2t_jax.training.train"):
         train.train_and_evaluate(config, str(tmp_path))
     compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
         "compiling the training step")]
@@ -321,7 +322,7 @@ def test_held_out_meta_loss_trains_on_the_rest_and_scores_its_own_split(tiny_ass
     meta, rest = set(splits["meta"].indices), set(splits["train"].indices)
     assert not meta & rest and meta | rest == set(range(len(plain["train"])))
     assert np.bincount(data.source_labels(splits["meta"])).tolist() == [2, 2, 2]
-    with caplog.at_level("INFO", logger="l2t_jax.train"):
+    with caplog.at_level("INFO", logger="l2t_jax.training.train"):
         result = train.train_and_evaluate(config, str(tmp_path))
     assert result["train_examples"] == len(plain["train"]) - 6
     assert any("meta 6" in r.getMessage() for r in caplog.records)

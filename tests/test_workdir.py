@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from l2t_jax import workdir
+from l2t_jax.training import workdir
 
 
 def test_metric_log_round_trip_and_run_record(tmp_path):

@@ -1,11 +1,11 @@
-"""l2t_jax.xla_workarounds: the package's XLA flag (no YNNPACK reduce fusions on XLA:CPU)
+"""l2t_jax.models.xla_workarounds: the package's XLA flag (no YNNPACK reduce fusions on XLA:CPU)
 is set by importing the networks or the training program, a user's own setting of it is
 kept, and the modules without JAX do not load it."""
 import os
 import subprocess
 import sys
 
-from l2t_jax import xla_workarounds
+from l2t_jax.models import xla_workarounds
 
 YNN_PROBE = """
 import os, sys
@@ -43,8 +43,9 @@ def test_a_user_choice_of_the_flag_is_kept(monkeypatch):
 
 JAX_FREE_PROBE = """
 import sys
-import l2t_jax, l2t_jax.configs, l2t_jax.configs.cifar100, l2t_jax.grid, l2t_jax.logs
-import l2t_jax.methods, l2t_jax.paper, l2t_jax.summaries, l2t_jax.workdir
+import l2t_jax, l2t_jax.configs, l2t_jax.configs.cifar100, l2t_jax.tools.tables
+import l2t_jax.training.logs, l2t_jax.transfer.methods, l2t_jax.transfer.pair_lists
+import l2t_jax.tools.paper, l2t_jax.tools.summaries, l2t_jax.training.workdir
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax")))
 """
 
@@ -57,6 +58,6 @@ def test_modules_without_jax_do_not_load_it_and_training_sets_the_flag():
                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
     assert out == "[]", out
     flags = subprocess.run(
-        [sys.executable, "-c", "import os, l2t_jax.train; print(os.environ['XLA_FLAGS'])"],
+        [sys.executable, "-c", "import os, l2t_jax.training.train; print(os.environ['XLA_FLAGS'])"],
         env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     assert xla_workarounds.YNN_FUSION_SETTING in flags.split()

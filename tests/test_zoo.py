@@ -15,6 +15,8 @@ import torch
 import torch_reference as ref
 from helpers import calibrate_bn_statistics, nchw, normalized_images, randomize_bn_statistics
 from l2t_jax import convert, models
+from l2t_jax.models import torch_layout
+from l2t_jax.training import converted
 
 TOLERANCE = 1e-4  # float32, max abs
 
@@ -46,7 +48,7 @@ def _tiny_pair(name, seed):
     calibrate_bn_statistics(torch_model, nchw(normalized_images(8, size, seed=seed + 10)),
                             extra_variance=0.1)
     model = models.get_model(f"{name}:tiny", 7, probe_size=size, conv_impl=conv_impl)
-    variables = convert.flax_variables_from_torch(model, torch_model.state_dict())
+    variables = torch_layout.flax_variables_from_torch(model, torch_model.state_dict())
     return torch_model, model, variables, size
 
 
@@ -97,9 +99,9 @@ def test_tiny_mobilenet_v2_train_mode_forward_matches_torch():
             _max_abs(nchw(ours), theirs) for ours, theirs in zip(taps, torch_taps)]
         print(f"mobilenet_v2:tiny train float64 max abs: {max(errors):.1e}")
         assert max(errors) <= 1e-8, errors
-        after = convert.torch_state_dict_from_flax(
+        after = torch_layout.torch_state_dict_from_flax(
             model, {"params": variables64["params"], "batch_stats": updates["batch_stats"]})
-    before = convert.torch_state_dict_from_flax(model, variables)
+    before = torch_layout.torch_state_dict_from_flax(model, variables)
     stats = [k for k in torch_model.state_dict() if k.endswith(("running_mean", "running_var"))]
     assert len(stats) == 2 * 52 and all(k in after for k in stats)
     assert max(_max_abs(after[k], before[k]) for k in stats) > 1e-2   # they were updated
@@ -115,12 +117,12 @@ TORCHVISION_SIZES = {"resnet50": (320, 25_557_032), "resnet101": (626, 44_549_16
 
 
 def _round_trips(model, state_dict, variables):
-    back = convert.torch_state_dict_from_flax(model, variables)
-    kept = {k for k in state_dict if not convert.IGNORED_TORCH_KEYS.search(k)}
+    back = torch_layout.torch_state_dict_from_flax(model, variables)
+    kept = {k for k in state_dict if not torch_layout.IGNORED_TORCH_KEYS.search(k)}
     assert set(back) == kept
     for key in kept:
         np.testing.assert_array_equal(back[key], state_dict[key].numpy(), err_msg=key)
-    assert convert.flax_variables_from_torch(model, back).keys() == variables.keys()
+    assert torch_layout.flax_variables_from_torch(model, back).keys() == variables.keys()
 
 
 def test_full_size_resnet50_through_the_command_line_and_resnet101_keys(tmp_path):
@@ -136,7 +138,7 @@ def test_full_size_resnet50_through_the_command_line_and_resnet101_keys(tmp_path
     torch.save(resnet50.state_dict(), path)
     output = os.path.join(tmp_path, "converted")
     convert.main(["--model", "resnet50", "--checkpoint", path, "--output", output])
-    model, variables, metadata = convert.load_converted(output, expect_model="resnet50",
+    model, variables, metadata = converted.load_converted(output, expect_model="resnet50",
                                                         expect_num_classes=1000)
     assert [t.channels for t in model.feature_taps()] == [64, 256, 512, 1024, 2048]
     _round_trips(model, resnet50.state_dict(), variables)
@@ -144,12 +146,12 @@ def test_full_size_resnet50_through_the_command_line_and_resnet101_keys(tmp_path
     resnet101 = ref.ImageNetResNet(101, 1000).state_dict()
     assert len(resnet101) == TORCHVISION_SIZES["resnet101"][0]
     model101 = models.get_model("resnet101", 1000)
-    _round_trips(model101, resnet101, convert.flax_variables_from_torch(model101, resnet101))
-    assert convert.guess_architecture(resnet101) == "resnet101"
+    _round_trips(model101, resnet101, torch_layout.flax_variables_from_torch(model101, resnet101))
+    assert torch_layout.guess_architecture(resnet101) == "resnet101"
     # 17 more layer3 blocks of 15 keys each (3 convs, 3 BNs of 4 kept keys).
     with pytest.raises(ValueError, match=r"(?s)looks like resnet101.*255 checkpoint keys have "
                                          r"no place in resnet50: layer3\.10\.bn1\.bias"):
-        convert.flax_variables_from_torch(model, resnet101)
+        torch_layout.flax_variables_from_torch(model, resnet101)
 
 
 def test_full_size_wide_resnet_keys_and_shapes():
@@ -165,11 +167,11 @@ def test_full_size_wide_resnet_keys_and_shapes():
         (16, 1), (160, 1), (320, 2), (640, 4)]
     assert sum(x.size for x in jax.tree.leaves(
         model.abstract_variables()["params"])) == sum(p.numel() for p in torch_model.parameters())
-    _round_trips(model, state_dict, convert.flax_variables_from_torch(model, state_dict))
-    assert convert.guess_architecture(state_dict) == "wrn28_10"
+    _round_trips(model, state_dict, torch_layout.flax_variables_from_torch(model, state_dict))
+    assert torch_layout.guess_architecture(state_dict) == "wrn28_10"
     missing = {k: v for k, v in state_dict.items() if k != "block3.layer.0.convShortcut.weight"}
     with pytest.raises(ValueError, match=r"(?s)missing.*block3\.layer\.0\.convShortcut\.weight"):
-        convert.flax_variables_from_torch(model, missing)
+        torch_layout.flax_variables_from_torch(model, missing)
 
 
 def test_full_size_mobilenet_v2_keys_and_shapes():
@@ -184,17 +186,17 @@ def test_full_size_mobilenet_v2_keys_and_shapes():
     assert state_dict["features.2.conv.1.0.weight"].shape == (96, 1, 3, 3)   # depthwise
     model = models.get_model("mobilenet_v2", 1000)
     assert [t.channels for t in model.feature_taps()] == [16, 24, 32, 96, 1280]
-    _round_trips(model, state_dict, convert.flax_variables_from_torch(model, state_dict))
-    assert convert.guess_architecture(state_dict) == "mobilenet_v2"
+    _round_trips(model, state_dict, torch_layout.flax_variables_from_torch(model, state_dict))
+    assert torch_layout.guess_architecture(state_dict) == "mobilenet_v2"
     bad = dict(state_dict, **{"features.2.conv.1.0.weight": torch.zeros(96, 96, 3, 3)})
     with pytest.raises(ValueError, match=r"'features\.2\.conv\.1\.0\.weight' has shape "
                                          r"\(96, 96, 3, 3\).*expects \(96, 1, 3, 3\)"):
-        convert.flax_variables_from_torch(model, bad)
+        torch_layout.flax_variables_from_torch(model, bad)
 
 
 def test_tiny_variants_and_the_registry():
     assert {"resnet50", "resnet101", "wrn16_2", "wrn28_10", "mobilenet_v2"} <= set(
-        models.MODEL_NAMES)
+        models.model_names())
     tiny = models.get_model("wrn16_2:tiny", 10, probe_size=32)
     assert [t.channels for t in tiny.feature_taps()] == [4, 8, 12, 16]
     assert tiny.candidates == (1, 2, 3)

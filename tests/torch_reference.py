@@ -1,7 +1,7 @@
 """PyTorch reference for the L2T-ww parity tests.
 
 This module is our own PyTorch re-implementation of the method described in
-``../shared/SPEC.md`` ("Learning What and Where to Transfer", Jang et al.,
+docs/semantics.md ("Learning What and Where to Transfer", Jang et al.,
 ICML 2019). It is NOT the authors' code: it was written from the spec so that
 the JAX/Flax implementation can be checked against an independent second
 implementation, in float64, number for number. It was validated separately
@@ -655,7 +655,7 @@ def l2t_iteration(target_model, heads, what_nets, where_nets, source_features, x
                   pairs, T=2, lr=0.1, momentum=0.9, weight_decay=1e-4, beta=0.5,
                   pair_weight_type="relu6", momentum_buffers=None,
                   meta_lr=1e-4, meta_weight_decay=1e-4, extra_bn_update=True):
-    """One L2T-ww training iteration (SPEC.md, "One training iteration").
+    """One L2T-ww training iteration (docs/semantics.md, "One training iteration").
 
     Args:
       target_model: CifarResNet / VGG9BN / ImageNetResNet (train-mode BN).

@@ -1,11 +1,11 @@
-"""Defaults of every experiment: the reference's CIFAR-100 setting (SPEC.md).
+"""Defaults of every experiment: the reference's CIFAR-100 setting (docs/semantics.md).
 
 Experiment files import ``get_config`` and override what differs. Every key is listed here;
-:func:`l2t_jax.build.validate_config` rejects unknown keys and invalid values.
+:func:`l2t_jax.training.build.validate_config` rejects unknown keys and invalid values.
 """
 import ml_collections
 
-from l2t_jax.paper import CIFAR_PAIRS, IMAGENET_PAIRS  # the reference's defaults
+from l2t_jax.transfer.pair_lists import CIFAR_PAIRS, IMAGENET_PAIRS  # the reference's defaults
 
 
 def get_config(variant=None):
@@ -15,7 +15,7 @@ def get_config(variant=None):
         return apply_variant(get_config(), variant, "default")
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # scratch | lwf | at | lwf_at | fm | l2t_w | l2t_ww (l2t_jax/methods.py: what each adds
+    # scratch | lwf | at | lwf_at | fm | l2t_w | l2t_ww (l2t_jax/transfer/methods.py: what each adds
     # to CE, and where its hyperparameters come from).
     config.method = "l2t_ww"
 
@@ -31,7 +31,7 @@ def get_config(variant=None):
     # fill it from train/'s sub-folders (sorted), and check it when it is given.
     config.data.classes = ()
     # Own image folders without a val/ folder: this fraction of every train class is held
-    # out as the val split (stratified), drawn from split_seed, not the run's seed, so runs
+    # out as the val split (stratified), sampled with split_seed, not the run's seed, so runs
     # of every seed and method select their models on the same images.
     config.data.val_fraction = 0.1
     config.data.split_seed = 0
@@ -40,27 +40,27 @@ def get_config(variant=None):
     config.data.skip_corrupt = False       # image folders: skip undecodable files (logged)
     config.data.hflip = True               # random horizontal flips in training
     config.data.crop_padding = 4           # <= 64 px: zero-pad then random crop
-    # The input pipeline (l2t_jax/data.py, step_batches): threads reading and augmenting
+    # The input pipeline (l2t_jax/data/, step_batches): threads reading and augmenting
     # examples (-1: one per CPU core, at most 16; 0: one background thread does it all),
     # and batches read ahead of the step. Neither changes a number.
     config.data.read_threads = -1
     config.data.prefetch_batches = 2
-    # Limited data: keep this many examples of each class of the train split (drawn from
-    # the seed); 0 keeps all.
+    # Limited data: keep this many examples of each class of the train split (sampled
+    # with the seed); 0 keeps all.
     config.data.train_examples_per_class = 0
     # With meta_loss_batch="held_out": images per class moved from the train split (after
-    # train_examples_per_class) to the meta loss's own split, drawn from the seed.
+    # train_examples_per_class) to the meta loss's own split, sampled with the seed.
     config.data.meta_held_out_per_class = 0
 
     # Networks. The source checkpoint: "released:resnet32" (the authors' TinyImageNet
-    # ResNet-32, found through l2t_jax.assets) or a directory written by l2t_jax.convert.
+    # ResNet-32, found through l2t_jax.training.assets) or a directory written by l2t_jax.convert.
     config.source_model = "resnet32"
     config.source_num_classes = 200
     config.source_checkpoint = "released:resnet32"
     config.target_model = "vgg9_bn"
     config.model_overrides = ml_collections.ConfigDict()   # e.g. widths for tiny models
-    # A model is a registry name (l2t_jax/models.py) or an import path package.module:Class
-    # of any Linen classifier (README, "Your own model"). Taps (l2t_jax/taps.py): the
+    # A model is a registry name (l2t_jax/models/registry.py) or an import path package.module:Class
+    # of any Linen classifier (README, "Your own model"). Taps (l2t_jax/models/taps.py): the
     # submodules or sown values whose outputs are matched, comma-separated in index order;
     # "" takes the model's own (default_taps()). Candidates: the taps the matching schemes
     # pick from; "" takes the model's own, or every tap when the taps are named here.
@@ -74,8 +74,8 @@ def get_config(variant=None):
     # config.pairs) and optionally model_overrides, taps, candidates. Each gets its own heads and meta-networks; the losses add up.
     config.extra_sources = ()
 
-    # Transfer (SPEC.md defaults). `pairs`: an explicit "source-target" list or a scheme,
-    # single | one_to_one | all_to_all (l2t_jax/matching.py). CIFAR_PAIRS is all_to_all.
+    # Transfer (docs/semantics.md defaults). `pairs`: an explicit "source-target" list or a scheme,
+    # single | one_to_one | all_to_all (l2t_jax/transfer/pairing.py). CIFAR_PAIRS is all_to_all.
     config.pairs = CIFAR_PAIRS
     config.channel_weighting = True
     config.pair_weight_type = "relu6"
@@ -94,7 +94,7 @@ def get_config(variant=None):
     # compilation at start-up (BENCHMARKS.md, "Time and memory against T"). Off by default:
     # a process that initialises many networks (the tests) shares op-by-op executables.
     config.jit_init = False
-    # Baselines (l2t_jax/methods.py): AT weight (Zagoruyko & Komodakis' beta / 2), LwF's
+    # Baselines (l2t_jax/transfer/methods.py): AT weight (Zagoruyko & Komodakis' beta / 2), LwF's
     # weight and temperature (Li & Hoiem).
     config.at_weight = 500.0
     config.lwf_weight = 1.0
@@ -150,7 +150,7 @@ def get_config(variant=None):
     # default) keeps the whole grace period of a preemption notice for the save. One
     # process only: several always finish their evaluation.
     config.preemption_grace_s = 0.0
-    # Several processes (jax.distributed, l2t_jax/parallel.py), in whole seconds (jax's
+    # Several processes (jax.distributed, l2t_jax/training/parallel.py), in whole seconds (jax's
     # defaults): how long to wait for the coordinator and every process at the start (and
     # for every process to have compiled the step); after how long without a heartbeat a
     # process counts as dead (the others then stop, naming it); how long a finishing process

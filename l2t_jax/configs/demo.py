@@ -1,4 +1,4 @@
-"""The offline demo (l2t_jax/demo.py): transfer between real digit tasks, no download.
+"""The offline demo (l2t_jax/tools/demo.py): transfer between real digit tasks, no download.
 
     python -m l2t_jax.main --config=demo --workdir=/tmp/l2t-demo
     python -m l2t_jax.main --config=demo:smallest --workdir=DIR   # CI
@@ -58,7 +58,7 @@ def get_config(variant=None):
         config.methods = ("scratch", "fm:one_to_one", "l2t_ww:all_to_all")
         config.seeds = (0, 1)
     elif variant == "all_methods":
-        # Every row of the paper's table on the demo's target (issue: the honest CPU run).
+        # Every row of the paper's table on the demo's target.
         config.methods = ("scratch", "lwf", "at:one_to_one", "lwf_at:one_to_one",
                           "fm:single", "fm:one_to_one", "l2t_w:single", "l2t_w:one_to_one",
                           "l2t_ww:all_to_all")

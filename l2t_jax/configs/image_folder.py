@@ -9,7 +9,7 @@ The folder is ``ROOT/train/<class>/<image>``, ``ROOT/test/<class>/<image>`` and 
   recorded in the run's config.json (``data.classes``). ``data.num_classes`` is 0 here,
   inferred from the folder; when given it is checked.
 - Without ``val/``, ``data.val_fraction`` (default 0.1) of every train class is held out as
-  the validation split that picks the reported model, drawn from ``data.split_seed``
+  the validation split that picks the reported model, sampled with ``data.split_seed``
   (default 0), the same for every run seed.
 - Images of any size and mode PIL reads; grayscale, palette and RGBA images are converted
   to RGB (one log line per split), as torchvision's ImageFolder does.

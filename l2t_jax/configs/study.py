@@ -1,10 +1,10 @@
-"""The offline study of the paper's claims (l2t_jax/study.py): real digits, no download.
+"""The offline study of the paper's claims (l2t_jax/tools/study.py): real digits, no download.
 
     python -m l2t_jax.main --config=study --workdir=runs/study          # every grid
     python -m l2t_jax.main --config=study:smoke --workdir=DIR           # CI: the runner
-    L2T_RELEASE_DIR=../shared/assets/l2t-ww-release  (the released ResNet-32 source)
+    L2T_RELEASE_DIR=DIR  (the authors' released files: the released ResNet-32 source)
 
-The demo's data design (l2t_jax/demo.py): digits 0-4 pre-train the demo's ResNet-20
+The demo's data design (l2t_jax/tools/demo.py): digits 0-4 pre-train the demo's ResNet-20
 source, a VGG-9-BN learns digits 5-9 from k labelled images per class. Two sources (the
 demo's own, and the authors' released TinyImageNet ResNet-32), five methods, five label
 budgets, five seeds (the seed draws the labelled subset, the same for every method), one
@@ -19,7 +19,7 @@ SOURCES = {
     # name -> (model, classes, widths or () for the model's own, checkpoint or "" to train,
     #          label budgets or () for config.examples_per_class)
     "demo_resnet20": ("resnet20", 5, (8, 16, 32), "", ()),
-    # Three budgets only: the whole grid did not fit a session on the 2-core machine.
+    # Three budgets only, to keep the study within hours on a 2-core machine.
     "released_resnet32": ("resnet32", 200, (), "released:resnet32", (1, 5, 25)),
 }
 
@@ -67,7 +67,7 @@ def get_config(variant=None):
     config.probe_examples_per_class = 5
     config.sensitivity_meta_learning_rates = (1e-4, 1e-3, 1e-2)
     config.sensitivity_T = (1, 2, 5)
-    config.sensitivity_seeds = (0,)        # one: the 2-core machine's session did not fit more
+    config.sensitivity_seeds = (0,)        # one seed: a screen, not a comparison
     config.every_k = (1, 2, 5, 10)
     # Held-out meta loss: m of the k labelled images per class score the adapted
     # parameters instead of the training batch (at budgets where k - m >= 1 remain).
