@@ -102,7 +102,13 @@ app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
-def write_assets(root: str, widths_source, n_train: int, n_eval: int):
+# size -> (source model, its overrides, target model, its overrides)
+NETWORKS = {"tiny": ("resnet20:tiny", {}, "vgg9_bn:tiny", {}),
+            "fm": ("resnet20", {"widths": (8, 16, 32)}, "vgg9_bn",
+                   {"widths": (16, 16, 32, 32, 32)})}
+
+
+def write_assets(root: str, size: str, n_train: int, n_eval: int):
     import helpers
     import jax
     import jax.numpy as jnp
@@ -111,24 +117,28 @@ def write_assets(root: str, widths_source, n_train: int, n_eval: int):
     from l2t_jax.training import converted
     helpers.write_npz_splits(os.path.join(root, "data"),
                              sizes=(("train", n_train), ("val", n_eval), ("test", n_eval)))
-    model = models.get_model("resnet20", 5, widths=widths_source)
+    source_model, source_overrides = NETWORKS[size][:2]
+    model = models.get_model(source_model, 5, **source_overrides)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
     converted.save_converted(os.path.join(root, "source"), variables, {
-        "model": "resnet20", "num_classes": 5, "model_overrides": {"widths": widths_source}})
+        "model": source_model, "num_classes": 5, "model_overrides": source_overrides})
 
 
 def config_for(size: str, root: str):
     import helpers
+    import ml_collections
     config = helpers.tiny_config(os.path.join(root, "data"), os.path.join(root, "source"),
                                  method="fm", pairs="one_to_one", learning_rate=0.002)
-    # The defaults' bookkeeping (what the issue's run had): a log line every 20 steps, a
+    # The defaults' bookkeeping: a log line every 20 steps, a
     # checkpoint every 500 steps and at the end of each epoch.
     config.log_every_steps, config.checkpoint_every_steps = 20, 500
     config.epochs, config.steps_per_epoch = 3, 40
+    source_model, source_overrides, target_model, target_overrides = NETWORKS[size]
+    config.source_model, config.target_model = source_model, target_model
+    config.model_overrides = ml_collections.ConfigDict(
+        {"source": source_overrides, "target": target_overrides})
     if size == "fm":
         config.batch_size, config.eval_batch_size = 32, 32
-        config.model_overrides.source.widths = (8, 16, 32)
-        config.model_overrides.target.widths = (16, 16, 32, 32, 32)
     return config
 
 
@@ -151,8 +161,7 @@ def main():
     for size in args.sizes.split(","):
         root = os.path.join(args.out, f"assets-{size}")
         if not os.path.exists(root):
-            write_assets(root, (4, 6, 8) if size == "tiny" else (8, 16, 32), 40 * 32,
-                         512 if size == "tiny" else 2048)
+            write_assets(root, size, 40 * 32, 512 if size == "tiny" else 2048)
         config_file = helpers.write_config_file(
             config_for(size, root), __import__("pathlib").Path(args.out) / f"{size}.py")
         for point in args.points.split(","):

@@ -79,8 +79,9 @@ def calibrate_bn_statistics(torch_model, images_nchw, extra_variance=0.0):
 
 
 # ------------------------------------------------------------------ the tiny training setup
-SOURCE_WIDTHS = (4, 6, 8)          # ResNet-20: taps 0..8, candidates 2, 5, 8
-TARGET_WIDTHS = (4, 6, 8, 8, 8)    # VGG-9-BN: taps 0..4
+# The registry's tiny variants (models.registry: NAME:tiny), the networks of every tiny run.
+SOURCE_MODEL = "resnet20:tiny"     # taps 0..8, candidates 2, 5, 8
+TARGET_MODEL = "vgg9_bn:tiny"      # taps 0..4
 # XLA's native convolutions for the tiny networks: their step compiles in about 60% of the
 # time of the CPU default's im2col matmuls (11 s against 18 s at T = 1), and compiling is
 # most of these tests' time. The default path is checked against PyTorch to second order by
@@ -100,11 +101,11 @@ def write_npz_splits(directory, sizes=(("train", 40), ("val", 12), ("test", 12))
 
 def tiny_networks():
     """tiny_config's networks, built directly (the tests of the step itself): (source
-    ResNet-20 at SOURCE_WIDTHS, 5 classes; target VGG-9-BN at TARGET_WIDTHS, 3 classes).
-    The transfer needs no conv_impl of its own: its 1x1 matching heads are always dots."""
+    ResNet-20:tiny, 5 classes; target VGG-9-BN:tiny, 3 classes). The transfer needs no
+    conv_impl of its own: its 1x1 matching heads are always dots."""
     from l2t_jax import models
-    return (models.get_model("resnet20", 5, widths=SOURCE_WIDTHS, conv_impl=TINY_CONV_IMPL),
-            models.get_model("vgg9_bn", 3, widths=TARGET_WIDTHS, conv_impl=TINY_CONV_IMPL))
+    return (models.get_model(SOURCE_MODEL, 5, conv_impl=TINY_CONV_IMPL),
+            models.get_model(TARGET_MODEL, 3, conv_impl=TINY_CONV_IMPL))
 
 
 def write_tiny_source(directory):
@@ -113,10 +114,9 @@ def write_tiny_source(directory):
 
     from l2t_jax import models
     from l2t_jax.training import converted
-    model = models.get_model("resnet20", 5, widths=SOURCE_WIDTHS)
+    model = models.get_model(SOURCE_MODEL, 5)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    converted.save_converted(directory, variables, {
-        "model": "resnet20", "num_classes": 5, "model_overrides": {"widths": SOURCE_WIDTHS}})
+    converted.save_converted(directory, variables, {"model": SOURCE_MODEL, "num_classes": 5})
 
 
 def tiny_config(data_dir, source_dir, **overrides):
@@ -129,11 +129,11 @@ def tiny_config(data_dir, source_dir, **overrides):
     config.data.data_dir = str(data_dir)
     config.data.official_split = ""
     config.data.num_classes = 3
-    config.source_model = "resnet20"
+    config.source_model = SOURCE_MODEL
     config.source_num_classes = 5
     config.source_checkpoint = str(source_dir)
-    config.model_overrides = ml_collections.ConfigDict(
-        {"source": {"widths": SOURCE_WIDTHS}, "target": {"widths": TARGET_WIDTHS}})
+    config.target_model = TARGET_MODEL
+    config.model_overrides = ml_collections.ConfigDict({"source": {}, "target": {}})
     config.pairs = "2-0,5-1,8-4,8-3"
     config.conv_impl = TINY_CONV_IMPL
     # One simulated step: each adds about a quarter to the step's compilation, most of these

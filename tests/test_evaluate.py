@@ -14,7 +14,7 @@ import torch
 
 import torch_reference as ref
 from helpers import REPO_ROOT, load_config, nchw
-from l2t_jax import data, evaluate, export
+from l2t_jax import data, evaluate, export, models
 from l2t_jax.tools import demo
 from l2t_jax.training import build, checkpoints, train
 
@@ -102,7 +102,7 @@ def test_export_of_the_last_checkpoint_runs_in_pytorch(finished_run, tmp_path):
     model = checkpoints.target_model(config)
     variables, step = checkpoints.restore_target(workdir, model, "last")
     assert step == 6
-    torch_model = ref.VGG9BN(num_classes=3, widths=tuple(config.model_overrides.target.widths))
+    torch_model = ref.VGG9BN(num_classes=3, widths=models.tiny_overrides("vgg9_bn")["widths"])
     torch_model.load_state_dict(torch.load(output, weights_only=True), strict=True)
     test = build.load_splits(config)["test"]
     examples = data.eval_examples(test, 32)

@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import (REPO_ROOT, SOURCE_WIDTHS, assert_same_leaves, final_params, main_command,
+from helpers import (REPO_ROOT, SOURCE_MODEL, assert_same_leaves, final_params, main_command,
                      one_line_error, tiny_config, write_config_file, write_npz_splits,
                      write_tiny_source)
 from l2t_jax import data, main, models
@@ -196,14 +196,14 @@ FUZZ_VALUES = {
     "on_nonfinite": ["stop", "skip", "ignore"],
     "keep_checkpoints": [0, 3],
     "model_overrides": [
-        {"source": {"widths": SOURCE_WIDTHS}, "target": {"widths": (4, 6, 8, 8, 8)}},
+        {"source": {"widths": (4, 6, 8)}, "target": {"widths": (4, 6, 8, 8, 8)}},
         {"target": {"widths": (4, 6)}}, {"target": {"depth": 3}},
         {"source": {"widths": (4, -6, 8)}}, {}],
     "extra_sources": [
         (), ({"model": "resnet20", "num_classes": 5, "checkpoint": "random-init",
               "pairs": "as_primary"},),
         ({"model": "resnet20", "num_classes": 5, "checkpoint": "random-init",
-          "pairs": "9-4", "model_overrides": {"widths": SOURCE_WIDTHS}},),
+          "pairs": "9-4", "model_overrides": {"widths": (4, 6, 8)}},),
         ({"model": "nope", "num_classes": 5, "checkpoint": "x", "pairs": "2-0"},),
         ({"model": "resnet20", "checkpoint": "x"},)],
 }
@@ -780,14 +780,13 @@ def test_preemption_stops_within_one_step_and_cuts_an_evaluation_short(assets, t
 # ---------------------------------------------------------------------------- divergence
 def _scaled_source(directory, factor):
     """The tiny source with every parameter multiplied by ``factor`` (a broken source)."""
-    model = models.get_model("resnet20", 5, widths=SOURCE_WIDTHS)
+    model = models.get_model(SOURCE_MODEL, 5)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
     variables = {"params": jax.tree.map(lambda p: p * factor, variables["params"]),
                  "batch_stats": variables["batch_stats"]}
     if os.path.exists(directory):
         shutil.rmtree(directory)
-    converted.save_converted(directory, variables, {
-        "model": "resnet20", "num_classes": 5, "model_overrides": {"widths": SOURCE_WIDTHS}})
+    converted.save_converted(directory, variables, {"model": SOURCE_MODEL, "num_classes": 5})
 
 
 def test_nonfinite_meta_gradient_stops_with_only_finite_checkpoints(assets, tmp_path,

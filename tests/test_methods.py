@@ -154,16 +154,16 @@ def test_every_paper_row_runs_two_steps_with_limited_data(method, scheme, paper_
 def test_two_sources_add_their_own_pairs_heads_and_meta_networks(method_assets, tmp_path):
     config = tiny_config(method_assets / "data", method_assets / "source", pairs="all_to_all",
                          T=1)
-    config.extra_sources = ({"model": "resnet20", "num_classes": 5,
+    config.extra_sources = ({"model": "resnet20:tiny", "num_classes": 5,
                              "checkpoint": str(method_assets / "source"),
-                             "pairs": "one_to_one", "model_overrides": {"widths": (4, 6, 8)}},)
+                             "pairs": "one_to_one"},)
     config.epochs, config.steps_per_epoch = 1, 2
     transfer = build.build_transfer(config)
     assert len(transfer.source_model.parts) == 2
     # The second source's taps follow the first's 9: its one-to-one pairs are offset by 9.
     assert transfer.pairs[15:] == ((11, 0), (14, 1), (17, 2))
     result = train.train_and_evaluate(config, str(tmp_path))
-    assert result["extra_sources"] == ["resnet20"] and len(result["pairs"]) == 18
+    assert result["extra_sources"] == ["resnet20:tiny"] and len(result["pairs"]) == 18
     weights = json.load(open(tmp_path / "transfer_weights.json"))
     assert len(weights["pair_weights"]) == 18 and len(weights["source_taps"]) == 18
 

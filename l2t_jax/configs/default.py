@@ -195,23 +195,20 @@ def apply_variant(config, variant, name, extra_variants=None):
     return config
 
 
-# Per model family: VGG has 5 stages, CIFAR ResNets 3, ImageNet ResNets 4.
-TINY_WIDTHS = {"vgg9_bn": (8, 8, 16, 16, 16), "resnet20": (8, 16, 16), "resnet32": (8, 16, 16),
-               "resnet56": (8, 16, 16), "resnet18": (8, 8, 16, 16), "resnet34": (8, 8, 16, 16)}
-
-
 def tiny(config):
-    """Shrinks a config to run in seconds (smoke runs and tests): tiny widths, small batch."""
+    """Shrinks a config to run in seconds (smoke runs and tests): the target network's
+    registry ``NAME:tiny`` variant (a few channels per layer, l2t_jax/models/registry.py),
+    small batches, two epochs of two steps. The source keeps its checkpoint's network; a
+    target named by import path (``package.module:Class``) keeps its own size."""
     config.batch_size = 8
     config.eval_batch_size = 16
     config.epochs = 2
     config.steps_per_epoch = 2
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
-    # A model without tiny widths here (an import path) keeps its own.
-    config.model_overrides = ml_collections.ConfigDict(
-        {"target": {"widths": TINY_WIDTHS[config.target_model]}}
-        if config.target_model in TINY_WIDTHS else {"target": {}})
+    if ":" not in config.target_model:       # a registry name, not an import path
+        config.target_model += ":tiny"
+    config.model_overrides = ml_collections.ConfigDict({"target": {}})
     if config.data.image_size > 64:
         config.data.image_size = 64
     return config

@@ -14,9 +14,12 @@ from l2t_jax.models.registry import (ModelFamily, TINY_SUFFIX, display_name, fam
                                      register_family, tiny_overrides)
 from l2t_jax.models.taps import Tap, TappedNetwork, available_taps, combine, tapped
 
-# The families that ship with the package: importing each registers it.
-from l2t_jax.models import (cifar_resnet, imagenet_resnet, mobilenet_v2,  # noqa: F401,E402
-                            vgg, wide_resnet)
+# The families that ship with the package: importing each registers it (in this order).
+from l2t_jax.models import cifar_resnet  # noqa: F401,E402
+from l2t_jax.models import vgg  # noqa: F401,E402
+from l2t_jax.models import imagenet_resnet  # noqa: F401,E402
+from l2t_jax.models import wide_resnet  # noqa: F401,E402
+from l2t_jax.models import mobilenet_v2  # noqa: F401,E402
 
 __all__ = ["ModelFamily", "TINY_SUFFIX", "Tap", "TappedNetwork", "available_taps", "combine",
            "display_name", "family_of", "get_model", "is_import_path", "is_model_name",

@@ -54,7 +54,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.method={config.method!r} is not a method; valid: "
                          f"{', '.join(methods.METHODS)}") from None
     for key in ("source_model", "target_model"):
-        if not (config[key] in models.model_names() or models.is_import_path(config[key])):
+        if not models.is_model_name(config[key]):
             raise ValueError(f"config.{key}={config[key]!r} is not a model; valid: "
                              f"{', '.join(models.model_names())}, or an import path "
                              "package.module:Class")
@@ -235,7 +235,7 @@ def source_specs(config) -> list[dict]:
         if unknown or missing:
             raise ValueError(f"config.extra_sources[{i}]: unknown keys {unknown}, missing keys "
                              f"{missing}; valid: {', '.join(EXTRA_SOURCE_KEYS)}")
-        if not (extra["model"] in models.model_names() or models.is_import_path(extra["model"])):
+        if not models.is_model_name(extra["model"]):
             raise ValueError(f"config.extra_sources[{i}].model={extra['model']!r} is not a "
                              f"model; valid: {', '.join(models.model_names())}, or an import "
                              "path package.module:Class")
