@@ -1,12 +1,18 @@
-"""l2t_jax.tools.runner (no JAX): the one directory scheme, and run_grid on fake runs:
-skipping finished runs, stopping on a failure and resuming, the dry run, ``only``, shards,
-and the progress lines."""
+"""l2t_jax.tools.runner (no JAX): the one directory scheme, the commands that make a run
+alone (a program's run reproduces its config from the command line), and run_grid on fake
+runs: skipping finished runs, stopping on a failure and resuming, the dry run, ``only``,
+shards, and the progress lines."""
 import logging
 import os
+import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from helpers import write_run
+from l2t_jax import configs
+from l2t_jax.configs import demo as demo_config, study as study_config
 from l2t_jax.tools import runner
 
 
@@ -18,6 +24,42 @@ def test_one_directory_scheme():
         "l2t_ww:all_to_all", 5, 3, context=("demo_resnet20",),
         settings=(("learning_rate", 0.02), ("meta_update_every", 2))) == (
         "demo_resnet20/l2t_ww-all_to_all/epc5/learning_rate=0.02_meta_update_every=2/seed3")
+
+
+def _parse(command, monkeypatch):
+    """The config that ``python -m l2t_jax.main`` builds from ``command``'s flags (the
+    config flag reads its overrides from sys.argv)."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values)
+    argv = ["main"] + [a if not a.startswith("--config=") else
+                       "--config=" + configs.resolve(a[len("--config="):])
+                       for a in command[3:] if not a.startswith("--workdir=")]
+    monkeypatch.setattr(sys, "argv", argv)
+    values(argv)
+    return values.config
+
+
+@pytest.mark.parametrize("name, variant", [("study", "smoke"), ("demo", None)])
+def test_a_programs_run_command_rebuilds_its_config(name, variant, monkeypatch):
+    module = {"study": study_config, "demo": demo_config}[name]
+    config = module.get_config(variant)
+    config.seeds = (3,)
+    config.methods = ("l2t_ww:all_to_all", "fm:all_to_all")
+    config.learning_rate = 0.05
+    config.source_specs.demo_resnet20.widths = (4, 8, 8)
+    config.shard = "1/2"                       # chooses runs: not part of a run's command
+    command = runner.program_command(config, "W", "some/run")
+    spec = f"{name}:{variant}" if variant else name
+    assert command[:5] == ("python", "-m", "l2t_jax.main", f"--config={spec}", "--workdir=W")
+    assert command[-1] == "--config.only=some/run"
+    assert not any(a.startswith("--config.shard") for a in command)
+    rebuilt = _parse(command, monkeypatch)
+    assert rebuilt.only == "some/run"
+    rebuilt.only, rebuilt.shard = config.only, config.shard
+    assert rebuilt.to_dict() == config.to_dict()
+    # The preset alone: no overrides.
+    assert runner.program_command(module.get_config(variant), "W", "r")[5:] == (
+        "--config.only=r",)
 
 
 def _grid(tmp_path, n=4):

@@ -25,12 +25,14 @@ the program prepares what its runs share (the data, the pre-trained sources) and
 run's config, which a command line of the training program could not. A run of the paper's
 tables is an ordinary ``python -m l2t_jax.main --config=<target> --workdir=<run directory>``.
 
-Nothing here imports JAX but :func:`in_process` when it runs.
+Nothing here imports JAX until a run is made in this process (:func:`in_process`,
+:func:`run_once`).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import shlex
@@ -116,11 +118,24 @@ def override_flags(config: ml_collections.ConfigDict, defaults: ml_collections.C
                     else None
                 visit(value[key], inner, f"{prefix}{key}.")
         elif value != default:
-            text = value if isinstance(value, str) else repr(value)
+            text = value if isinstance(value, str) else _literal(value)
             flags.append(f"--config.{prefix[:-1]}={text}")
 
     visit(config, defaults, "")
     return flags
+
+
+def _literal(value) -> str:
+    """A Python literal of ``value`` with strings in double quotes, which a shell line
+    quotes more readably than ``repr``'s single ones: ``("fm:one_to_one",)``."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        inner = ", ".join(_literal(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    return repr(value)
 
 
 def program_command(config: ml_collections.ConfigDict, workdir: str,
