@@ -4,12 +4,12 @@ without data of one's own (README, "Transfer to your own data"):
     python experiments/digits_folder.py --output digits_folder [--train_per_class 40]
 
 ROOT/{train,test}/<zero..nine>/<k>.png (and val/ with --val_per_class), grayscale, RGB and
-RGBA files of five sizes (l2t_jax.tools.demo.write_digits_image_folder). Nothing is downloaded.
+RGBA files of five sizes (l2t_jax.tools.digits.write_digits_image_folder). Nothing is downloaded.
 """
 import argparse
 import json
 
-from l2t_jax.tools import demo
+from l2t_jax.tools import digits
 
 
 def main(argv=None):
@@ -21,7 +21,7 @@ def main(argv=None):
                         help="0: no val/ folder (the config carves one from train)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    counts = demo.write_digits_image_folder(
+    counts = digits.write_digits_image_folder(
         args.output, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
         val_per_class=args.val_per_class, seed=args.seed)
     print(json.dumps({"folder": args.output, "images": counts}))

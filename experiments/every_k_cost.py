@@ -31,7 +31,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     config = study_config.get_config()
     cell = study.Cell(config.probe_source, "l2t_ww:all_to_all", config.probe_examples_per_class,
-                      0, study._settings(config))
+                      0, study.cell_settings(config))
     run = study.cell_config(config, "unused", "unused", cell)
     transfer = build.build_transfer(run)
     mesh = parallel.make_mesh()

@@ -1,8 +1,11 @@
-"""Runs (or prints) the grid of one of the paper's tables; the logic is in l2t_jax.tools.tables.
+"""Runs (or prints) the grid of one of the paper's tables; the grids are l2t_jax.tools.tables',
+the runner l2t_jax.tools.runner's.
 
     python experiments/run_table.py --table=main --root=runs --seeds=0,1,2
     python experiments/run_table.py --table=main --root=runs --seeds=0 --targets=cifar100,stl10 \
         --methods=scratch,fm-one_to_one,l2t_ww --dry_run > jobs.txt   # one command per line
+    python experiments/run_table.py --table=main --root=runs --seeds=0 --shard=0/2 &   # one
+    python experiments/run_table.py --table=main --root=runs --seeds=0 --shard=1/2 &   # per core
     python experiments/run_table.py --table=multisource --root=runs --seeds=0,1,2
     python experiments/run_table.py --table=limited --root=runs --seeds=0,1,2 \
         --targets=stl10 --examples_per_class=25,50,100,250
@@ -12,11 +15,13 @@ command continues an interrupted grid (the interrupted run resumes from its chec
 The first failing run stops the grid with exit code 1.
 """
 import argparse
+import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from l2t_jax.tools import tables  # noqa: E402
+from l2t_jax.tools import runner, tables  # noqa: E402
+from l2t_jax.training import logs  # noqa: E402
 
 
 def _list(text):
@@ -39,9 +44,14 @@ def main(argv=None):
                         help="e.g. 25,50,100,250 (limited table; default that list)")
     parser.add_argument("--override", action="append", default=[],
                         help="config override added to every run, key=value (repeatable)")
+    parser.add_argument("--shard", default="",
+                        help="i/n: make every n-th run from the i-th (one process per core)")
     parser.add_argument("--dry_run", action="store_true",
                         help="print one command per unfinished run and run nothing")
     args = parser.parse_args(argv)
+    # Progress lines on stderr; a dry run's commands alone on stdout.
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logs.configure()
     try:
         seeds = [int(s) for s in _list(args.seeds) or []]
         sizes = _list(args.examples_per_class)
@@ -50,13 +60,15 @@ def main(argv=None):
             methods=_list(args.methods),
             examples_per_class=None if sizes is None else [int(n) for n in sizes],
             extra_overrides=args.override)
+        runs = runner.select(runs, shard=args.shard)
     except ValueError as e:
         parser.error(str(e))
     if not args.dry_run:
         print(f"{args.table} table: {len(runs)} runs under {args.root}", flush=True)
     try:
-        report = tables.run_grid(runs, dry_run=args.dry_run)
-    except tables.GridError as e:
+        report = runner.run_grid(runs, args.root, execute=runner.as_subprocess,
+                                 dry_run=args.dry_run)
+    except runner.GridError as e:
         sys.exit(f"error: {e}")
     if not args.dry_run:
         print(f"done: {len(report['ran'])} ran, {len(report['skipped'])} already finished")

@@ -1,10 +1,13 @@
 #!/bin/bash
-# Regenerates the offline study (docs/study/): every grid of configs/study.py, two processes
-# (one core and one XLA thread each) over the cells, then the report. Hours on the 2-core
-# machine; finished runs are skipped, so it resumes.
+# Regenerates the offline study (docs/study/): every grid of configs/study.py, one process
+# per core (one XLA thread each, a shard of the cells: l2t_jax/tools/runner.py), then the
+# report. Hours on a 2-core machine; finished runs are skipped, so it resumes.
 #
 #   L2T_RELEASE_DIR=DIR experiments/study.sh runs/study    # DIR: the authors' released files
 #   cp runs/study/report/* docs/study/
+#
+# The command of each unfinished run alone (a cluster's job list): the same call of
+# l2t_jax.main with --config.dry_run=True.
 #
 # The committed report was made grid by grid in this order (each a call of `launch`):
 #   recipe; main --sources=demo_resnet20; meta_batch,every_k; main --sources=released_resnet32;
@@ -25,7 +28,8 @@ launch() {   # launch GRIDS [overrides...]: every core a shard of the grids' cel
     taskset -c "$i" python -m l2t_jax.main --config=study --workdir="$workdir" \
       --config.grids="$grids" --config.shard="$i/$cores" "$@" > "$workdir/shard$i.log" 2>&1 &
     pids+=($!)
-    sleep 20   # the first shard pre-trains the demo source (the others wait on its lock)
+    sleep 20   # the first shard writes the data and pre-trains the demo source (the
+               # others wait on its lock)
   done
   wait "${pids[@]}"
 }

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 
-from l2t_jax.tools import study
+from l2t_jax.tools import digits, study
 from l2t_jax.training import compile_cache, logs, train
 from l2t_jax.training import workdir as workdir_files
 from l2t_jax.configs import study as study_config
@@ -37,16 +37,16 @@ def main(argv=None):
     logs.configure()
     compile_cache.enable()
     config = study_config.get_config()
-    runs = os.path.join(args.workdir, "runs")
-    wanted = os.path.normpath(os.path.join(runs, args.cell))
-    matches = [c for c in study.all_cells(config) if os.path.normpath(c.directory(runs)) == wanted]
-    if not matches:
+    cells = {os.path.normpath(c.directory): c for c in study.all_cells(config)}
+    cell = cells.get(os.path.normpath(args.cell))
+    if cell is None:
         sys.exit(f"error: {args.cell} is not a cell of configs/study.py")
-    data_dir = os.path.join(args.workdir, "data")
-    sources = study.prepare_sources(config, args.workdir, data_dir)
+    wanted = os.path.join(args.workdir, "runs", cell.directory)
+    prepared = digits.prepare(config, args.workdir, (cell.source,))
     with tempfile.TemporaryDirectory() as rerun:
         result = train.train_and_evaluate(
-            study.cell_config(config, data_dir, sources[matches[0].source], matches[0]), rerun)
+            study.cell_config(config, prepared.data_dir, prepared.checkpoints[cell.source],
+                              cell), rerun)
         again = records(rerun)
     with open(os.path.join(wanted, "result.json")) as f:
         recorded = json.load(f)

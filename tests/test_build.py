@@ -78,11 +78,12 @@ def test_the_image_folder_config_is_the_study_recipe_scaled_to_its_batch():
 
 
 def test_the_demo_keeps_its_rates():
-    from l2t_jax.tools import demo
+    from l2t_jax.tools import digits
     from l2t_jax.configs import demo as demo_config
     config = demo_config.get_config()
-    target = demo.target_config(config, "data", "source", "fm", "one_to_one", 5, 0)
-    source = demo.source_config(config, "data")
+    spec = config.source_specs[config.source]
+    target = digits.target_run_config(config, "data", spec, "source", "fm:one_to_one", 5, 0)
+    source = digits.source_run_config(config, "data", spec)
     assert build.base_learning_rate(target) == config.learning_rate == 0.02   # the study's
     assert target.batch_size == 16 and target.epochs * target.steps_per_epoch == 150
     assert build.base_learning_rate(source) == 0.1 and source.batch_size == 64

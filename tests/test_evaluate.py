@@ -15,7 +15,7 @@ import torch
 import torch_reference as ref
 from helpers import REPO_ROOT, load_config, nchw
 from l2t_jax import data, evaluate, export, models
-from l2t_jax.tools import demo
+from l2t_jax.tools import digits
 from l2t_jax.training import build, checkpoints, train
 
 CLASSES = ["one", "two", "zero"]
@@ -27,7 +27,7 @@ def finished_run(tmp_path_factory):
     a source is the README's own-data run) for 2 epochs of 3 steps."""
     root = tmp_path_factory.mktemp("evaluate")
     folder = str(root / "digits")
-    demo.write_digits_image_folder(folder, digits=(0, 1, 2), train_per_class=12,
+    digits.write_digits_image_folder(folder, digits=(0, 1, 2), train_per_class=12,
                                    test_per_class=4)
     config = load_config("image_folder", "small,tiny")
     config.data.data_dir = folder

@@ -1,7 +1,7 @@
 """One's own image folder (configs/image_folder.py, data.image_folder_splits): classes
 inferred from train/ and checked, a stratified seeded val split carved when there is no
 val/, grayscale / RGBA / mixed-size images, and the one-line errors. The folders are
-sklearn's real digits saved as PNG files (demo.write_digits_image_folder)."""
+sklearn's real digits saved as PNG files (digits.write_digits_image_folder)."""
 import logging
 import os
 import shutil
@@ -12,7 +12,7 @@ from PIL import Image
 
 from helpers import load_config, one_line_error, run_main
 from l2t_jax import data
-from l2t_jax.tools import demo
+from l2t_jax.tools import digits
 from l2t_jax.training import build
 
 CLASSES = ["one", "two", "zero"]            # digits 0, 1, 2 by folder name, sorted
@@ -24,10 +24,10 @@ def folders(tmp_path_factory):
     with val/ (3 per class)."""
     root = tmp_path_factory.mktemp("folders")
     without_val = str(root / "no_val")
-    assert demo.write_digits_image_folder(without_val, digits=(0, 1, 2), train_per_class=12,
+    assert digits.write_digits_image_folder(without_val, digits=(0, 1, 2), train_per_class=12,
                                           test_per_class=4) == {"train": 36, "test": 12}
     with_val = str(root / "with_val")
-    demo.write_digits_image_folder(with_val, digits=(0, 1, 2), train_per_class=12,
+    digits.write_digits_image_folder(with_val, digits=(0, 1, 2), train_per_class=12,
                                    test_per_class=4, val_per_class=3)
     return without_val, with_val
 

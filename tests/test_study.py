@@ -1,7 +1,7 @@
-"""The offline demo and the offline study (l2t_jax/tools/demo.py, l2t_jax/tools/study.py): the demo's
-data design, its Colab notebook executed headless at the smallest setting (the whole demo
-pipeline: source pre-training, the grid of target runs, the table and the pictures), and the
-study's grids, statistics and report.
+"""The offline demo and the offline study (l2t_jax/tools/demo.py, study.py, study_report.py,
+digits.py): the digits tasks' data design, the demo's Colab notebook executed headless at the
+smallest setting (the whole demo pipeline: source pre-training, the grid of target runs, the
+table and the pictures), and the study's grids, runs, statistics and report.
 
 One file, so that one test worker runs both end-to-end tests (pytest-xdist --dist=loadfile):
 study:smoke has demo:smallest's networks, run length and T, and its runs load the
@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 
 from helpers import REPO_ROOT
-from l2t_jax.tools import demo, study
-from l2t_jax.configs import study as study_config
+from l2t_jax.tools import demo, digits, study, study_report
+from l2t_jax.configs import demo as demo_config, study as study_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_digits_tasks_are_disjoint_deterministic_and_sized(tmp_path):
-    sizes = demo.write_digits_data(str(tmp_path / "a"), split_seed=0)
-    again = demo.write_digits_data(str(tmp_path / "b"), split_seed=0)
-    other = demo.write_digits_data(str(tmp_path / "c"), split_seed=1)
+    sizes = digits.write_digits_data(str(tmp_path / "a"), split_seed=0)
+    again = digits.write_digits_data(str(tmp_path / "b"), split_seed=0)
+    other = digits.write_digits_data(str(tmp_path / "c"), split_seed=1)
     assert sizes == again == other
-    assert sizes["target/val"] == 5 * demo.TARGET_VAL_PER_CLASS
-    assert sizes["target/test"] == 5 * demo.TARGET_TEST_PER_CLASS
+    assert sizes["target/val"] == 5 * digits.TARGET_VAL_PER_CLASS
+    assert sizes["target/test"] == 5 * digits.TARGET_TEST_PER_CLASS
     assert sum(sizes.values()) == 1797          # every bundled digit used once
     load = lambda root, split: np.load(os.path.join(root, split + ".npz"))
     for split in ("train", "val", "test"):
@@ -59,6 +59,25 @@ def test_bad_demo_settings_are_clear_errors():
     config.methods = ("fitnets",)
     with pytest.raises(ValueError, match="unknown method 'fitnets'"):
         demo.validate_demo_config(config)
+    config = module.get_config()
+    config.source = "resnet56"
+    with pytest.raises(ValueError, match="config.source='resnet56'; valid: demo_resnet20"):
+        demo.validate_demo_config(config)
+
+
+def test_the_demo_and_the_study_build_their_runs_alike():
+    """A demo run and the study cell of the same method, budget and seed have one config
+    (digits.target_run_config), and the commands name the program, its preset and the
+    run."""
+    demo_settings = demo_config.get_config()
+    config = study_config.get_config()
+    cell = study.Cell("demo_resnet20", "fm:one_to_one", 5, 2, study.cell_settings(config))
+    demo_run = [r for r in demo.runs(demo_settings, "W", digits.Prepared(
+        "DATA", {}, {"demo_resnet20": "SOURCE"}, {})) if r.directory == "fm-one_to_one/epc5/seed2"]
+    assert demo_run[0].build_config().to_dict() == study.cell_config(
+        config, "DATA", "SOURCE", cell).to_dict()
+    assert demo_run[0].command == ("python", "-m", "l2t_jax.main", "--config=demo",
+                                   "--workdir=W", "--config.only=fm-one_to_one/epc5/seed2")
 
 
 def test_notebook_runs_the_smallest_demo_offline(tmp_path, monkeypatch):
@@ -111,14 +130,54 @@ def test_notebook_runs_the_smallest_demo_offline(tmp_path, monkeypatch):
 
 
 def test_paired_difference_is_the_t_interval_of_the_per_seed_differences():
-    d = study.paired_difference([71.0, 72.0, 73.0], [70.0, 70.0, 70.0])
+    d = study_report.paired_difference([71.0, 72.0, 73.0], [70.0, 70.0, 70.0])
     # differences 1, 2, 3: mean 2, sample std 1, t(0.975, 2 dof) = 4.302653
     assert d["n"] == 3 and d["mean"] == pytest.approx(2.0) and d["std"] == pytest.approx(1.0)
     half = 4.302653 / math.sqrt(3)
     assert d["low"] == pytest.approx(2.0 - half, rel=1e-6)
     assert d["high"] == pytest.approx(2.0 + half, rel=1e-6)
     with pytest.raises(ValueError, match="two equal lists of >= 2 values"):
-        study.paired_difference([1.0], [2.0])
+        study_report.paired_difference([1.0], [2.0])
+
+
+def _record(grid, entry, seed, test, k=2, **settings):
+    """A study record (study.load_records) of a finished run with test accuracy ``test``."""
+    values = {"learning_rate": 0.02, "meta_loss_batch": "same", "meta_update_every": 1,
+              "meta_learning_rate": 1e-2, "T": 1, **settings}
+    result = None if test is None else {"test": test, "best_val": test + 1,
+                                        "wall_seconds": 10.0 + seed, "history": []}
+    return {"grid": grid, "source": "demo_resnet20", "entry": entry, "examples_per_class": k,
+            "seed": seed, **values, "directory": f"/{grid}/{entry}/{k}/{settings}/{seed}",
+            "result": result}
+
+
+def test_report_rows_are_the_records_numbers_paired_by_seed():
+    config = study_config.get_config("smoke")
+    config.seeds = (0, 1, 2)
+    records = [_record("main", "scratch", s, t) for s, t in ((0, 60.0), (1, 62.0), (2, 61.0))]
+    # L2T-ww's seed 1 did not finish: the differences pair seeds 0 and 2 only.
+    records += [_record("main", "l2t_ww:all_to_all", s, t)
+                for s, t in ((0, 65.0), (1, None), (2, 64.0))]
+    (main_scratch, main_l2t) = study_report.main_rows(config, records)
+    assert main_scratch["test"] == [60.0, 62.0, 61.0] and main_l2t["test"] == [65.0, 64.0]
+    assert main_l2t["seconds"] == [10.0, 12.0]
+    (paired,) = study_report.paired_rows(config, records)
+    assert (paired["a"], paired["b"]) == ("l2t_ww:all_to_all", "scratch")
+    assert paired["difference"]["n"] == 2 and paired["difference"]["mean"] == pytest.approx(4.0)
+    (csv_row,) = study_report.paired_csv_rows([paired])
+    assert csv_row["a"] == "L2T-ww (all-to-all)" and csv_row["b"] == "Scratch"
+    assert [r["n"] for r in study_report.main_csv_rows([main_scratch, main_l2t])] == [3, 2]
+    # Sections select their grid's records by the settings: held-out against same batch.
+    records += [_record("meta_batch", "l2t_ww:all_to_all", s, t, meta_loss_batch=batch)
+                for s in (0, 1) for batch, t in (("same", 70.0 + s), ("held_out", 73.0 + 2 * s))]
+    config.meta_batch_examples_per_class = (2,)
+    (row,) = study_report.meta_batch_rows(config, records)
+    assert row["same"] == [70.0, 71.0] and row["held_out"] == [73.0, 75.0]
+    assert row["difference"]["mean"] == pytest.approx(3.5)
+    lines = "\n".join(study_report.main_lines(config, records, [main_scratch, main_l2t],
+                                              [paired]))
+    assert "| Scratch | 61.00 ± 1.00 (3) | 11 |" in lines
+    assert "| L2T-ww (all-to-all) − Scratch | +4.00 [" in lines
 
 
 def test_grids_share_cells_and_directories_name_every_setting():
@@ -134,15 +193,15 @@ def test_grids_share_cells_and_directories_name_every_setting():
     assert {c.examples_per_class for c in main if c.source == "demo_resnet20"} == set(
         config.examples_per_class)
     cell = study.Cell("demo_resnet20", "l2t_ww:all_to_all", 5, 3,
-                      study._settings(config, meta_update_every=2))
-    assert cell.directory("R") == ("R/demo_resnet20/l2t_ww-all_to_all/epc5/"
-                                   f"learning_rate={config.learning_rate:g}_"
-                                   "meta_update_every=2/seed3")
+                      study.cell_settings(config, meta_update_every=2))
+    assert cell.directory == ("demo_resnet20/l2t_ww-all_to_all/epc5/"
+                              f"learning_rate={config.learning_rate:g}_"
+                              "meta_update_every=2/seed3")
     cells = study.all_cells(config)
     assert len(cells) == len(set(cells))
-    assert study._shard(cells, "1/2") == cells[1::2]
-    with pytest.raises(ValueError, match="expected 'i/n'"):
-        study._shard(cells, "2/2")
+    runs = study.runs(config, "W")
+    assert [r.directory for r in runs] == [c.directory for c in cells]
+    assert runs[0].command[-1] == f"--config.only={cells[0].directory}"
     config.grids = ("main", "ablation")
     with pytest.raises(ValueError, match="unknown grid 'ablation'"):
         study.run_study(config, "/nonexistent")
@@ -151,21 +210,28 @@ def test_grids_share_cells_and_directories_name_every_setting():
 def test_held_out_cells_take_their_share_of_the_budget():
     config = study_config.get_config()
     cell = study.Cell("demo_resnet20", "l2t_ww:all_to_all", 10, 0,
-                      study._settings(config, meta_loss_batch="held_out"))
+                      study.cell_settings(config, meta_loss_batch="held_out"))
     run = study.cell_config(config, "DATA", "SOURCE", cell)
     assert run.meta_loss_batch == "held_out" and run.data.meta_held_out_per_class == 2
     assert run.data.train_examples_per_class == 10 and run.learning_rate == config.learning_rate
     assert run.source_model == "resnet20" and run.model_overrides.source.widths == (8, 16, 32)
     released = study.cell_config(config, "DATA", "SOURCE", study.Cell(
-        "released_resnet32", "fm:one_to_one", 1, 0, study._settings(config)))
+        "released_resnet32", "fm:one_to_one", 1, 0, study.cell_settings(config)))
     assert released.source_num_classes == 200 and "source" not in released.model_overrides
 
 
 def test_the_smoke_study_runs_every_grid_and_reports_the_runs_numbers(tmp_path):
     """study:smoke: every grid end to end (demo source pre-trained, runs, report); the
-    report's numbers are the runs' own; a second start runs nothing."""
+    report's numbers are the runs' own; a second start, a dry run and ``only`` run
+    nothing; shards split the cells."""
     config = study_config.get_config("smoke")
     workdir = str(tmp_path / "study")
+    # A dry run prints every cell's command and makes nothing, not even the data.
+    config.dry_run = True
+    assert study.run_study(config, workdir) == {"cells": len(study.all_cells(config)),
+                                                "report": None}
+    assert not os.path.exists(workdir)
+    config.dry_run = False
     outcome = study.run_study(config, workdir)
     cells = study.all_cells(config)
     assert outcome["cells"] == len(cells)
@@ -177,7 +243,7 @@ def test_the_smoke_study_runs_every_grid_and_reports_the_runs_numbers(tmp_path):
     runs = os.path.join(workdir, "runs")
     tests = {}
     for cell in study.grid_cells(config, "main"):
-        with open(os.path.join(cell.directory(runs), "result.json")) as f:
+        with open(os.path.join(runs, cell.directory, "result.json")) as f:
             tests.setdefault((cell.entry, cell.examples_per_class), []).append(
                 json.load(f)["test_at_best_val"])
     with open(os.path.join(workdir, "report", "main.csv")) as f:
@@ -194,8 +260,13 @@ def test_the_smoke_study_runs_every_grid_and_reports_the_runs_numbers(tmp_path):
     assert float(row["mean"]) == pytest.approx(sum(differences) / len(differences))
     assert float(row["low"]) <= float(row["mean"]) <= float(row["high"])
     assert os.path.isfile(os.path.join(workdir, "report", "limited_data.png"))
+    assert os.path.isdir(os.path.join(workdir, "sources", "demo_resnet20", "source"))
     again = study.run_study(config, workdir)
     assert again["cells"] == len(cells)
+    config.shard = "1/2"                        # every other cell, and no report
+    assert study.run_study(config, workdir) == {"cells": len(cells[1::2]), "report": None}
+    config.shard, config.only = "", cells[2].directory
+    assert study.run_study(config, workdir) == {"cells": 1, "report": None}
     for cell in cells:       # nothing ran again: one start per run in its metrics log
-        with open(os.path.join(cell.directory(runs), "metrics.jsonl")) as f:
+        with open(os.path.join(runs, cell.directory, "metrics.jsonl")) as f:
             assert sum('"run"' in line for line in f) == 1

@@ -1,6 +1,6 @@
 """l2t_jax.tools.summaries on fake workdirs (no JAX): collecting and summarizing results against
 the paper, Markdown/CSV output, and the summarize script. The fake workdirs
-(helpers.write_run) serve test_grid.py and test_plots.py too."""
+(helpers.write_run) serve test_tables.py and test_plots.py too."""
 import math
 import os
 

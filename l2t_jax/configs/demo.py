@@ -5,11 +5,15 @@
     python -m l2t_jax.main --config=demo:quick --workdir=DIR      # the notebook
     python -m l2t_jax.main --config=demo:all_methods --workdir=DIR  # every method
 
-A ResNet-20 learns digits 0-4; a VGG-9-BN then learns digits 5-9 from 5 labelled images
-per class, by Scratch, FM (one-to-one and all-to-all), L2T-w (one-to-one) and L2T-ww
-(all-to-all), over 5 seeds. This is one column of the offline study (configs/study.py,
-docs/study/study.md), its setting with the clearest effects, with the study's small-data
-recipe. Writes results.md/csv and the pictures into the workdir.
+A ResNet-20 learns digits 0-4 (the study's ``demo_resnet20`` source, pre-trained in
+``DIR/sources``); a VGG-9-BN then learns digits 5-9 from 5 labelled images per class. The
+grid: ``methods`` (Scratch, FM one-to-one and all-to-all, L2T-w one-to-one, L2T-ww
+all-to-all) x ``examples_per_class`` x ``seeds``, each run in
+``DIR/runs/<method-scheme>/epc<k>/seed<s>``, skipped when finished. This is one column of
+the offline study (configs/study.py, docs/study/study.md), its setting with the clearest
+effects, with the study's small-data recipe. ``shard``, ``only`` and ``dry_run`` choose
+the runs a process makes, as in the study; a process that made every run writes
+results.md/csv and the pictures into DIR.
 """
 import ml_collections
 
@@ -20,16 +24,21 @@ def get_config(variant=None):
     recipe = study.get_config()
     config = ml_collections.ConfigDict()
     config.program = "demo"
+    config.variant = variant or ""        # the preset; the runs' commands name it
+    # Which runs this process makes (configs/study.py, l2t_jax/tools/runner.py).
+    config.shard = ""
+    config.only = ""
+    config.dry_run = False
     config.methods = tuple(recipe.methods)
     config.examples_per_class = (recipe.probe_examples_per_class,)
     config.seeds = tuple(recipe.seeds)
-    config.split_seed = recipe.split_seed  # the fixed val/test split and the source run
+    config.split_seed = recipe.split_seed  # the fixed val/test split and the source's seed
     config.image_size = recipe.image_size  # 8x8 digits up-sampled (VGG-9 needs >= 32 px)
     config.crop_padding = recipe.crop_padding
     # Networks: the paper's families at small widths (the study's demo source and target).
-    source = recipe.source_specs.demo_resnet20
-    config.source_model = source.model
-    config.source_widths = tuple(source.widths)
+    # The source: a name of source_specs (released_resnet32 needs L2T_RELEASE_DIR).
+    config.source = "demo_resnet20"
+    config.source_specs = recipe.source_specs
     config.target_model = recipe.target_model
     config.target_widths = tuple(recipe.target_widths)
     config.conv_impl = recipe.conv_impl

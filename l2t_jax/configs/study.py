@@ -4,14 +4,28 @@
     python -m l2t_jax.main --config=study:smoke --workdir=DIR           # CI: the runner
     L2T_RELEASE_DIR=DIR  (the authors' released files: the released ResNet-32 source)
 
-The demo's data design (l2t_jax/tools/demo.py): digits 0-4 pre-train the demo's ResNet-20
-source, a VGG-9-BN learns digits 5-9 from k labelled images per class. Two sources (the
-demo's own, and the authors' released TinyImageNet ResNet-32), five methods, five label
-budgets, five seeds (the seed draws the labelled subset, the same for every method), one
-shared recipe (``recipe`` grid: how it was chosen). ``grids`` picks what runs; every grid's
-runs live under ``DIR/runs`` and are skipped when finished, so the study resumes.
-``shard='i/n'`` runs every n-th cell from the i-th (one process per core); a run without
-a shard writes the report (``DIR/report``: study.md, CSVs, pictures).
+The digits tasks (l2t_jax/tools/digits.py): digits 0-4 pre-train the demo's ResNet-20
+source, a VGG-9-BN learns digits 5-9 from k labelled images per class. Every run shares one
+recipe (batch, steps, theta's and phi's rates, T, beta) and changes what its grid varies:
+
+- ``recipe``: Scratch and FM at ``recipe_examples_per_class`` over theta's learning rates
+  ``recipe_learning_rates``, seeds ``recipe_seeds`` (how ``learning_rate`` was chosen, on
+  val accuracy, before any L2T-ww run);
+- ``main``: ``sources`` (the demo's own, and the authors' released TinyImageNet ResNet-32)
+  x ``methods`` x label budgets (``examples_per_class``, or a source's own) x ``seeds``
+  (a seed draws the labelled subset, the same for every method, so methods are paired);
+- ``meta_batch``: L2T-ww with the meta loss on held-out labelled images against the
+  paper's same batch, at ``meta_batch_examples_per_class``;
+- ``every_k``: L2T-ww with phi updated every k-th iteration, k in ``every_k``;
+- ``sensitivity``: L2T-ww over ``sensitivity_meta_learning_rates`` x ``sensitivity_T``.
+
+The last three use the probe: L2T-ww (all-to-all) with ``probe_source`` at
+``probe_examples_per_class``. ``grids`` picks what runs; every grid's runs live under
+``DIR/runs`` (a run two grids share is made once) and are skipped when finished, so the
+study resumes. Which runs a process makes: ``shard='i/n'`` every n-th from the i-th (one
+process per core), ``only=<run directory>`` one run, ``dry_run=True`` none (it prints their
+commands). A process that made every run writes the report (``DIR/report``: study.md, CSVs,
+pictures).
 """
 import ml_collections
 
@@ -27,9 +41,14 @@ SOURCES = {
 def get_config(variant=None):
     config = ml_collections.ConfigDict()
     config.program = "study"
+    config.variant = variant or ""        # the preset; the runs' commands name it
     config.grids = ("recipe", "main", "meta_batch", "every_k", "sensitivity")
-    config.shard = ""                     # "i/n": this process runs cells i, i+n, ...
-    config.split_seed = 0                 # the fixed val/test split and the demo source
+    # Which runs this process makes (l2t_jax/tools/runner.py): "i/n" runs i, i+n, ...;
+    # a run's directory under DIR/runs; True: print the unfinished runs' commands only.
+    config.shard = ""
+    config.only = ""
+    config.dry_run = False
+    config.split_seed = 0                 # the fixed val/test split and the demo source's seed
     config.image_size = 32
     config.crop_padding = 4
     config.sources = tuple(SOURCES)

@@ -1,6 +1,7 @@
-"""Experiment tooling above the library: the offline demo and study, the paper's tables and
-numbers, summaries, pictures and benchmarks. Nothing below (models, transfer, data,
-training) imports these; the entry point reaches the demo and the study by name.
+"""Experiment tooling above the library: the grid runner, the digits tasks, the offline demo
+and study (and its report), the paper's tables and numbers, summaries, pictures and
+benchmarks. Nothing below (models, transfer, data, training) imports these; the entry
+point reaches the demo and the study by name.
 
 Command lines: ``python -m l2t_jax.tools.plots``, ``python -m l2t_jax.tools.bench``,
 ``python -m l2t_jax.tools.bench_pipeline``.

@@ -1,4 +1,4 @@
-"""The paper's tables as experiment grids, and the runner that works through them.
+"""The paper's tables as experiment grids (the runner, :mod:`l2t_jax.tools.runner`, makes them).
 
 This module owns:
 
@@ -8,26 +8,24 @@ This module owns:
   ``multisource``, ``limited``); the targets (:data:`TARGET_CONFIGS`,
   :data:`MULTI_SOURCE_CONFIGS`, :data:`LIMITED_DEFAULT_TARGETS`,
   :data:`LIMITED_DEFAULT_EXAMPLES`).
-- **Grids**: :func:`table_runs` lists the runs of a table as :class:`Run` objects with
-  deterministic workdirs ``<root>/<table>/<target>/<method[-scheme]>/epc<N|_all>/seed<S>``
-  (:func:`run_workdir`); :func:`command` is the shell command of one run.
-- **The runner**: :func:`run_grid` runs them one after another (finished workdirs, those
-  with ``result.json``, :func:`l2t_jax.training.workdir.is_finished`, are skipped) or prints the
-  commands; a failed run raises :class:`GridError`.
+- **Grids**: :func:`table_runs` lists the runs of a table as
+  :class:`l2t_jax.tools.runner.Run` objects in the runner's directory scheme,
+  ``<table>/<target>/<method[-scheme]>/epc<N|_all>/seed<S>`` under the grid's root; each
+  one's command is an ordinary ``python -m l2t_jax.main --config=<target>
+  --workdir=<root>/<directory> --config.method=...``, which
+  :func:`l2t_jax.tools.runner.run_grid` runs as a subprocess
+  (:func:`l2t_jax.tools.runner.as_subprocess`).
 
-Nothing here imports JAX: runs are started as ``python -m l2t_jax.main`` subprocesses.
+Nothing here imports JAX.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
-import subprocess
-import sys
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
-from l2t_jax.training import logs, workdir
 from l2t_jax.transfer import methods as method_table  # `methods` is table_runs' argument
+from l2t_jax.tools import runner
 from l2t_jax.tools.paper import PAPER_ROWS
 
 
@@ -46,9 +44,15 @@ class TableRow:
         return method_table.row_label(self.method, self.scheme)
 
     @property
+    def entry(self) -> str:
+        """``method[:scheme]``, as grids name methods: ``fm:one_to_one``, ``scratch``."""
+        return self.method if self.scheme is None else f"{self.method}:{self.scheme}"
+
+    @property
     def slug(self) -> str:
-        """Directory name: ``fm-one_to_one``, ``scratch``."""
-        return self.method if self.scheme is None else f"{self.method}-{self.scheme}"
+        """Its directory name (:func:`l2t_jax.tools.runner.run_directory`):
+        ``fm-one_to_one``, ``scratch``."""
+        return self.entry.replace(":", "-")
 
 
 PAPER_METHODS = (
@@ -83,39 +87,6 @@ LIMITED_DEFAULT_EXAMPLES = (25, 50, 100, 250)
 
 
 # ----------------------------------------------------------------------------- grids
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One training run of a grid.
-
-    ``config`` is a shipped config's name or a config file, optionally with ``:variant``;
-    ``examples_per_class`` 0 means the whole training set; ``extra_overrides`` are full
-    ``--config.key=value`` flags appended last (so they win over the grid's own).
-    """
-
-    table: str
-    target: str
-    config: str
-    method: TableRow
-    seed: int
-    examples_per_class: int
-    workdir: str
-    extra_overrides: tuple[str, ...] = ()
-
-    @property
-    def label(self) -> str:
-        return self.method.label
-
-    def overrides(self) -> list[str]:
-        """The ``--config.*`` flags of this run, in a fixed order."""
-        flags = [f"--config.method={self.method.method}"]
-        if self.method.scheme is not None:
-            flags.append(f"--config.pairs={self.method.scheme}")
-        flags.append(f"--config.seed={self.seed}")
-        if self.examples_per_class:
-            flags.append(f"--config.data.train_examples_per_class={self.examples_per_class}")
-        return flags + list(self.extra_overrides)
-
-
 def _normalize_override(flag: str) -> str:
     """``"epochs=2"`` or ``"--config.epochs=2"`` -> ``"--config.epochs=2"``."""
     flag = flag.strip()
@@ -159,27 +130,28 @@ def _target_config(target: str) -> str:
                      f"shipped: {', '.join(configs.names())}")
 
 
-def run_workdir(root: str, table: str, target: str, method: TableRow, seed: int,
-                examples_per_class: int) -> str:
-    """``<root>/<table>/<target>/<method[-scheme]>/epc<N>/seed<S>`` (``epc_all`` for the
-    whole training set)."""
-    epc = f"epc{examples_per_class}" if examples_per_class else "epc_all"
-    # A target given as a config file is named by its file name (configs/foo.py -> foo).
-    target = os.path.splitext(os.path.basename(target.partition(":")[0]))[0] or target
-    return os.path.join(root, table, target, method.slug, epc, f"seed{seed}")
+def _overrides(method: TableRow, seed: int, examples_per_class: int) -> list[str]:
+    """The ``--config.*`` flags of one run of a table, in a fixed order."""
+    flags = [f"--config.method={method.method}"]
+    if method.scheme is not None:
+        flags.append(f"--config.pairs={method.scheme}")
+    flags.append(f"--config.seed={seed}")
+    if examples_per_class:
+        flags.append(f"--config.data.train_examples_per_class={examples_per_class}")
+    return flags
 
 
 def table_runs(table: str, root: str, seeds: Iterable[int],
                targets: Iterable[str] | None = None, methods: Iterable[str] | None = None,
                examples_per_class: Iterable[int] | None = None,
-               extra_overrides: Iterable[str] = ()) -> list[Run]:
-    """The runs of one table.
+               extra_overrides: Iterable[str] = ()) -> list[runner.Run]:
+    """The runs of one table, as the runner's runs (module docstring).
 
     Args:
       table: ``main`` (9 paper rows x targets x seeds), ``multisource`` (STL-10 with each
         second source x {FM one-to-one, L2T-ww all-to-all} x seeds) or ``limited`` (scratch,
         FM one-to-one, L2T-ww all-to-all x examples per class x targets x seeds).
-      root: directory under which the workdirs go.
+      root: the grid's root; the commands name ``<root>/<directory>`` as the workdir.
       seeds: e.g. ``(0, 1, 2)``.
       targets: main/limited: names of :data:`TARGET_CONFIGS` (default: all six for main,
         ``stl10`` for limited), any other shipped config or a config file; multisource: keys of
@@ -189,7 +161,7 @@ def table_runs(table: str, root: str, seeds: Iterable[int],
       examples_per_class: training examples per class; default ``(0,)`` (all) for main and
         multisource, :data:`LIMITED_DEFAULT_EXAMPLES` for limited (which needs values > 0).
       extra_overrides: config overrides added to every run, ``key=value`` or
-        ``--config.key=value``.
+        ``--config.key=value``; last in each command, so they win over the grid's own.
 
     Returns:
       Runs ordered seed-major (every cell's seed 0 before any seed 1), so a grid stopped
@@ -229,86 +201,18 @@ def table_runs(table: str, root: str, seeds: Iterable[int],
     runs = []
     for seed in seeds:
         for target, config in target_configs:
+            # A target given as a config file is named by its file name (configs/foo.py: foo).
+            name = os.path.splitext(os.path.basename(target.partition(":")[0]))[0] or target
             for size in sizes:
                 for method in rows:
-                    runs.append(Run(table, target, config, method, seed, size,
-                                    run_workdir(root, table, target, method, seed, size),
-                                    extra))
+                    directory = runner.run_directory(method.entry, size, seed,
+                                                     context=(table, name))
+                    command = runner.main_command(
+                        f"--config={config}", f"--workdir={os.path.join(root, directory)}",
+                        *_overrides(method, seed, size), *extra)
+                    what = f"{size} per class" if size else "all images"
+                    runs.append(runner.Run(directory, command,
+                                           f"{method.label}, {name}, {what}, seed {seed}"))
     return runs
 
 
-def command(run: Run) -> str:
-    """The shell command of ``run``, to be started from the repository root::
-
-        python -m l2t_jax.main --config=stl10 \\
-            --workdir=runs/main/stl10/fm-one_to_one/epc_all/seed1 \\
-            --config.method=fm --config.pairs=one_to_one --config.seed=1
-
-    (returned as one line).
-    """
-    args = ["python", "-m", "l2t_jax.main", f"--config={run.config}",
-            f"--workdir={run.workdir}", *run.overrides()]
-    return " ".join(shlex.quote(a) for a in args)
-
-
-def _subprocess_args(run: Run) -> list[str]:
-    """What :func:`run_grid` executes: this interpreter and an absolute workdir, so it works
-    from any current directory (shipped configs are found by name)."""
-    return [sys.executable, "-m", "l2t_jax.main", f"--config={run.config}",
-            f"--workdir={os.path.abspath(run.workdir)}", *run.overrides()]
-
-
-# ------------------------------------------------------------------------ the runner
-class GridError(RuntimeError):
-    """A run of :func:`run_grid` failed; the message says which and how to continue."""
-
-
-def _default_runner(args: list[str]) -> int:
-    return subprocess.run(args, check=False).returncode
-
-
-def run_grid(runs: Sequence[Run], dry_run: bool = False,
-             runner: Callable[[list[str]], int] | None = None) -> dict[str, list[Run]]:
-    """Runs ``runs`` one after another, skipping finished workdirs.
-
-    Args:
-      runs: from :func:`table_runs`.
-      dry_run: print one :func:`command` per unfinished run on stdout (the skipped ones are
-        noted on stderr, so stdout can go straight to a cluster's job list) and run nothing.
-      runner: ``runner(args) -> exit code``; default: ``subprocess.run`` of
-        ``python -m l2t_jax.main ...`` with this interpreter (tests pass a fake).
-
-    Returns:
-      ``{"skipped": [...], "ran": [...], "pending": [...]}`` (pending: the dry run's).
-
-    Raises:
-      GridError: on the first run that exits non-zero. Finished runs are left alone; the
-      same call again skips them and resumes the failed run from its last checkpoint.
-    """
-    runner = runner or _default_runner
-    report: dict[str, list[Run]] = {"skipped": [], "ran": [], "pending": []}
-    total = len(runs)
-    progress = logs.GridProgress(total)
-    for i, run in enumerate(runs, 1):
-        if workdir.is_finished(run.workdir):
-            report["skipped"].append(run)
-            progress.finished(skipped=True)
-            print(f"[{i}/{total}] skip (finished, has {workdir.RESULT}): {run.workdir}",
-                  file=sys.stderr if dry_run else sys.stdout, flush=True)
-            continue
-        if dry_run:
-            report["pending"].append(run)
-            print(command(run), flush=True)
-            continue
-        print(f"{progress.line(i, run.label)}\n  {command(run)}", flush=True)
-        code = runner(_subprocess_args(run))
-        progress.finished()
-        if code != 0:
-            raise GridError(
-                f"run {i}/{total} failed with exit code {code}: {command(run)}\n"
-                f"{len(report['ran'])} run(s) finished in this call and "
-                f"{len(report['skipped'])} earlier are kept. Run the same command again to "
-                "continue: finished runs are skipped and this one resumes from its last "
-                "checkpoint.")
-        report["ran"].append(run)
-    return report

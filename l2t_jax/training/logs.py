@@ -3,15 +3,14 @@
 The package's modules log through ``logging.getLogger(__name__)`` (the ``l2t_jax`` tree).
 :func:`configure` keeps that tree at INFO and puts everything else (orbax's ~35 INFO lines
 per checkpoint save, absl's and jax's platform probing, matplotlib's font cache) at WARNING,
-unless ``log_libraries`` asks for their INFO lines too. :class:`GridProgress` formats the
-"run k of N, elapsed, ETA" lines of the demo and the experiment grids.
+unless ``log_libraries`` asks for their INFO lines too. :func:`duration` writes seconds as a
+person reads them.
 
 Nothing here imports JAX.
 """
 from __future__ import annotations
 
 import logging
-import time
 
 PACKAGE_LOGGER = "l2t_jax"
 
@@ -40,32 +39,3 @@ def duration(seconds: float) -> str:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(int(round(seconds / 60)), 60)
     return f"{hours} h {minutes:02d} min"
-
-
-class GridProgress:
-    """Progress of a grid of runs: ``run 3/18 (fm, 5 per class, seed 2) | elapsed 4 min 10 s,
-    ETA 20 min 50 s``.
-
-    The ETA is the mean time of the runs that ran in this call times the runs left; runs
-    skipped because they had finished earlier count as done and take no time.
-    """
-
-    def __init__(self, total: int):
-        self.total = total
-        self.started = time.time()
-        self.ran = 0          # runs that ran (not skipped) and finished in this call
-        self.done = 0         # runs finished or skipped
-
-    def finished(self, skipped: bool = False) -> None:
-        """Marks one run as done (``skipped``: it had finished before this call)."""
-        self.done += 1
-        self.ran += 0 if skipped else 1
-
-    def line(self, index: int, what: str) -> str:
-        """The line to print before run ``index`` (1-based) of the grid starts."""
-        elapsed = time.time() - self.started
-        text = f"run {index}/{self.total} ({what}) | elapsed {duration(elapsed)}"
-        if self.ran:
-            left = self.total - self.done
-            text += f", ETA {duration(elapsed / self.ran * left)}"
-        return text
