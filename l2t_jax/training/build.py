@@ -189,31 +189,41 @@ def load_splits(config) -> dict:
     """{'train', 'val', 'test'} sources (val/test as listed in config.data.eval_splits).
 
     An own image folder (``data.kind='image_folder'``, no official split) goes through
-    :func:`l2t_jax.data.image_folder_splits`: the class folders are checked across splits,
-    and without ``val/`` the val split is carved from train (``data.val_fraction``,
-    ``data.split_seed``).
+    :func:`l2t_jax.data.image_folder_splits`: the class folders are checked across splits.
+    Data without an official split and without a val split of their own (an image folder
+    without ``val/``, npz data without ``val.npz``, a TFDS set without a ``val`` split) get
+    one carved from train when ``eval_splits`` names it: ``data.val_fraction`` of every
+    class, stratified, seeded by ``data.split_seed`` (:func:`l2t_jax.data.carve_validation`).
 
     With ``config.data.train_examples_per_class`` the train split keeps that many examples
     of each class, sampled with the seed. With ``config.meta_loss_batch='held_out'``,
     ``data.meta_held_out_per_class`` of them per class move to a ``meta`` split (the meta
     loss's batches), also sampled with the seed.
     """
-    names = ("train",) + tuple(config.data.eval_splits)
-    if config.data.kind == "image_folder" and not config.data.official_split:
-        # One's own folder: classes checked across splits, val carved from train if absent.
-        splits = data.image_folder_splits(
-            config.data.data_dir, names, val_fraction=config.data.val_fraction,
-            split_seed=config.data.split_seed, skip_corrupt=config.data.skip_corrupt,
-            num_classes=config.data.num_classes)
+    data_config = config.data
+    names = ("train",) + tuple(data_config.eval_splits)
+    carve = ("val" in names and not data_config.official_split and not data.has_split(
+        data_config.kind, data_config.data_dir, "val", data_config.name))
+    stored = tuple(split for split in names if not (carve and split == "val"))
+    if data_config.kind == "image_folder" and not data_config.official_split:
+        # One's own folder: classes checked across splits.
+        splits = data.image_folder_splits(data_config.data_dir, stored,
+                                          skip_corrupt=data_config.skip_corrupt,
+                                          num_classes=data_config.num_classes)
     else:
-        splits = {split: _split_source(config, split) for split in names}
-    if config.data.train_examples_per_class:
+        splits = {split: _split_source(config, split) for split in stored}
+    if carve:
+        where = (f"the TFDS data set {data_config.name!r}" if data_config.kind == "tfds"
+                 else data_config.data_dir)
+        splits["train"], splits["val"] = data.carve_validation(
+            splits["train"], data_config.val_fraction, data_config.split_seed, where)
+    if data_config.train_examples_per_class:
         splits["train"] = data.per_class_subset(
-            splits["train"], config.data.train_examples_per_class, config.seed)
+            splits["train"], data_config.train_examples_per_class, config.seed)
     if config.meta_loss_batch == "held_out":
         splits["meta"], splits["train"] = data.split_per_class(
-            splits["train"], config.data.meta_held_out_per_class, config.seed)
-    return splits
+            splits["train"], data_config.meta_held_out_per_class, config.seed)
+    return {**{split: splits[split] for split in names}, **splits}     # in eval_splits' order
 
 
 # ------------------------------------------------------------------------------ models
