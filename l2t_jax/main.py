@@ -31,8 +31,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from l2t_jax import configs
-from l2t_jax.training import build, checkpoints, compile_cache, converted, logs, parallel, train
+from l2t_jax.training import checkpoints, compile_cache, converted, logs, parallel, train
 from l2t_jax.training import workdir as workdir_files
+from l2t_jax.training.config import default_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
@@ -99,7 +100,7 @@ def parse_flags(argv):
                  "l2t_jax/configs/default.py lists every config key.")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        valid = ", ".join(sorted(build.default_config().keys()))
+        valid = ", ".join(sorted(default_config().keys()))
         sys.exit(f"error: a config override failed ({type(e).__name__}: {e}); overrides "
                  f"given: {' '.join(overrides) or 'none'}. Valid top-level keys: {valid}")
 

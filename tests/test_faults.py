@@ -50,6 +50,7 @@ from l2t_jax import data, main, models
 from l2t_jax.training import build, converted, parallel, train
 from l2t_jax.transfer import bilevel
 from l2t_jax.training import workdir as workdir_files
+from l2t_jax.training.config import validate_config
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +231,7 @@ def test_config_fuzz_raises_only_value_errors(assets):
                 continue
             changes[key] = value
         try:
-            build.validate_config(config)
+            validate_config(config)
             build.build_networks(config)
             outcomes["passed"] += 1
         except (ValueError, FileNotFoundError) as e:

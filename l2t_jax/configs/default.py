@@ -1,7 +1,7 @@
 """Defaults of every experiment: the reference's CIFAR-100 setting (docs/semantics.md).
 
 Experiment files import ``get_config`` and override what differs. Every key is listed here;
-:func:`l2t_jax.training.build.validate_config` rejects unknown keys and invalid values.
+:func:`l2t_jax.training.config.validate_config` rejects unknown keys and invalid values.
 """
 import ml_collections
 

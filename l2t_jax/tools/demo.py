@@ -135,8 +135,8 @@ def write_digits_image_folder(root: str, digits=tuple(range(10)), train_per_clas
 
 def _base_config(config, data_dir: str, name: str):
     """Settings shared by the source and the target runs."""
-    from l2t_jax.training import build
-    run = build.default_config()
+    from l2t_jax.training.config import default_config
+    run = default_config()
     run.data.kind = "npz"
     run.data.name = name
     run.data.data_dir = data_dir

@@ -52,6 +52,7 @@ from l2t_jax.training import build, checkpoints, compile_cache, logs, parallel, 
 from l2t_jax.transfer import bilevel
 from l2t_jax.training import workdir as workdir_files
 from l2t_jax.training.checkpoints import CheckpointError  # noqa: F401  (what a save raises here)
+from l2t_jax.training.config import check_resumable, config_for_comparison, validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -487,7 +488,7 @@ def _initial_state(config, workdir: str, transfer, mesh, saved: checkpoints.Chec
         logger.info("initialising the training state (seed %d)...", config.seed)
     state = parallel.replicate(mesh, _init_fn(config, transfer)())   # one seed everywhere
     if parallel.is_main_process():
-        workdir_files.write_config(workdir, checkpoints.config_for_comparison(config))
+        workdir_files.write_config(workdir, config_for_comparison(config))
     return state, progress
 
 
@@ -549,7 +550,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     parallel.maybe_initialize_distributed(
         timeouts=parallel.DistributedTimeouts.from_config(config))
     config = build.resolve_data(config)       # an image folder's classes (checked)
-    build.validate_config(config)
+    validate_config(config)
     main_process = parallel.is_main_process()
     os.makedirs(workdir, exist_ok=True)
     splits = build.load_splits(config)
@@ -584,7 +585,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 f"training step ({config.method}{', phi fixed' if every > 1 else ''})")
     resuming_from = saved.latest_step()
     if resuming_from is not None:
-        checkpoints.check_resumable(config, workdir)      # before anything compiles
+        check_resumable(config, workdir)      # before anything compiles
     abstract_state = _abstract_state(config, transfer, mesh)
     first_program = None                  # a finished run has nothing to compile
     if resuming_from is None or resuming_from < total_steps:
