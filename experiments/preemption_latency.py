@@ -34,7 +34,8 @@ HOOK = r"""
 import json, os, queue, signal, sys, threading, time
 import jax
 from absl import app
-from l2t_jax import checkpoints, main, train
+from l2t_jax import main
+from l2t_jax.training import checkpoints, train
 
 point, out = os.environ["L2T_POINT"], os.environ["L2T_OUT"]
 signum = getattr(signal, os.environ.get("L2T_SIGNAL", "SIGTERM"))

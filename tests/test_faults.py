@@ -534,7 +534,8 @@ FILL_DISK_AT_STEP = """
 import json, os, sys
 sys.path.insert(0, os.environ["L2T_TEST_DIR"])
 from absl import app
-from l2t_jax import main, workdir
+from l2t_jax import main
+from l2t_jax.training import workdir
 from test_faults import _committed_digest
 _write = workdir.MetricLog.write
 def write(self, step, values):
@@ -609,7 +610,8 @@ def test_full_disk_is_one_line_and_the_same_command_resumes(scratch_reference, t
 SIGNAL_AT_STEP = """
 import os, signal
 from absl import app
-from l2t_jax import checkpoints, main, workdir
+from l2t_jax import main
+from l2t_jax.training import checkpoints, workdir
 signum = getattr(signal, os.environ["L2T_TEST_SIGNAL"])
 _write = workdir.MetricLog.write
 def write(self, step, values):
