@@ -31,7 +31,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from l2t_jax import configs
-from l2t_jax.training import checkpoints, compile_cache, converted, logs, parallel, train
+from l2t_jax.training import (checkpoints, compile_cache, converted, logs, parallel, stopping,
+                              train)
 from l2t_jax.training import workdir as workdir_files
 from l2t_jax.training.config import default_config
 
@@ -121,11 +122,11 @@ def main(argv):
     compile_cache.enable(_COMPILATION_CACHE.value)
     try:
         program_of(config)(config, _WORKDIR.value)
-    except train.Preempted as e:     # logged by train; the checkpoint is saved
+    except stopping.Preempted as e:  # logged by train; the checkpoint is saved
         sys.exit(e.exit_code)
     except KeyboardInterrupt:        # Ctrl-C outside the training loop (start-up, the end)
         print("interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
-        sys.exit(train.INTERRUPTED_EXIT_CODE)
+        sys.exit(stopping.INTERRUPTED_EXIT_CODE)
     # Config and data errors, a diverged run, files that could not be written, and torch
     # missing to read a .pth file: the message names the problem and the fix, a traceback
     # would not.
