@@ -26,7 +26,7 @@ def git_commit() -> dict | None:
     """``{'commit': sha, 'dirty': bool}`` of the checkout whose ``l2t_jax/`` this package
     is, or None (a wheel or ``pip install .``, even into a venv inside a checkout; no
     git)."""
-    directory = os.path.dirname(os.path.abspath(__file__))
+    directory = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # l2t_jax/
     try:
         top = subprocess.run(["git", "-C", directory, "rev-parse", "--show-toplevel"],
                              capture_output=True, text=True, timeout=10)
