@@ -150,3 +150,14 @@ def test_a_run_from_before_a_key_was_added_resumes_as_it_ran(tmp_path):
     with pytest.raises(ValueError, match=r"keys differ: data\); use a new workdir \(or "
                                          r"compare with .*config.json\)$"):
         check_resumable(config, run)
+
+
+def test_a_key_added_without_a_reproducing_value_is_refused_on_resume(tmp_path):
+    """A key the run's config.json lacks and ADDED_KEYS does not list: evaluate and export
+    read today's default, but resuming refuses (the default need not be what the run did),
+    even when the config resuming it has the default."""
+    assert "beta" not in ADDED_KEYS and "hflip" not in ADDED_KEYS
+    run = _old_run(tmp_path, default_config(), "beta", "data.hflip")
+    assert read_run_config(run).beta == default_config().beta
+    with pytest.raises(ValueError, match=r"keys differ: beta, data\)"):
+        check_resumable(default_config(), run)

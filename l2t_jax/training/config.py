@@ -203,7 +203,8 @@ def read_run_config(workdir: str, current: ml_collections.ConfigDict | None = No
     :func:`default_config`. A key the file lacks was added since the run was written: it
     takes the value that reproduces the run (:data:`ADDED_KEYS`); where every value does
     (``ANY``), ``current``'s value (the config resuming it), else today's default, as do
-    the keys never written (:data:`RESUMABLE_KEYS`). JSON lists become tuples.
+    the keys never written (:data:`RESUMABLE_KEYS`) and the keys added without a value in
+    :data:`ADDED_KEYS` (which resuming refuses). JSON lists become tuples.
 
     Raises:
       FileNotFoundError: no config.json; ValueError: it is not valid JSON (both name it).
@@ -211,9 +212,10 @@ def read_run_config(workdir: str, current: ml_collections.ConfigDict | None = No
     return _read_run_config(workdir, current)[0]
 
 
-def _read_run_config(workdir: str, current) -> tuple[ml_collections.ConfigDict, list]:
+def _read_run_config(workdir: str, current) -> tuple[ml_collections.ConfigDict, list, list]:
     """(:func:`read_run_config`, [(added key, the value set for it)] for the keys of
-    :data:`ADDED_KEYS` the file lacks whose value is not ``current``'s)."""
+    :data:`ADDED_KEYS` the file lacks whose value is not ``current``'s, [the keys it lacks
+    that neither the file nor :data:`ADDED_KEYS` gives a value, dotted])."""
     saved = workdir_files.read_config(workdir)
     now = json.loads(current.to_json()) if current is not None else {}
     predates = []
@@ -230,7 +232,20 @@ def _read_run_config(workdir: str, current) -> tuple[ml_collections.ConfigDict, 
                 predates.append((key, reproducing))
         elif leaf in current_part:
             given[leaf] = current_part[leaf]
-    return ml_collections.ConfigDict(_merge(default_config().to_dict(), saved)), predates
+    defaults = default_config().to_dict()
+    unknown = [key for key in _absent(defaults, saved) if key not in RESUMABLE_KEYS]
+    return ml_collections.ConfigDict(_merge(defaults, saved)), predates, unknown
+
+
+def _absent(defaults: dict, saved: Mapping, prefix: str = "") -> list[str]:
+    """The keys of ``defaults`` (dotted, nested dicts followed) that ``saved`` lacks."""
+    absent = []
+    for key, value in defaults.items():
+        if key not in saved:
+            absent.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(saved[key], Mapping):
+            absent += _absent(value, saved[key], f"{prefix}{key}.")
+    return absent
 
 
 def _merge(base: dict, saved: Mapping) -> dict:
@@ -245,17 +260,20 @@ def _merge(base: dict, saved: Mapping) -> dict:
 
 def check_resumable(config, workdir: str) -> None:
     """Refuses to resume a workdir written by another config, naming the differing keys
-    (and, for a run written before a key was added, the value that resumes it)."""
+    (and, for a run written before a key was added, the value that resumes it). A key the
+    run's config.json lacks counts as differing unless :data:`ADDED_KEYS` says which value
+    reproduces the run (today's default need not)."""
     config_path = workdir_files.path(workdir, workdir_files.CONFIG)
     try:
-        saved, predates = _read_run_config(workdir, config)
+        saved, predates, unknown = _read_run_config(workdir, config)
     except FileNotFoundError:
         raise ValueError(f"{workdir} has checkpoints but no config.json, so it cannot be "
                          "checked against this config; use a new workdir") from None
     except ValueError as e:
         raise ValueError(f"{e}; use a new workdir") from None
     saved, current = config_for_comparison(saved), config_for_comparison(config)
-    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    differing = sorted({k for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+                       | {key.split(".")[0] for key in unknown})
     if differing:
         hint = (f". The run predates {', '.join(key for key, _ in predates)}: it resumes "
                 "with " + " ".join(f"--config.{key}={json.dumps(value)}"
