@@ -9,9 +9,10 @@ the hits saved (jax's estimate)}. BENCHMARKS.md, "Compiles"."""
 import json, sys, time
 import jax, jax.numpy as jnp
 from l2t_jax.training import build, compile_cache, parallel, train
+from l2t_jax.training.config import default_config
 from l2t_jax.transfer import bilevel
 compile_cache.enable(sys.argv[1])
-config = build.default_config()
+config = default_config()
 config.batch_size = 64
 transfer = build.build_transfer(config)
 mesh = parallel.make_mesh()

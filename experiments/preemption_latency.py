@@ -34,7 +34,8 @@ HOOK = r"""
 import json, os, queue, signal, sys, threading, time
 import jax
 from absl import app
-from l2t_jax import checkpoints, main, train
+from l2t_jax import main
+from l2t_jax.training import checkpoints, evaluation, train
 
 point, out = os.environ["L2T_POINT"], os.environ["L2T_OUT"]
 signum = getattr(signal, os.environ.get("L2T_SIGNAL", "SIGTERM"))
@@ -74,14 +75,14 @@ def compile_with_notice(*args, **kwargs):
     return step
 train.compile_with_notice = compile_with_notice
 
-_evaluate = train.evaluate
+_evaluate = evaluation.evaluate
 def evaluate(*args, **kwargs):
     record["evaluations"] = record.get("evaluations", 0) + 1
     # the 3rd evaluation: epoch 1's first split (the first one also compiles the program)
     if point == "eval" and record["evaluations"] == 3:
         send(0.3)
     return _evaluate(*args, **kwargs)
-train.evaluate = evaluate
+evaluation.evaluate = evaluate
 
 _save = checkpoints.Checkpoints.save
 def save(self, step, state, progress):

@@ -2,13 +2,15 @@
 
     python -m l2t_jax.evaluate --workdir RUN [--split test] [--which best|last]
 
-reads the run's config.json (so the data are the run's: the same folder, the same carved
-validation split, the same limited train subset), restores the target (``best/``, the
-target at the best val accuracy, or the newest checkpoint), predicts every image of the
-split with the evaluation transform of training, and writes into the workdir
-``eval_<split>_<which>.json`` (top-1, per class: images, correct, accuracy; the confusion
-matrix, rows = true class) and ``confusion_<split>_<which>.png`` (:mod:`l2t_jax.tools.plots`).
-It prints the same as a table. One process, the default device.
+reads the run's config.json (:func:`l2t_jax.training.config.read_run_config`: the data are
+the run's, the same folder, the same carved validation split, the same limited train
+subset; the network is the run's, :func:`l2t_jax.training.build.target_model`), restores
+the target (``best/``, the target at the best val accuracy, or the newest checkpoint),
+predicts every image of the split with the evaluation transform of training, and writes
+into the workdir ``eval_<split>_<which>.json`` (top-1, per class: images, correct,
+accuracy; the confusion matrix, rows = true class) and ``confusion_<split>_<which>.png``
+(:mod:`l2t_jax.tools.plots`). It prints the same as a table. One process, the default
+device.
 """
 from __future__ import annotations
 
@@ -21,24 +23,6 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from l2t_jax.training import workdir as workdir_files
-
-
-def run_config(workdir: str):
-    """The run's config (config.json over today's defaults, so a key added since the run
-    has its default) as a ConfigDict."""
-    import ml_collections
-
-    from l2t_jax.training import build
-
-    def merge(base: dict, saved: Mapping) -> dict:
-        for key, value in saved.items():
-            if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-                base[key] = merge(base[key], value)
-            else:
-                base[key] = tuple(value) if isinstance(value, list) else value
-        return base
-    return ml_collections.ConfigDict(merge(build.default_config().to_dict(),
-                                           workdir_files.read_config(workdir)))
 
 
 def class_names(config) -> list[str]:
@@ -108,9 +92,10 @@ def evaluate_run(workdir: str, split: str = "test", which: str = "best",
     """
     from l2t_jax.tools import plots
     from l2t_jax.training import build, checkpoints
+    from l2t_jax.training.config import read_run_config
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} is not a directory")
-    config = run_config(workdir)
+    config = read_run_config(workdir)
     known = ("train",) + tuple(config.data.eval_splits)
     if split not in ("train", "val", "test"):
         raise ValueError(f"--split={split!r}; valid: train, val, test (this run evaluated "
@@ -118,7 +103,7 @@ def evaluate_run(workdir: str, split: str = "test", which: str = "best",
     if split not in known:
         config.data.eval_splits = tuple(config.data.eval_splits) + (split,)
     source = build.load_splits(config)[split]
-    model = checkpoints.target_model(config)
+    model = build.target_model(config)
     variables, step = checkpoints.restore_target(workdir, model, which)
     predictions, labels = predict(model, variables, source, config.data.image_size,
                                   batch_size)

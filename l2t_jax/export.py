@@ -32,8 +32,9 @@ import numpy as np
 
 from l2t_jax import data
 from l2t_jax.models import torch_layout
-from l2t_jax.training import checkpoints, converted
+from l2t_jax.training import build, checkpoints, converted
 from l2t_jax.training import workdir as workdir_files
+from l2t_jax.training.config import read_run_config
 
 
 def _import_torch():
@@ -62,22 +63,19 @@ def torch_state_dict(model, variables: Mapping[str, Any]) -> dict:
     return state_dict
 
 
-def describe(config: Mapping[str, Any], model, which: str, step: Optional[int],
-             workdir: str) -> dict:
-    """The JSON written beside the state dict."""
-    config_data = dict(config["data"])
-    size = int(config_data["image_size"])
-    classes = list(config_data.get("classes") or []) or None
+def describe(config, model, which: str, step: Optional[int], workdir: str) -> dict:
+    """The JSON written beside the state dict; ``config`` is the run's
+    (:func:`l2t_jax.training.config.read_run_config`)."""
+    size = int(config.data.image_size)
     result_path = workdir_files.path(workdir, workdir_files.RESULT)
     result = workdir_files.read_json(result_path) if os.path.isfile(result_path) else {}
     return {
         "model": model.name,
         "layout": torch_layout.layout_description(model),
         "model_overrides": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in
-                            dict(dict(config.get("model_overrides") or {}).get("target")
-                                 or {}).items()},
+                            dict(config.model_overrides.get("target", {})).items()},
         "num_classes": int(model.num_classes),
-        "classes": classes,
+        "classes": list(config.data.classes) or None,
         "input": {"size": [size, size], "channels": "RGB", "layout": "NCHW float32"},
         "normalization": {"scale": "pixels / 255, then (x - mean) / std",
                           "mean": data.MEAN.tolist(), "std": data.STD.tolist()},
@@ -86,7 +84,7 @@ def describe(config: Mapping[str, Any], model, which: str, step: Optional[int],
                         f"center crop {size}x{size}"),
         "output": "logits (no softmax)",
         "weights": {"workdir": os.path.abspath(workdir), "which": which, "step": step,
-                    "dataset": config_data.get("name"), "method": config.get("method"),
+                    "dataset": config.data.name, "method": config.method,
                     "best_val": result.get("best_val"),
                     "test_at_best_val": result.get("test_at_best_val")},
     }
@@ -103,8 +101,8 @@ def export(workdir: str, output: str, which: str = "best") -> tuple[str, str]:
     torch = _import_torch()
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} is not a directory")
-    config = workdir_files.read_config(workdir)
-    model = checkpoints.target_model(config)
+    config = read_run_config(workdir)
+    model = build.target_model(config)
     variables, step = checkpoints.restore_target(workdir, model, which)
     state_dict = torch_state_dict(model, variables)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -31,8 +31,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from l2t_jax import configs
-from l2t_jax.training import build, checkpoints, compile_cache, converted, logs, parallel, train
+from l2t_jax.training import (checkpoints, compile_cache, converted, logs, parallel, stopping,
+                              train)
 from l2t_jax.training import workdir as workdir_files
+from l2t_jax.training.config import default_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
@@ -99,7 +101,7 @@ def parse_flags(argv):
                  "l2t_jax/configs/default.py lists every config key.")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        valid = ", ".join(sorted(build.default_config().keys()))
+        valid = ", ".join(sorted(default_config().keys()))
         sys.exit(f"error: a config override failed ({type(e).__name__}: {e}); overrides "
                  f"given: {' '.join(overrides) or 'none'}. Valid top-level keys: {valid}")
 
@@ -120,11 +122,11 @@ def main(argv):
     compile_cache.enable(_COMPILATION_CACHE.value)
     try:
         program_of(config)(config, _WORKDIR.value)
-    except train.Preempted as e:     # logged by train; the checkpoint is saved
+    except stopping.Preempted as e:  # logged by train; the checkpoint is saved
         sys.exit(e.exit_code)
     except KeyboardInterrupt:        # Ctrl-C outside the training loop (start-up, the end)
         print("interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
-        sys.exit(train.INTERRUPTED_EXIT_CODE)
+        sys.exit(stopping.INTERRUPTED_EXIT_CODE)
     # Config and data errors, a diverged run, files that could not be written, and torch
     # missing to read a .pth file: the message names the problem and the fix, a traceback
     # would not.

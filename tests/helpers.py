@@ -122,8 +122,8 @@ def write_tiny_source(directory):
 def tiny_config(data_dir, source_dir, **overrides):
     import ml_collections
 
-    from l2t_jax.training import build
-    config = build.default_config()
+    from l2t_jax.training.config import default_config
+    config = default_config()
     config.data.kind = "npz"
     config.data.name = "test-arrays"
     config.data.data_dir = str(data_dir)

@@ -6,6 +6,7 @@ import pytest
 
 from helpers import tiny_config, write_npz_splits
 from l2t_jax.training import build, train
+from l2t_jax.training.config import validate_config
 from l2t_jax.transfer import optim
 
 
@@ -14,7 +15,7 @@ def test_config_errors_name_the_key(tiny_assets):
     with pytest.raises(ValueError, match="unknown config key 'lr'"):
         bad = ml_collections.ConfigDict(config.to_dict())
         bad.lr = 0.1
-        build.validate_config(bad)
+        validate_config(bad)
     for key, value, message in [
             ("target_model", "vgg11", "config.target_model='vgg11' is not a model"),
             ("T", -1, "config.T must be >= 0"),
@@ -23,7 +24,7 @@ def test_config_errors_name_the_key(tiny_assets):
         bad = ml_collections.ConfigDict(config.to_dict())
         bad[key] = value
         with pytest.raises(ValueError, match=message):
-            build.validate_config(bad)
+            validate_config(bad)
 
 
 # The paper's experiments and the authors' source pre-training: theta's rate is 0.1
@@ -57,7 +58,7 @@ def test_other_batch_sizes_scale_the_rate_linearly():
     with pytest.raises(ValueError, match="lr_reference_batch_size must be >= 0"):
         bad = cifar100.get_config()
         bad.lr_reference_batch_size = -1
-        build.validate_config(bad)
+        validate_config(bad)
 
 
 def test_the_image_folder_config_is_the_study_recipe_scaled_to_its_batch():

@@ -8,6 +8,7 @@ import pytest
 from helpers import REPO_ROOT, load_config
 from l2t_jax import configs
 from l2t_jax.training import build
+from l2t_jax.training.config import validate_config
 
 CONFIGS = ("cifar100", "stl10", "cub200", "dogs", "mit67", "stanford40")
 
@@ -16,7 +17,7 @@ CONFIGS = ("cifar100", "stl10", "cub200", "dogs", "mit67", "stanford40")
 def test_every_experiment_config_builds(name):
     for variant in (None, "tiny"):
         config = load_config(name, variant)
-        build.validate_config(config)
+        validate_config(config)
         transfer = build.build_transfer(config)
         assert len(transfer.pairs) == (15 if config.source_model == "resnet32" else 16)
     with pytest.raises(ValueError, match="unknown variant 'huge'"):

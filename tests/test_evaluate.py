@@ -17,6 +17,7 @@ from helpers import REPO_ROOT, load_config, nchw
 from l2t_jax import data, evaluate, export, models
 from l2t_jax.tools import digits
 from l2t_jax.training import build, checkpoints, train
+from l2t_jax.training.config import read_run_config
 
 CLASSES = ["one", "two", "zero"]
 
@@ -98,8 +99,8 @@ def test_export_of_the_last_checkpoint_runs_in_pytorch(finished_run, tmp_path):
     workdir, _ = finished_run
     output = str(tmp_path / "target.pth")
     export.export(workdir, output, which="last")
-    config = evaluate.run_config(workdir)
-    model = checkpoints.target_model(config)
+    config = read_run_config(workdir)
+    model = build.target_model(config)
     variables, step = checkpoints.restore_target(workdir, model, "last")
     assert step == 6
     torch_model = ref.VGG9BN(num_classes=3, widths=models.tiny_overrides("vgg9_bn")["widths"])

@@ -110,3 +110,15 @@ def test_missing_torch_workdir_and_checkpoint_are_one_line_errors(tmp_path, monk
     monkeypatch.setitem(sys.modules, "torch", None)     # `import torch` raises ImportError
     with pytest.raises(SystemExit, match=r"needs torch, .*pip install 'l2t-jax\[convert\]'"):
         export.main(["--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "m.pth")])
+
+
+def test_a_target_that_does_not_build_names_the_key(tmp_path):
+    """export builds the run's target with the training's builder: overrides that do not
+    fit are a one-line error naming the config key."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(
+        {"target_model": "vgg9_bn", "model_overrides": {"target": {"widths": [4, -6, 8, 8, 8]}},
+         "data": {"num_classes": 3, "image_size": 32}}))
+    with pytest.raises(SystemExit, match=r"^error: config.model_overrides.target.widths="
+                                         r"\(4, -6, 8, 8, 8\): widths must be integers >= 1$"):
+        export.main(["--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "m.pth")])

@@ -47,9 +47,10 @@ from helpers import (REPO_ROOT, SOURCE_MODEL, assert_same_leaves, final_params, 
                      one_line_error, tiny_config, write_config_file, write_npz_splits,
                      write_tiny_source)
 from l2t_jax import data, main, models
-from l2t_jax.training import build, converted, parallel, train
+from l2t_jax.training import build, converted, evaluation, parallel, stopping, train
 from l2t_jax.transfer import bilevel
 from l2t_jax.training import workdir as workdir_files
+from l2t_jax.training.config import validate_config
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +231,7 @@ def test_config_fuzz_raises_only_value_errors(assets):
                 continue
             changes[key] = value
         try:
-            build.validate_config(config)
+            validate_config(config)
             build.build_networks(config)
             outcomes["passed"] += 1
         except (ValueError, FileNotFoundError) as e:
@@ -254,9 +255,9 @@ def test_main_reports_each_fault_in_one_line(assets, tmp_path, monkeypatch):
                 (train.DivergenceError("non-finite ce at step 4"), "error: non-finite ce"),
                 (train.CheckpointError("could not save the checkpoint of step 4"),
                  "error: could not save"),
-                (train.Preempted(4, "/w/checkpoints"), train.PREEMPTED_EXIT_CODE),
-                (train.Preempted(4, "/w/checkpoints", signal.SIGINT),
-                 train.INTERRUPTED_EXIT_CODE),
+                (stopping.Preempted(4, "/w/checkpoints"), stopping.PREEMPTED_EXIT_CODE),
+                (stopping.Preempted(4, "/w/checkpoints", signal.SIGINT),
+                 stopping.INTERRUPTED_EXIT_CODE),
                 (workdir_files.RunFileError("/w/metrics.jsonl", OSError(
                     errno.ENOSPC, "No space left on device")),
                  "error: could not write /w/metrics.jsonl (No space left on device)"),
@@ -533,7 +534,8 @@ FILL_DISK_AT_STEP = """
 import json, os, sys
 sys.path.insert(0, os.environ["L2T_TEST_DIR"])
 from absl import app
-from l2t_jax import main, workdir
+from l2t_jax import main
+from l2t_jax.training import workdir
 from test_faults import _committed_digest
 _write = workdir.MetricLog.write
 def write(self, step, values):
@@ -608,7 +610,8 @@ def test_full_disk_is_one_line_and_the_same_command_resumes(scratch_reference, t
 SIGNAL_AT_STEP = """
 import os, signal
 from absl import app
-from l2t_jax import checkpoints, main, workdir
+from l2t_jax import main
+from l2t_jax.training import checkpoints, workdir
 signum = getattr(signal, os.environ["L2T_TEST_SIGNAL"])
 _write = workdir.MetricLog.write
 def write(self, step, values):
@@ -649,7 +652,7 @@ def test_signal_saves_at_the_step_boundary_and_resumes_exactly(scratch_reference
         assert _steps(workdir) == []                 # the save of step 2 never committed
     stopped = subprocess.run([sys.executable, str(hook)] + command[3:], cwd=REPO_ROOT,
                              env=env, capture_output=True, text=True)
-    code = {"SIGTERM": train.PREEMPTED_EXIT_CODE, "SIGINT": train.INTERRUPTED_EXIT_CODE}
+    code = {"SIGTERM": stopping.PREEMPTED_EXIT_CODE, "SIGINT": stopping.INTERRUPTED_EXIT_CODE}
     assert stopped.returncode == code[signum] == 128 + getattr(signal, signum), \
         stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
@@ -732,7 +735,7 @@ def test_preemption_stops_within_one_step_and_cuts_an_evaluation_short(assets, t
     clock = _DeviceClock(monkeypatch, lambda step: step == 2 and os.kill(os.getpid(),
                                                                          signal.SIGTERM))
     try:
-        with pytest.raises(train.Preempted) as info:
+        with pytest.raises(stopping.Preempted) as info:
             train.train_and_evaluate(config, str(tmp_path / "mid-step"))
     finally:
         clock.close()
@@ -742,7 +745,7 @@ def test_preemption_stops_within_one_step_and_cuts_an_evaluation_short(assets, t
     assert info.value.step in (2, 3) and _steps(tmp_path / "mid-step") == [info.value.step]
 
     # 2. SIGTERM during the 2nd batch of the first evaluation.
-    eval_program, batches = train._eval_program, []
+    eval_program, batches = evaluation.eval_program, []
 
     def counting_eval_program(*args):
         eval_step = eval_program(*args)
@@ -753,9 +756,9 @@ def test_preemption_stops_within_one_step_and_cuts_an_evaluation_short(assets, t
                 os.kill(os.getpid(), signal.SIGTERM)
             return eval_step(*step_args)
         return counted
-    monkeypatch.setattr(train, "_eval_program", counting_eval_program)
+    monkeypatch.setattr(evaluation, "eval_program", counting_eval_program)
     try:
-        with pytest.raises(train.Preempted,
+        with pytest.raises(stopping.Preempted,
                            match=r"after step 6: saved a checkpoint of step 6 .*\(the "
                                  r"evaluation of epoch 0 was cut short") as info:
             train.train_and_evaluate(config, str(tmp_path / "in-evaluation"))
@@ -807,7 +810,7 @@ def test_nonfinite_meta_gradient_stops_with_only_finite_checkpoints(assets, tmp_
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(workdir_files.MetricLog, "write", sigterm_after_step_3)
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(train.Preempted, match="after step 3"):
+    with pytest.raises(stopping.Preempted, match="after step 3"):
         train.train_and_evaluate(config, str(workdir))
     assert signal.getsignal(signal.SIGTERM) is handler      # the run's handler is gone
     monkeypatch.undo()

@@ -47,7 +47,8 @@ EXIT_BOUND_S = HEARTBEAT_S + 15
 FAULT_HOOK = """
 import os, signal
 from absl import app
-from l2t_jax import checkpoints, data, main
+from l2t_jax import data, main
+from l2t_jax.training import checkpoints
 fault, step = os.environ.get("L2T_TEST_FAULT"), int(os.environ.get("L2T_TEST_FAULT_STEP", 0))
 if fault and os.environ.get("L2T_PROCESS_ID") == os.environ["L2T_TEST_FAULT_PROCESS"]:
     _batches, _save = data.step_batches, checkpoints.Checkpoints.save

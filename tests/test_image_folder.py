@@ -14,6 +14,7 @@ from helpers import load_config, one_line_error, run_main
 from l2t_jax import data
 from l2t_jax.tools import digits
 from l2t_jax.training import build
+from l2t_jax.training.config import validate_config
 
 CLASSES = ["one", "two", "zero"]            # digits 0, 1, 2 by folder name, sorted
 
@@ -55,7 +56,7 @@ def test_without_val_the_classes_are_inferred_and_val_is_carved_stratified_and_s
     resolved = build.resolve_data(config)
     assert list(resolved.data.classes) == CLASSES and resolved.data.num_classes == 3
     assert config.data.num_classes == 0          # a copy: the caller's config is unchanged
-    build.validate_config(resolved)
+    validate_config(resolved)
     assert build.build_networks(resolved)[1].num_classes == 3
     with caplog.at_level(logging.INFO, logger="l2t_jax.data"):
         splits = build.load_splits(resolved)
@@ -167,7 +168,7 @@ def test_both_settings_validate_and_pair_all_to_all(folders):
     for variant, source, target, size, pairs in (("tiny", "resnet34", "resnet18", 64, 16),
                                                  ("small", "resnet32", "vgg9_bn", 32, 15)):
         config = build.resolve_data(_config(folders[0], variant))
-        build.validate_config(config)
+        validate_config(config)
         assert (config.source_model, config.target_model) == (source, target)
         assert config.data.image_size == size and config.batch_size == (
             8 if variant == "tiny" else 16)      # tiny's batch; the small-data recipe's

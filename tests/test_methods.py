@@ -11,6 +11,7 @@ import pytest
 
 from helpers import final_params, tiny_config, tiny_networks, write_npz_splits, write_tiny_source
 from l2t_jax.training import build, train
+from l2t_jax.training.config import validate_config
 from l2t_jax.transfer import bilevel, losses, methods, pairing
 
 
@@ -171,4 +172,4 @@ def test_two_sources_add_their_own_pairs_heads_and_meta_networks(method_assets, 
     bad.extra_sources = ({"model": "resnet20", "num_classes": 5, "checkpoint": "x",
                           "pairs": "9-0"},)
     with pytest.raises(ValueError, match=r"extra_sources\[0\].pairs: pair 9-0"):
-        build.validate_config(bad)
+        validate_config(bad)

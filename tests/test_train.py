@@ -17,6 +17,7 @@ from helpers import (RELEASE_DIR, REPO_ROOT, TINY_CONV_IMPL, assert_same_leaves,
                      load_config, main_command, tiny_config, write_config_file)
 from l2t_jax import data
 from l2t_jax.training import build, train
+from l2t_jax.training.config import validate_config
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +339,8 @@ def test_held_out_meta_loss_trains_on_the_rest_and_scores_its_own_split(tiny_ass
         else:
             bad[key] = value
         with pytest.raises(ValueError, match=message):
-            build.validate_config(bad)
+            validate_config(bad)
     bad = tiny_config(tiny_assets / "data", tiny_assets / "source")
     bad.data.meta_held_out_per_class = 1
     with pytest.raises(ValueError, match="only used with config.meta_loss_batch='held_out'"):
-        build.validate_config(bad)
+        validate_config(bad)

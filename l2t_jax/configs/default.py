@@ -1,7 +1,7 @@
 """Defaults of every experiment: the reference's CIFAR-100 setting (docs/semantics.md).
 
 Experiment files import ``get_config`` and override what differs. Every key is listed here;
-:func:`l2t_jax.training.build.validate_config` rejects unknown keys and invalid values.
+:func:`l2t_jax.training.config.validate_config` rejects unknown keys and invalid values.
 """
 import ml_collections
 
@@ -30,9 +30,11 @@ def get_config(variant=None):
     # Class names in label order. Own image folders (kind image_folder, no official split)
     # fill it from train/'s sub-folders (sorted), and check it when it is given.
     config.data.classes = ()
-    # Own image folders without a val/ folder: this fraction of every train class is held
-    # out as the val split (stratified), sampled with split_seed, not the run's seed, so runs
-    # of every seed and method select their models on the same images.
+    # Data without an official split and without a val split of their own (an image folder
+    # without val/, npz without val.npz, a TFDS set without "val"), when eval_splits names
+    # "val": this fraction of every train class is held out as the val split (stratified),
+    # sampled with split_seed, not the run's seed, so runs of every seed and method select
+    # their models on the same images.
     config.data.val_fraction = 0.1
     config.data.split_seed = 0
     config.data.image_size = 32            # network input; 32-px sets pad-crop-flip, else RRC

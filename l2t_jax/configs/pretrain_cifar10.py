@@ -1,8 +1,11 @@
 """Pre-train a CIFAR-10 ResNet-32 source (the paper's third STL-10 multi-source row).
 
 The same recipe as configs/pretrain_tinyimagenet.py (SGD lr 0.1, x0.1 at 50% and 75% of the
-epochs, batch 128, 200 epochs, cross-entropy); evaluated on CIFAR-10's test set (no official
-validation split exists for it). Writes the best network to ``WORKDIR/source``.
+epochs, batch 128, 200 epochs, cross-entropy). CIFAR-10 has no validation split (the
+release has no split lists for it): ``data.val_fraction`` (10%) of every class of its
+train set is held out as the val split (stratified, seeded by ``data.split_seed``), the
+network trains on the rest, and the best network by val accuracy is written to
+``WORKDIR/source``; CIFAR-10's test set is evaluated beside it, never used to choose.
 
 Data, once: ``tfds build cifar10 --file_format=array_record`` (the [prepare] extra)::
 
@@ -18,6 +21,6 @@ def get_config(variant=None):
     config.data.kind = "tfds"
     config.data.name = "cifar10"
     config.data.official_split = ""
-    config.data.eval_splits = ("test",)
+    config.data.eval_splits = ("val", "test")    # val carved from train: see above
     config = pretrain_tinyimagenet.pretrain(config, "resnet32", 10)
     return default.apply_variant(config, variant, "pretrain_cifar10")

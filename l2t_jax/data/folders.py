@@ -1,18 +1,15 @@
 """One's own image folder ``root/{train,[val],test}/<class>/<image>``: the classes, checked
-across splits, and a stratified, seeded validation split carved from train when there is
-no ``val/`` folder.
+across splits (without ``val/``, :func:`l2t_jax.data.carve_validation` carves a validation
+split from train).
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Sequence
 
 import numpy as np
 
-from l2t_jax.data.sources import IMAGE_SUFFIXES, DataError, ImageFolderSource, Subset
-
-logger = logging.getLogger(__name__)
+from l2t_jax.data.sources import IMAGE_SUFFIXES, DataError, ImageFolderSource
 
 IMAGE_FOLDER_LAYOUT = ("ROOT/train/<class>/<image>, ROOT/test/<class>/<image> and optionally "
                        "ROOT/val/<class>/<image>")
@@ -62,33 +59,13 @@ def _some(names: Sequence[str], most: int = 8) -> str:
                                       else "")
 
 
-def stratified_split(labels: Sequence[int], fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held out): positions into ``labels``, both sorted. Of every class,
-    ``round(fraction * n)`` examples are held out, at least one and at most n - 1 (a class
-    of one example keeps it), chosen by a generator seeded with ``seed`` alone: the same
-    labels, fraction and seed give the same split on every machine."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 20190610]))
-    held_out = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = min(max(int(round(fraction * len(members))), 1), len(members) - 1)
-        held_out.append(rng.permutation(members)[:count])
-    held_out = np.sort(np.concatenate(held_out)) if held_out else np.zeros(0, np.int64)
-    kept = np.setdiff1d(np.arange(len(labels)), held_out)
-    return kept, held_out
-
-
-def image_folder_splits(root: str, splits: Sequence[str] = ("train", "val", "test"),
-                        val_fraction: float = 0.1, split_seed: int = 0,
+def image_folder_splits(root: str, splits: Sequence[str] = ("train", "test"),
                         skip_corrupt: bool = False, num_classes: int = 0) -> dict:
-    """The splits of one's own image folder ``root/{train,[val],test}/<class>/<image>``.
-
-    Every split has the class folders of ``train/`` (labels: the folders' sorted order), and
-    no class folder is empty. Without a ``val/`` folder, ``'val'`` is a stratified split of
-    ``val_fraction`` of every train class (:func:`stratified_split`, seeded by
-    ``split_seed``), and ``'train'`` the rest.
+    """The splits of one's own image folder ``root/{train,[val],test}/<class>/<image>``
+    named in ``splits`` (train first): every split has the class folders of ``train/``
+    (labels: the folders' sorted order), and no class folder is empty. A folder without
+    ``val/`` has no val split (:func:`l2t_jax.data.carve_validation` carves one from
+    train).
 
     Raises:
       DataError: naming the folder: a missing root or split, an empty class, class folders
@@ -97,8 +74,6 @@ def image_folder_splits(root: str, splits: Sequence[str] = ("train", "val", "tes
     classes = image_folder_classes(root, num_classes)
     sources = {}
     for split in ["train"] + [s for s in splits if s != "train"]:
-        if split == "val" and not os.path.isdir(os.path.join(root, "val")):
-            continue
         source = ImageFolderSource(root, split, skip_corrupt=skip_corrupt)
         if source.classes != classes:
             only_train = sorted(set(classes) - set(source.classes))
@@ -115,16 +90,4 @@ def image_folder_splits(root: str, splits: Sequence[str] = ("train", "val", "tes
                             f"images (files ending in {', '.join(IMAGE_SUFFIXES)}); add "
                             "images or remove the class from every split")
         sources[split] = source
-    if "val" in splits and "val" not in sources:
-        train = sources["train"]
-        if not 0 < val_fraction < 1:
-            raise DataError(f"{root} has no val/ folder and config.data.val_fraction="
-                            f"{val_fraction}; set it in (0, 1) to carve a validation split "
-                            "from train")
-        kept, held_out = stratified_split(train.labels, val_fraction, split_seed)
-        sources["train"], sources["val"] = Subset(train, kept), Subset(train, held_out)
-        logger.info("%s has no val/ folder: carved a stratified validation split from "
-                    "train, %d of its %d images (val_fraction %g, split_seed %d)", root,
-                    len(held_out), len(train), val_fraction, split_seed)
-    return {split: sources[split] for split in ["train"] + [s for s in splits
-                                                            if s != "train"]}
+    return sources

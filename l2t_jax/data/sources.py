@@ -49,6 +49,22 @@ def npz_source(data_dir: str, split: str) -> ArraySource:
         return ArraySource(arrays["images"], arrays["labels"])
 
 
+def has_split(kind: str, data_dir: str, split: str, name: str = "") -> bool:
+    """Whether the data hold ``split`` themselves: ``data_dir/<split>.npz`` (kind ``npz``),
+    the folder ``data_dir/<split>/`` (``image_folder``), or a split of that name of the
+    prepared TFDS data set ``name`` (``tfds``; False when it is not prepared, which reading
+    its train split reports)."""
+    if kind == "npz":
+        return os.path.isfile(os.path.join(data_dir, f"{split}.npz"))
+    if kind == "image_folder":
+        return os.path.isdir(os.path.join(data_dir, split))
+    import tensorflow_datasets as tfds
+    try:
+        return split in tfds.builder(name, data_dir=data_dir or None).info.splits
+    except Exception:  # noqa: BLE001 - tfds raises several types for unprepared data
+        return False
+
+
 class ImageFolderSource:
     """``root/<split>/<class>/<file>``: classes and files in sorted order (the order the
     release's CUB and Dogs index lists refer to). Images decode on access (RGB uint8).

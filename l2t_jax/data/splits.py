@@ -1,14 +1,21 @@
-"""The official train/val/test index lists of the authors' release, checked against their
-sha256 sums; they are positions in each data set's original order (see
-:class:`~l2t_jax.data.sources.Subset`).
+"""Which examples form each split: the official train/val/test index lists of the authors'
+release, checked against their sha256 sums (positions in each data set's original order,
+see :class:`~l2t_jax.data.sources.Subset`), and for data without a validation split one
+carved from train, stratified and seeded (:func:`carve_validation`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from typing import Sequence
 
-from l2t_jax.data.sources import DataError
+import numpy as np
+
+from l2t_jax.data.sources import DataError, Subset, source_labels
+
+logger = logging.getLogger(__name__)
 
 # sha256 of the release's split files (the JSON copies), from the authors' repository.
 SPLIT_SHA256 = {
@@ -48,3 +55,42 @@ def official_split(release_dir: str, name: str, split: str) -> tuple[list[int], 
                         "is corrupt or not the official split")
     split_data = json.loads(content)
     return split_data["indices"], split_data["classes"]
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): positions into ``labels``, both sorted. Of every class,
+    ``round(fraction * n)`` examples are held out, at least one and at most n - 1 (a class
+    of one example keeps it), chosen by a generator seeded with ``seed`` alone: the same
+    labels, fraction and seed give the same split on every machine."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 20190610]))
+    held_out = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = min(max(int(round(fraction * len(members))), 1), len(members) - 1)
+        held_out.append(rng.permutation(members)[:count])
+    held_out = np.sort(np.concatenate(held_out)) if held_out else np.zeros(0, np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), held_out)
+    return kept, held_out
+
+
+def carve_validation(train, val_fraction: float, split_seed: int, where: str
+                     ) -> tuple[Subset, Subset]:
+    """(train, val) for data without a validation split: ``val_fraction`` of every class
+    of the source ``train`` held out (:func:`stratified_split`, seeded by ``split_seed``
+    alone, so every run of the data selects its model on the same examples), the rest kept
+    for training. ``where`` names the data in the log line.
+
+    Raises:
+      DataError: ``val_fraction`` outside (0, 1).
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"{where} has no val split and config.data.val_fraction="
+                        f"{val_fraction}; set it in (0, 1) to carve a validation split from "
+                        "train")
+    kept, held_out = stratified_split(source_labels(train), val_fraction, split_seed)
+    logger.info("%s has no val split: carved a stratified validation split from train, %d "
+                "of its %d images (val_fraction %g, split_seed %d)", where, len(held_out),
+                len(train), val_fraction, split_seed)
+    return Subset(train, kept), Subset(train, held_out)

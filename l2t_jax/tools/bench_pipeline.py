@@ -71,8 +71,9 @@ def training_wait(folder: str, image_size: int, batch_size: int, steps: int, met
                   threads: int, workdir: str) -> dict:
     """Runs the training program for ``steps`` steps (one epoch) on ``folder`` with the
     CIFAR-100 networks; how long it waited for input, and its step time."""
-    from l2t_jax.training import build, train
-    config = build.default_config()
+    from l2t_jax.training import train
+    from l2t_jax.training.config import default_config
+    config = default_config()
     config.data.kind, config.data.name = "image_folder", "bench"
     config.data.data_dir, config.data.official_split = folder, ""
     config.data.num_classes, config.data.image_size = 0, image_size

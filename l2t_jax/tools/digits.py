@@ -150,8 +150,8 @@ def target_train_pool() -> int:
 def _base_config(config, data_dir: str, name: str, source: ml_collections.ConfigDict):
     """Settings shared by the source and the target runs; ``source`` is a spec of
     ``config.source_specs``."""
-    from l2t_jax.training import build
-    run = build.default_config()
+    from l2t_jax.training import config as run_config
+    run = run_config.default_config()
     run.data.kind = "npz"
     run.data.name = name
     run.data.data_dir = data_dir

@@ -4,9 +4,8 @@
 ``released:resnet34-imagenet`` torchvision's ImageNet ResNet-34. Each is looked up in
 ``$L2T_RELEASE_DIR`` (e.g. a copy of the authors' release: ``tinyimagenet-200-resnet32.pth.tar``
 and ``splits/``; put ``resnet34-b627a593.pth`` beside it), checked against its sha256,
-converted to Flax once
-(:mod:`l2t_jax.convert`, needs torch) and cached under ``$L2T_CACHE_DIR`` (default
-``~/.cache/l2t_jax``).
+converted to Flax once (:func:`l2t_jax.training.converted.convert_checkpoint`, needs
+torch) and cached under ``$L2T_CACHE_DIR`` (default ``~/.cache/l2t_jax``).
 """
 from __future__ import annotations
 
@@ -47,22 +46,23 @@ def released_source(name: str) -> str:
     if name not in RELEASED:
         raise ValueError(f"unknown released network {name!r}; known: {', '.join(RELEASED)}")
     entry = RELEASED[name]
-    converted = os.path.join(cache_dir(), "converted", f"{name}-{entry['sha256'][:8]}")
-    if os.path.isdir(converted):
-        return converted
+    directory = os.path.join(cache_dir(), "converted", f"{name}-{entry['sha256'][:8]}")
+    if os.path.isdir(directory):
+        return directory
     path = os.path.join(release_dir(), entry["file"])
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"the released {name} is not at {path}. Download it and point L2T_RELEASE_DIR at "
             f"its directory:\n  curl -L -o {path} {entry['url']}\n  expected sha256 "
             f"{entry['sha256']}")
+    from l2t_jax.training import converted   # JAX (and torch) only when converting
     digest = converted.sha256_of(path)
     if not digest.startswith(entry["sha256"]):
         raise ValueError(f"{path} has sha256 {digest}, expected {entry['sha256']}")
-    os.makedirs(os.path.dirname(converted), exist_ok=True)
-    converted.convert_checkpoint(entry["model"], path, converted,
-                               source_dataset=entry["source_dataset"])
-    return converted
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    converted.convert_checkpoint(entry["model"], path, directory,
+                                 source_dataset=entry["source_dataset"])
+    return directory
 
 
 def resolve_source_checkpoint(spec: str) -> str:

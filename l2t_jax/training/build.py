@@ -1,17 +1,18 @@
-"""From a config to the objects of a run: checks, networks, transfer, source, data, schedule.
+"""From a config to the objects of a run: networks, transfer, source, data, schedule.
 
-This module owns what a run is built from, before anything is compiled:
-:func:`default_config` and :func:`validate_config` (unknown keys and bad values raise
-ValueError naming the key), :func:`build_networks` and :func:`build_transfer` (the method's
-row of :mod:`l2t_jax.transfer.methods` over the config's networks and pairs), the source networks'
-variables (:func:`load_source_variables`), the data splits (:func:`load_splits`) and theta's
-learning-rate schedule (:func:`learning_rate_schedule`).
+This module owns what a run is built from, before anything is compiled (the config itself
+is checked by :func:`l2t_jax.training.config.validate_config`): :func:`build_networks` and
+:func:`build_transfer` (the method's row of :mod:`l2t_jax.transfer.methods` over the
+config's networks and pairs), :func:`target_model` (the one builder of a config's target
+network, also for a finished run's), the source networks' variables
+(:func:`load_source_variables`), the data splits (:func:`load_splits`) and theta's
+learning-rate schedule (:func:`learning_rate_schedule`). Bad values raise ValueError naming
+the key.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from typing import Any
 
@@ -23,120 +24,10 @@ from l2t_jax import data, models
 from l2t_jax.models import taps
 from l2t_jax.training import assets, converted
 from l2t_jax.transfer import bilevel, methods, optim, pairing
-from l2t_jax.configs import default as configs_default
 
 logger = logging.getLogger(__name__)
 
 PyTree = Any
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Every config key with its default (``l2t_jax/configs/default.py``)."""
-    return configs_default.get_config()
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the key for unknown keys and invalid values."""
-    reference = default_config()
-
-    def check_keys(given, expected, prefix=""):
-        for key in given.keys():
-            if key not in expected:
-                raise ValueError(f"unknown config key {prefix}{key!r}; valid keys: "
-                                 f"{', '.join(sorted(expected.keys()))}")
-            if isinstance(expected[key], ml_collections.ConfigDict) and key != "model_overrides":
-                check_keys(given[key], expected[key], f"{prefix}{key}.")
-
-    check_keys(config, reference)
-    try:
-        methods.get_method(config.method)
-    except ValueError:
-        raise ValueError(f"config.method={config.method!r} is not a method; valid: "
-                         f"{', '.join(methods.METHODS)}") from None
-    for key in ("source_model", "target_model"):
-        if not models.is_model_name(config[key]):
-            raise ValueError(f"config.{key}={config[key]!r} is not a model; valid: "
-                             f"{', '.join(models.model_names())}, or an import path "
-                             "package.module:Class")
-    if config.lr_schedule not in ("cosine", "step"):
-        raise ValueError(f"config.lr_schedule={config.lr_schedule!r}; valid: cosine, step")
-    if not all(0 < f <= 1 for f in config.lr_decay_at):
-        raise ValueError(f"config.lr_decay_at={config.lr_decay_at} must be fractions of the "
-                         "epochs in (0, 1]")
-    if config.data.train_examples_per_class < 0:
-        raise ValueError("config.data.train_examples_per_class must be >= 0 (0 keeps all), "
-                         f"got {config.data.train_examples_per_class}")
-    if config.data.kind not in ("tfds", "image_folder", "npz"):
-        raise ValueError(f"config.data.kind={config.data.kind!r}; valid: tfds, image_folder, npz")
-    positive = ("batch_size", "eval_batch_size", "epochs", "log_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints", "distributed_init_timeout_s",
-                "distributed_heartbeat_timeout_s", "distributed_shutdown_timeout_s")
-    for key in positive:
-        if config[key] < 1:
-            raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
-    if config.batch_size % jax.device_count():
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                         f"{jax.device_count()} devices")
-    for key in ("learning_rate", "meta_learning_rate"):
-        if not (config[key] > 0 and math.isfinite(config[key])):
-            raise ValueError(f"config.{key} must be finite and > 0, got {config[key]}")
-    if config.meta_update_every < 1:
-        raise ValueError("config.meta_update_every must be >= 1 (1: phi at every step), got "
-                         f"{config.meta_update_every}")
-    if config.meta_loss_batch not in ("same", "held_out"):
-        raise ValueError(f"config.meta_loss_batch={config.meta_loss_batch!r}; valid: same (the "
-                         "paper's), held_out")
-    held_out = config.data.meta_held_out_per_class
-    if config.meta_loss_batch == "held_out":
-        if not methods.get_method(config.method).meta_networks:
-            raise ValueError(f"config.meta_loss_batch='held_out' needs a method with "
-                             f"meta-networks (l2t_w, l2t_ww); {config.method} has no meta loss")
-        if held_out < 1:
-            raise ValueError("config.meta_loss_batch='held_out' needs "
-                             "config.data.meta_held_out_per_class >= 1 (images per class for "
-                             f"the meta loss), got {held_out}")
-        if 0 < config.data.train_examples_per_class <= held_out:
-            raise ValueError(f"config.data.meta_held_out_per_class={held_out} leaves no "
-                             "training image of the config.data.train_examples_per_class="
-                             f"{config.data.train_examples_per_class} per class")
-    elif held_out:
-        raise ValueError(f"config.data.meta_held_out_per_class={held_out} is only used with "
-                         "config.meta_loss_batch='held_out'")
-    if config.lr_reference_batch_size < 0:
-        raise ValueError("config.lr_reference_batch_size must be >= 0 (0: no scaling), got "
-                         f"{config.lr_reference_batch_size}")
-    if not (config.preemption_grace_s >= 0 and math.isfinite(config.preemption_grace_s)):
-        raise ValueError("config.preemption_grace_s must be finite and >= 0 (seconds), got "
-                         f"{config.preemption_grace_s}")
-    if config.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; valid: stop, skip")
-    if config.data.num_classes < 1:
-        raise ValueError(f"config.data.num_classes must be >= 1, got "
-                         f"{config.data.num_classes}" + (
-                             " (0 is inferred from an image folder by build.resolve_data, "
-                             "which the training program calls first)"
-                             if config.data.num_classes == 0 else ""))
-    if config.data.image_size < 1:
-        raise ValueError(f"config.data.image_size must be >= 1, got {config.data.image_size}")
-    if not 0 < config.data.val_fraction < 1:
-        raise ValueError(f"config.data.val_fraction must be in (0, 1), got "
-                         f"{config.data.val_fraction}")
-    if config.source_num_classes < 1:
-        raise ValueError(f"config.source_num_classes must be >= 1, got "
-                         f"{config.source_num_classes}")
-    if config.data.read_threads < -1:
-        raise ValueError("config.data.read_threads must be -1 (one per CPU core), 0 or more, "
-                         f"got {config.data.read_threads}")
-    if config.data.prefetch_batches < 0:
-        raise ValueError(f"config.data.prefetch_batches must be >= 0, got "
-                         f"{config.data.prefetch_batches}")
-    if config.data.crop_padding < 0:
-        raise ValueError(f"config.data.crop_padding must be >= 0, got "
-                         f"{config.data.crop_padding}")
-    if not config.data.eval_splits:
-        raise ValueError("config.data.eval_splits is empty: name the evaluation splits, "
-                         "e.g. ('val', 'test') or ('test',)")
-    build_transfer(config)   # networks (conv_impl), sources, pairs, terms, T, phi resolve
 
 
 # -------------------------------------------------------------------------------- data
@@ -189,31 +80,41 @@ def load_splits(config) -> dict:
     """{'train', 'val', 'test'} sources (val/test as listed in config.data.eval_splits).
 
     An own image folder (``data.kind='image_folder'``, no official split) goes through
-    :func:`l2t_jax.data.image_folder_splits`: the class folders are checked across splits,
-    and without ``val/`` the val split is carved from train (``data.val_fraction``,
-    ``data.split_seed``).
+    :func:`l2t_jax.data.image_folder_splits`: the class folders are checked across splits.
+    Data without an official split and without a val split of their own (an image folder
+    without ``val/``, npz data without ``val.npz``, a TFDS set without a ``val`` split) get
+    one carved from train when ``eval_splits`` names it: ``data.val_fraction`` of every
+    class, stratified, seeded by ``data.split_seed`` (:func:`l2t_jax.data.carve_validation`).
 
     With ``config.data.train_examples_per_class`` the train split keeps that many examples
     of each class, sampled with the seed. With ``config.meta_loss_batch='held_out'``,
     ``data.meta_held_out_per_class`` of them per class move to a ``meta`` split (the meta
     loss's batches), also sampled with the seed.
     """
-    names = ("train",) + tuple(config.data.eval_splits)
-    if config.data.kind == "image_folder" and not config.data.official_split:
-        # One's own folder: classes checked across splits, val carved from train if absent.
-        splits = data.image_folder_splits(
-            config.data.data_dir, names, val_fraction=config.data.val_fraction,
-            split_seed=config.data.split_seed, skip_corrupt=config.data.skip_corrupt,
-            num_classes=config.data.num_classes)
+    data_config = config.data
+    names = ("train",) + tuple(data_config.eval_splits)
+    carve = ("val" in names and not data_config.official_split and not data.has_split(
+        data_config.kind, data_config.data_dir, "val", data_config.name))
+    stored = tuple(split for split in names if not (carve and split == "val"))
+    if data_config.kind == "image_folder" and not data_config.official_split:
+        # One's own folder: classes checked across splits.
+        splits = data.image_folder_splits(data_config.data_dir, stored,
+                                          skip_corrupt=data_config.skip_corrupt,
+                                          num_classes=data_config.num_classes)
     else:
-        splits = {split: _split_source(config, split) for split in names}
-    if config.data.train_examples_per_class:
+        splits = {split: _split_source(config, split) for split in stored}
+    if carve:
+        where = (f"the TFDS data set {data_config.name!r}" if data_config.kind == "tfds"
+                 else data_config.data_dir)
+        splits["train"], splits["val"] = data.carve_validation(
+            splits["train"], data_config.val_fraction, data_config.split_seed, where)
+    if data_config.train_examples_per_class:
         splits["train"] = data.per_class_subset(
-            splits["train"], config.data.train_examples_per_class, config.seed)
+            splits["train"], data_config.train_examples_per_class, config.seed)
     if config.meta_loss_batch == "held_out":
         splits["meta"], splits["train"] = data.split_per_class(
-            splits["train"], config.data.meta_held_out_per_class, config.seed)
-    return splits
+            splits["train"], data_config.meta_held_out_per_class, config.seed)
+    return {**{split: splits[split] for split in names}, **splits}     # in eval_splits' order
 
 
 # ------------------------------------------------------------------------------ models
@@ -287,6 +188,22 @@ def _get_model(config, spec: dict, where: tuple[str, str]) -> models.TappedNetwo
     return model
 
 
+def target_model(config) -> models.TappedNetwork:
+    """The config's target network, without weights (its model, class count, overrides,
+    taps, convolution implementation): the network a run trains, and the one
+    :mod:`l2t_jax.evaluate` and :mod:`l2t_jax.export` restore a finished run's weights into
+    (its config from :func:`l2t_jax.training.config.read_run_config`).
+
+    Raises:
+      ValueError: naming the key, for overrides or taps that do not fit the model.
+    """
+    return _get_model(config, {
+        "model": config.target_model, "num_classes": config.data.num_classes,
+        "model_overrides": dict(config.model_overrides.get("target", {})),
+        "taps": config.target_taps, "candidates": config.target_candidates},
+        ("config.model_overrides.target", "config.target_"))
+
+
 def build_networks(config):
     """The config's networks, without weights.
 
@@ -294,11 +211,7 @@ def build_networks(config):
     methods that use no source, several combined (:func:`l2t_jax.models.taps.combine`) with extra
     sources (pairs then index the concatenated taps); pairs are resolved per source from schemes.
     """
-    target = _get_model(config, {
-        "model": config.target_model, "num_classes": config.data.num_classes,
-        "model_overrides": dict(config.model_overrides.get("target", {})),
-        "taps": config.target_taps, "candidates": config.target_candidates},
-        ("config.model_overrides.target", "config.target_"))
+    target = target_model(config)
     method = methods.get_method(config.method)
     if not method.uses_source:
         return None, target, (), []

@@ -3,15 +3,13 @@
 This module owns the workdir's orbax directories (``checkpoints/``, ``best/``, ``source/``;
 :mod:`l2t_jax.training.workdir` owns the names): :class:`Checkpoints` saves the whole state plus
 progress and restores the newest readable one (unreadable ones are moved aside, never
-deleted); :func:`check_resumable` refuses a workdir written by another config;
-:func:`save_best` and :func:`export_source` write the best target, the latter in the format
-``config.source_checkpoint`` reads; :func:`target_model` and :func:`restore_target` read a
-finished (or running) workdir's target back, for export and evaluation. Every process takes part in every orbax call (orbax
-synchronises them and writes each replicated array once).
+deleted); :func:`save_best` and :func:`export_source` write the best target, the latter in
+the format ``config.source_checkpoint`` reads; :func:`restore_target` reads a finished (or
+running) workdir's target back, for export and evaluation. Every process takes part in
+every orbax call (orbax synchronises them and writes each replicated array once).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -24,63 +22,11 @@ from l2t_jax.training import converted, parallel, workdir as workdir_files
 logger = logging.getLogger(__name__)
 
 PyTree = Any
-# Config keys that may change between a run and its resumption.
-RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                  "eval_batch_size", "export_source", "on_nonfinite", "jit_init",
-                  "preemption_grace_s", "distributed_init_timeout_s",
-                  "distributed_heartbeat_timeout_s", "distributed_shutdown_timeout_s")
-# Keys added since runs were first written, with the value that reproduces how a run whose
-# config.json lacks them behaved (ANY: every value does, e.g. the classes an image folder
-# run now records, which are what it used); such a run resumes when the config has it.
-ANY = object()
-ADDED_KEYS = {"lr_reference_batch_size": 0, "meta_update_every": 1, "meta_loss_batch": "same",
-              "data.meta_held_out_per_class": 0,
-              "source_taps": "", "source_candidates": "",
-              "target_taps": "", "target_candidates": "", "data.classes": ANY,
-              "data.val_fraction": ANY, "data.split_seed": ANY,
-              "data.read_threads": ANY, "data.prefetch_batches": ANY}
 
 
 class CheckpointError(OSError):
     """A checkpoint could not be written, or no checkpoint of a workdir can be read; the
     message names the directory."""
-
-
-def config_for_comparison(config) -> dict:
-    """The config as written to config.json: every key but :data:`RESUMABLE_KEYS`."""
-    values = json.loads(config.to_json())
-    return {k: v for k, v in values.items() if k not in RESUMABLE_KEYS}
-
-
-def check_resumable(config, workdir: str) -> None:
-    """Refuses to resume a workdir written by another config, naming the differing keys."""
-    config_path = workdir_files.path(workdir, workdir_files.CONFIG)
-    try:
-        saved = workdir_files.read_config(workdir)
-    except FileNotFoundError:
-        raise ValueError(f"{workdir} has checkpoints but no config.json, so it cannot be "
-                         "checked against this config; use a new workdir") from None
-    except ValueError as e:
-        raise ValueError(f"{e}; use a new workdir") from None
-    current = config_for_comparison(config)
-    predates = []          # keys added since the run, set to what it did (ADDED_KEYS)
-    for key, value in ADDED_KEYS.items():
-        *parent, leaf = key.split(".")
-        given, now = saved, current
-        for part in parent:
-            given, now = given.get(part, {}), now.get(part, {})
-        if leaf not in given and leaf in now:
-            given[leaf] = now[leaf] if value is ANY else value
-            if given[leaf] != now[leaf]:
-                predates.append(f"--config.{key}={json.dumps(value)}")
-    differing = sorted(k for k in set(saved) | set(current)
-                       if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
-    if differing:
-        hint = (f". The run predates {', '.join(p.split('=')[0][9:] for p in predates)}: it "
-                f"resumes with {' '.join(predates)}" if predates else "")
-        raise ValueError(f"{workdir} holds a run with another config (keys differ: "
-                         f"{', '.join(differing)}); use a new workdir "
-                         f"(or compare with {config_path}){hint}")
 
 
 class Checkpoints:
@@ -223,17 +169,6 @@ def export_source(workdir: str, config, mesh, target: models.TappedNetwork) -> N
 
 # ---------------------------------------------------------------- reading a run's target
 WHICH = ("best", "last")
-
-
-def target_model(config: dict):
-    """The run's target network, without weights, from its config.json values (a dict, or
-    a ConfigDict)."""
-    config = dict(config)
-    overrides = dict(dict(config.get("model_overrides") or {}).get("target") or {})
-    return models.get_model(config["target_model"], int(config["data"]["num_classes"]),
-                            taps=config.get("target_taps") or None,
-                            candidates=config.get("target_candidates") or None,
-                            probe_size=int(config["data"]["image_size"]), **overrides)
 
 
 def restore_target(workdir: str, model, which: str = "best") -> tuple[dict, int | None]:

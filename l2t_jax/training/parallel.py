@@ -27,7 +27,7 @@ devices (and so by the number of processes).
 
 Integration in a training loop::
 
-    from l2t_jax import parallel
+    from l2t_jax.training import parallel
     parallel.maybe_initialize_distributed()        # first, before any other jax call
     mesh = parallel.make_mesh()
     rows = parallel.process_batch_slice(config.batch_size, mesh)   # e.g. slice(64, 128)

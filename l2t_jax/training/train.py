@@ -1,17 +1,19 @@
 """The training loop: the jitted step over the data, evaluation, bookkeeping, faults.
 
-``train_and_evaluate(config, workdir)`` runs one experiment (configs/*.py): what it is built
-from comes from :mod:`l2t_jax.training.build`, the checkpoints from :mod:`l2t_jax.training.checkpoints`, the
-files from :mod:`l2t_jax.training.workdir`. theta trains by SGD-momentum on a per-epoch schedule, phi
-by Adam, one jitted bilevel step per batch (:func:`step_program`, the program the benchmark
-times too), evaluation on val and test after every epoch, and the reported number: test
-accuracy at the best val accuracy (``result.json``). Starting again with the same workdir
-resumes from the latest checkpoint; batches are a pure function of (seed, epoch, index), so
-the resumed run ends with the same parameters as an uninterrupted one.
+``train_and_evaluate(config, workdir)`` runs one experiment (configs/*.py): its config is
+checked by :mod:`l2t_jax.training.config`, what it is built from comes from
+:mod:`l2t_jax.training.build`, the checkpoints from :mod:`l2t_jax.training.checkpoints`, the
+files from :mod:`l2t_jax.training.workdir`. theta trains by SGD-momentum on a per-epoch
+schedule, phi by Adam, one jitted bilevel step per batch (:func:`step_program`, the program
+the benchmark times too), evaluation on the eval splits after every epoch
+(:mod:`l2t_jax.training.evaluation`), and the reported number: test accuracy at the best
+val accuracy (``result.json``, :mod:`l2t_jax.training.results`). Starting again with the
+same workdir resumes from the latest checkpoint; batches are a pure function of (seed,
+epoch, index), so the resumed run ends with the same parameters as an uninterrupted one.
 
-Data parallel and multi-host through :mod:`l2t_jax.training.parallel`: the step runs under jit on a
-mesh of every device (the batch split over ``data``, state and source replicated), each
-process loads only its rows of every batch, and only process 0 writes files other than
+Data parallel and multi-host through :mod:`l2t_jax.training.parallel`: the step runs under
+jit on a mesh of every device (the batch split over ``data``, state and source replicated),
+each process loads only its rows of every batch, and only process 0 writes files other than
 checkpoints. With one device the numbers are those of a plain ``jax.jit``.
 
 Faults (tests/test_faults.py injects each one):
@@ -21,10 +23,10 @@ Faults (tests/test_faults.py injects each one):
 - the newest checkpoint unreadable: resume from the newest readable one; a save that fails
   raises :class:`~l2t_jax.training.checkpoints.CheckpointError` naming the directory;
 - SIGTERM or SIGINT (Ctrl-C): a checkpoint at the next step boundary, then
-  :class:`Preempted` (exit status 143 or 130). At most one step is in flight, so the run
-  stops within one step of the signal plus one save; an epoch-end evaluation is cut short
-  ``config.preemption_grace_s`` after it (and runs again on resume). A second signal ends
-  the process at once;
+  :class:`~l2t_jax.training.stopping.Preempted` (exit status 143 or 130). At most one step
+  is in flight, so the run stops within one step of the signal plus one save; an epoch-end
+  evaluation is cut short ``config.preemption_grace_s`` after it (and runs again on
+  resume). A second signal ends the process at once;
 - non-finite losses, meta-gradients or parameters: :class:`DivergenceError` naming the step
   and the quantity (``config.on_nonfinite='stop'``), or the batch's update dropped inside
   the step (``'skip'``). The metrics of every step are checked at log steps and before
@@ -38,7 +40,6 @@ import functools
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -48,10 +49,12 @@ import ml_collections
 import numpy as np
 
 from l2t_jax import data
-from l2t_jax.training import build, checkpoints, compile_cache, logs, parallel, provenance
-from l2t_jax.transfer import bilevel
+from l2t_jax.training import (build, checkpoints, compile_cache, evaluation, logs, parallel,
+                              provenance, results, stopping)
 from l2t_jax.training import workdir as workdir_files
 from l2t_jax.training.checkpoints import CheckpointError  # noqa: F401  (what a save raises here)
+from l2t_jax.training.config import check_resumable, config_for_comparison, validate_config
+from l2t_jax.transfer import bilevel
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +66,6 @@ class DivergenceError(FloatingPointError):
     the message names the step and the quantity. Nothing non-finite was checkpointed."""
 
 
-class Preempted(Exception):
-    """SIGTERM (preemption) or SIGINT (Ctrl-C) stopped the run at a step boundary after
-    saving a checkpoint; running the same command again resumes from it. :mod:`l2t_jax.main`
-    exits with :attr:`exit_code` on it: 143 after SIGTERM (:data:`PREEMPTED_EXIT_CODE`), 130
-    after Ctrl-C (:data:`INTERRUPTED_EXIT_CODE`), as a shell reports a process ended by that
-    signal (non-zero: the run is not finished)."""
-
-    def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM,
-                 evaluation_cut: int | None = None):
-        what = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
-        cut = (f" (the evaluation of epoch {evaluation_cut} was cut short: it runs again on "
-               "resume)" if evaluation_cut is not None else "")
-        super().__init__(f"stopped by {what} after step {step}: saved a checkpoint of step "
-                         f"{step} in {directory}{cut}; run the same command again to resume")
-        self.step = step
-        self.exit_code = 128 + int(signum)
-
-
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM   # 143: what a shell reports after SIGTERM
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130: ... after Ctrl-C
 # Per-step metrics whose non-finite value stops (or skips) a step.
 WATCHED_METRICS = ("ce", "transfer", "adapt_ce", "sim_matching", "meta_loss",
                    "meta_grad_norm")
@@ -153,138 +136,6 @@ def _nonfinite(metrics: dict) -> list[str]:
             if k in metrics and not np.all(np.isfinite(np.asarray(metrics[k])))]
 
 
-class _StopRequest:
-    """SIGTERM (preemption) or SIGINT (Ctrl-C) -> stop at the next step boundary.
-
-    One process: handlers that only note the signal and its time (restored by
-    :meth:`close`). Several processes: they must stop at the same step, so jax's preemption
-    sync point decides (its service catches SIGTERM in every process and agrees on a step);
-    Ctrl-C is handed to it as SIGTERM. After the first signal the second is left to the OS
-    (its default action ends the process at once, nothing saved), so that it works even
-    while the main thread is inside a compiled step, where Python handlers cannot run.
-    """
-
-    def __init__(self):
-        self.signum = None               # the first signal received
-        self.received_at = None          # time.monotonic() of it
-        self.previous = {}
-        self.multiprocess = jax.process_count() > 1
-        if threading.current_thread() is not threading.main_thread():
-            return                       # signal handlers can only be set in the main thread
-        if self.multiprocess:
-            from jax._src import distributed
-            if distributed.global_state.preemption_sync_manager is None:
-                logger.warning("jax's preemption service is off: SIGTERM will not save a "
-                               "checkpoint before the processes end")
-                self.multiprocess = None
-                return
-            handled = (signal.SIGINT,)   # SIGTERM is the preemption service's
-        else:
-            handled = (signal.SIGTERM, signal.SIGINT)
-        for signum in handled:
-            self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:      # a second one before the first handler returned
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signum, self.received_at = signum, time.monotonic()
-        signal.signal(signum, signal.SIG_DFL)        # the next one ends the process
-        if self.multiprocess and signum == signal.SIGINT:
-            os.kill(os.getpid(), signal.SIGTERM)     # to jax's preemption service
-
-    def requested(self, step: int) -> bool:
-        """Whether to stop after ``step``. Several processes: every process must call it
-        at every step (the sync point is collective)."""
-        if self.multiprocess:
-            from jax.experimental import multihost_utils
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.signum is not None
-
-    def cut_evaluation(self, grace_s: float) -> bool:
-        """Whether an evaluation in progress stops now: a signal came ``grace_s`` seconds
-        ago or more. One process only: several would have to agree on the batch (a
-        collective per batch), so their evaluations run to the end."""
-        return (not self.multiprocess and self.signum is not None
-                and time.monotonic() - self.received_at >= grace_s)
-
-    @property
-    def exit_signal(self) -> int:
-        return self.signum if self.signum is not None else signal.SIGTERM
-
-    def close(self) -> None:
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
-        self.previous = {}
-
-
-def eval_batches(source, config, mesh):
-    """The evaluation batches of ``source`` in order, as global arrays split over the mesh:
-    yields (images, labels, number of real rows). Batches of ``eval_batch_size`` rounded up
-    to a multiple of the device count; each process loads only its rows, and rows past the
-    end of the data are padding (label -1). One shape for every batch: no recompilation."""
-    batch = -(-config.eval_batch_size // mesh.size) * mesh.size
-    batches = data.eval_batches(source, config.data.image_size, batch,
-                                rows=parallel.process_batch_slice(batch, mesh),
-                                threads=config.data.read_threads,
-                                prefetch_batches=config.data.prefetch_batches)
-    try:
-        for images, labels, real in batches:
-            yield (*parallel.global_batch(mesh, images, labels), real)
-    finally:
-        batches.close()
-
-
-def evaluate(eval_step, variables, source, config, mesh,
-             cut: Callable[[], bool] | None = None) -> float | None:
-    """Top-1 accuracy (%) of the target on ``source`` (eval-mode BN; padding rows, label
-    -1, are not counted), or None if ``cut()`` became true between two batches (a stop
-    request past its grace period). At most one batch is in flight, so a cut takes effect
-    within one batch."""
-    correct, in_flight = 0, None
-    for images, labels, _ in eval_batches(source, config, mesh):
-        count = eval_step(variables, images, labels)
-        if in_flight is not None:
-            correct += int(in_flight)
-        in_flight = count
-        if cut is not None and cut():
-            return None
-    correct += int(in_flight) if in_flight is not None else 0
-    return 100.0 * correct / len(source)
-
-
-def transfer_weights(transfer: bilevel.Transfer, state, source_variables, source, config,
-                     mesh, max_batches: int = 4) -> dict:
-    """What phi learned (transfer_weights.json): the meta-networks' outputs
-    (:func:`l2t_jax.transfer.bilevel.meta_weights`) averaged over the first ``max_batches``
-    evaluation batches of ``source``: per pair the mean lambda and the mean channel weights,
-    with the pairs and the taps' channel counts (for :mod:`l2t_jax.tools.plots`). Every process
-    calls it."""
-    replicated = parallel.replicated_sharding(mesh)
-
-    @functools.partial(jax.jit, out_shardings=replicated)
-    def weights(meta_params, source_variables, images):
-        _, _, pooled = bilevel.source_forward(transfer, source_variables, images)
-        return bilevel.meta_weights(transfer, meta_params, pooled)
-
-    sums, count = None, 0
-    for b, (images, _, rows) in enumerate(eval_batches(source, config, mesh)):
-        if b == max_batches:
-            break
-        per_row = jax.device_get(weights(state.meta_params, source_variables, images))
-        batch_sums = jax.tree.map(lambda w: np.sum(w[:rows], axis=0), per_row)
-        sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
-        count += rows
-    channel, pair = jax.tree.map(lambda w: (w / count).tolist(), sums)
-    return {"pairs": [list(p) for p in transfer.pairs],
-            "source_taps": [t.channels for t in transfer.source_model.feature_taps()],
-            "target_taps": [t.channels for t in transfer.target_model.feature_taps()],
-            "source_tap_names": list(transfer.source_model.taps),
-            "target_tap_names": list(transfer.target_model.taps),
-            "pair_weights": pair, "channel_weights": channel}
-
-
 class _StepInputs:
     """The steps' inputs from ``start`` on, as global arrays: this process's rows of each
     train batch and, on the steps that update phi with the held-out meta loss, of the meta
@@ -329,14 +180,58 @@ class _StepInputs:
                 iterator.close()
 
 
-def _eval_program(transfer: bilevel.Transfer, mesh):
-    """``eval_step(variables, images, labels)``: the number of correct rows (label >= 0)."""
-    replicated, batch = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+class _StepPrograms:
+    """The loop's step programs, compiled once each. With ``config.meta_update_every`` = k
+    > 1, iterations k, 2k, ... (counting from 0) take the bilevel step, the others the real
+    step with phi fixed: two programs. The first (the bilevel step) compiles in a thread
+    from the arguments' shapes while the state is initialised or restored
+    (:meth:`compile_ahead`; XLA's compile leaves the interpreter free); the other when first
+    needed."""
 
-    def correct(variables, images, labels):
-        logits, _ = transfer.target_model.apply(variables, images, train=False)
-        return jnp.sum((jnp.argmax(logits, -1) == labels) & (labels >= 0))
-    return jax.jit(correct, out_shardings=replicated, in_shardings=(replicated, batch, batch))
+    def __init__(self, config, transfer: bilevel.Transfer, learning_rate_fn: Callable, mesh):
+        self.config, self.transfer = config, transfer
+        self.every = config.meta_update_every if transfer.meta_networks is not None else 1
+        self.held_out = config.meta_loss_batch == "held_out"
+        self.jitted = {update: step_program(transfer, learning_rate_fn, mesh,
+                                            config.on_nonfinite, update_phi=update,
+                                            held_out_meta=self.held_out and update)
+                       for update in ((True, False) if self.every > 1 else (True,))}
+        self.compiled = {}              # update_phi -> its compiled program
+        self.ahead = None               # the bilevel step's compile, in a thread
+        self.notify = parallel.is_main_process()
+
+    def name(self, update: bool) -> str:
+        config = self.config
+        return (f"training step ({config.method}, T={config.T})"
+                if self.transfer.meta_networks is not None and update else
+                f"training step ({config.method}{', phi fixed' if self.every > 1 else ''})")
+
+    def compile_ahead(self, *abstract_arguments) -> None:
+        """Starts compiling the bilevel step for ``abstract_arguments`` (shapes and
+        shardings, :func:`_step_arguments`) in a thread."""
+        compiling = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="l2t-compile")
+        self.ahead = compiling.submit(compile_with_notice, self.name(True), self.jitted[True],
+                                      *abstract_arguments, notify=self.notify)
+        compiling.shutdown(wait=False)
+
+    def for_step(self, step: int, books: "_Bookkeeping", *arguments) -> Callable:
+        """Iteration ``step``'s compiled program, compiled for ``arguments`` when first
+        needed (then every process waits for the others'); ``books``' clock of the ETA
+        leaves the compiles out."""
+        update = step % self.every == 0
+        if update not in self.compiled:
+            compile_started = time.time()
+            self.compiled[update] = (
+                self.ahead.result() if update and self.ahead is not None else
+                compile_with_notice(self.name(update), self.jitted[update], *arguments,
+                                    notify=self.notify))
+            parallel.wait_for_all(f"l2t_jax/compiled/{int(update)}",
+                                  self.config.distributed_init_timeout_s)
+            if books.stepping_since is None:
+                books.stepping_since = time.time()
+            else:                              # the ETA leaves compiles out
+                books.stepping_since += time.time() - compile_started
+        return self.compiled[update]
 
 
 class _Bookkeeping:
@@ -487,7 +382,7 @@ def _initial_state(config, workdir: str, transfer, mesh, saved: checkpoints.Chec
         logger.info("initialising the training state (seed %d)...", config.seed)
     state = parallel.replicate(mesh, _init_fn(config, transfer)())   # one seed everywhere
     if parallel.is_main_process():
-        workdir_files.write_config(workdir, checkpoints.config_for_comparison(config))
+        workdir_files.write_config(workdir, config_for_comparison(config))
     return state, progress
 
 
@@ -548,16 +443,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # A no-op unless launched as several processes (and after main has started it).
     parallel.maybe_initialize_distributed(
         timeouts=parallel.DistributedTimeouts.from_config(config))
-    config = build.resolve_data(config)       # an image folder's classes (checked)
-    build.validate_config(config)
+    config, splits, transfer, source_variables = _build(config, workdir)
     main_process = parallel.is_main_process()
-    os.makedirs(workdir, exist_ok=True)
-    splits = build.load_splits(config)
-    transfer = build.build_transfer(config)
-    source_variables = build.load_source_variables(config, transfer)
-    bilevel.check_source_variables(transfer, source_variables)
-    if main_process:
-        _describe(config, transfer, splits)
     steps_per_epoch = build.steps_per_epoch(config, len(splits["train"]))
     total_steps = steps_per_epoch * config.epochs
     mesh = parallel.make_mesh()
@@ -566,45 +453,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 "%d-%d of each batch of %d", mesh.size, jax.process_count(),
                 jax.process_index(), rows.start, rows.stop - 1, config.batch_size)
     saved = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    schedule = build.learning_rate_schedule(config, steps_per_epoch)
-    # With meta_update_every = k > 1, iterations k, 2k, ... (counting from 0) take the
-    # bilevel step, the others the real step with phi fixed: two programs. The first
-    # (the bilevel step) compiles in a thread from the arguments' shapes while the state
-    # is initialised or restored (XLA's compile leaves the interpreter free); the other
-    # when first needed.
-    every = config.meta_update_every if transfer.meta_networks is not None else 1
-    held_out = config.meta_loss_batch == "held_out"
-    programs = {update: step_program(transfer, schedule, mesh, config.on_nonfinite,
-                                     update_phi=update, held_out_meta=held_out and update)
-                for update in ((True, False) if every > 1 else (True,))}
-
-    def what(update: bool) -> str:
-        return (f"training step ({config.method}, T={config.T})"
-                if transfer.meta_networks is not None and update else
-                f"training step ({config.method}{', phi fixed' if every > 1 else ''})")
+    programs = _StepPrograms(config, transfer,
+                             build.learning_rate_schedule(config, steps_per_epoch), mesh)
     resuming_from = saved.latest_step()
     if resuming_from is not None:
-        checkpoints.check_resumable(config, workdir)      # before anything compiles
+        check_resumable(config, workdir)      # before anything compiles
     abstract_state = _abstract_state(config, transfer, mesh)
-    first_program = None                  # a finished run has nothing to compile
-    if resuming_from is None or resuming_from < total_steps:
-        compiling = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="l2t-compile")
-        first_program = compiling.submit(
-            compile_with_notice, what(True), programs[True],
-            *_step_arguments(config, abstract_state, mesh, source_variables, held_out),
-            notify=main_process)
-        compiling.shutdown(wait=False)
+    if resuming_from is None or resuming_from < total_steps:   # a finished run compiles nothing
+        programs.compile_ahead(*_step_arguments(config, abstract_state, mesh, source_variables,
+                                                programs.held_out))
     state, progress = _initial_state(config, workdir, transfer, mesh, saved, abstract_state,
                                      resuming=resuming_from is not None)
     source_variables = parallel.replicate(mesh, source_variables)
-    eval_step = _eval_program(transfer, mesh)
+    eval_step = evaluation.eval_program(transfer, mesh)
     books = _Bookkeeping(config, workdir, saved, mesh, progress, int(state.step), total_steps,
                          steps_per_epoch)
     run_info = provenance.run_metadata()
     books.log.write_run(books.start_step, run_info)
-    stop = _StopRequest()
+    stop = stopping.StopRequest()
     inputs_from = _StepInputs(config, splits, mesh, steps_per_epoch, books.start_step,
-                              total_steps, every if held_out else None)
+                              total_steps, programs.every if programs.held_out else None)
 
     def end_of_epoch(done: int) -> bool:
         """Evaluates the epoch that step ``done`` ends (``best/``, the log); False when a
@@ -613,27 +481,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         books.check_pending()
         variables = {"params": state.target_params["model"],
                      "batch_stats": state.batch_stats}
-        accuracies = {}
-        for split in config.data.eval_splits:
-            accuracy = evaluate(eval_step, variables, splits[split], config, mesh,
-                                cut=lambda: stop.cut_evaluation(config.preemption_grace_s))
-            if accuracy is None:
-                logger.warning("evaluation of epoch %d cut short by %s, %.1f s after it "
-                               "(config.preemption_grace_s=%g)", done // steps_per_epoch - 1,
-                               signal.Signals(stop.exit_signal).name,
-                               time.monotonic() - stop.received_at, config.preemption_grace_s)
-                return False
-            accuracies[split] = accuracy
-        books.epoch_done(done, done // steps_per_epoch - 1, accuracies, variables)
-        return True
+        epoch = done // steps_per_epoch - 1
+        accuracies = _evaluate_epoch(config, splits, eval_step, variables, mesh, stop, epoch)
+        if accuracies is not None:
+            books.epoch_done(done, epoch, accuracies, variables)
+        return accuracies is not None
 
-    def stopped(done: int, evaluation_cut: bool = False) -> Preempted:
-        preempted = Preempted(done, saved.directory, stop.exit_signal,
-                              done // steps_per_epoch - 1 if evaluation_cut else None)
+    def stopped(done: int, evaluation_cut: bool = False) -> stopping.Preempted:
+        preempted = stopping.Preempted(done, saved.directory, stop.exit_signal,
+                                       done // steps_per_epoch - 1 if evaluation_cut else None)
         logger.warning("%s", preempted)
         return preempted
 
-    compiled = {}                        # update_phi -> its compiled program
     try:
         start = books.start_step
         if start and start % steps_per_epoch == 0 and progress["epoch"] < start // steps_per_epoch:
@@ -646,20 +505,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         inputs_from.wait_s = inputs_from.max_wait_s = 0.0   # read while compiling: no wait
         for step in range(start, total_steps):
             inputs = next_batch
-            update = step % every == 0
-            if update not in compiled:
-                compile_started = time.time()
-                compiled[update] = (
-                    first_program.result() if update and first_program is not None else
-                    compile_with_notice(what(update), programs[update], state,
-                                        source_variables, *inputs, notify=main_process))
-                parallel.wait_for_all(f"l2t_jax/compiled/{int(update)}",
-                                      config.distributed_init_timeout_s)
-                if books.stepping_since is None:
-                    books.stepping_since = time.time()
-                else:                              # the ETA leaves compiles out
-                    books.stepping_since += time.time() - compile_started
-            state, metrics = compiled[update](state, source_variables, *inputs)
+            program = programs.for_step(step, books, state, source_variables, *inputs)
+            state, metrics = program(state, source_variables, *inputs)
             done = step + 1
             # The next batch is loaded while this step runs; then the loop waits for the
             # step. jax dispatches asynchronously: without the wait the loop ran ahead up to
@@ -685,30 +532,54 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         books.log.close()
     saved.wait()
     if transfer.meta_networks is not None:
-        weights = transfer_weights(transfer, state, source_variables,
-                                   splits[config.data.eval_splits[0]], config, mesh)
+        weights = results.transfer_weights(transfer, state, source_variables,
+                                           splits[config.data.eval_splits[0]], config, mesh)
         if main_process:
             workdir_files.write_transfer_weights(workdir, weights)
     if config.export_source:
         checkpoints.export_source(workdir, config, mesh, transfer.target_model)
-    result = {"test_at_best_val": progress["test_at_best"], "best_val": progress["best_val"],
-              "best_epoch": progress["best_epoch"], "steps": total_steps,
-              "dataset": config.data.name, "source": config.source_model,
-              "target": config.target_model, "seed": config.seed, "method": config.method,
-              "scheme": str(config.pairs), "pairs": [list(p) for p in transfer.pairs],
-              "train_examples_per_class": config.data.train_examples_per_class,
-              "train_examples": len(splits["train"]),
-              "extra_sources": [dict(s)["model"] for s in config.extra_sources],
-              "skipped_steps": progress["skipped_steps"],
-              "learning_rate": build.base_learning_rate(config),
-              "wall_seconds": round(books.wall_seconds(), 1),
-              # this start's waits for input (a resumed run counts from its restart)
-              "data_wait_seconds": round(inputs_from.wait_s, 3),
-              "data_wait_max_step_seconds": round(inputs_from.max_wait_s, 4),
-              "run": run_info}
+    result = results.result_record(
+        config, transfer, progress, steps=total_steps, train_examples=len(splits["train"]),
+        wall_seconds=books.wall_seconds(), data_wait_s=inputs_from.wait_s,
+        data_wait_max_step_s=inputs_from.max_wait_s, run_info=run_info)
     if main_process:
         path = workdir_files.write_result(workdir, result)
         logger.info("test accuracy %.2f%% at the best val accuracy %.2f%% (epoch %d); "
                     "wrote %s", result["test_at_best_val"], result["best_val"],
                     result["best_epoch"], path)
     return result
+
+
+def _build(config, workdir: str) -> tuple:
+    """(config with its data resolved, splits, transfer, source variables), checked: config
+    and data errors raise here, before anything compiles. Creates the workdir."""
+    config = build.resolve_data(config)       # an image folder's classes (checked)
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    splits = build.load_splits(config)
+    transfer = build.build_transfer(config)
+    source_variables = build.load_source_variables(config, transfer)
+    bilevel.check_source_variables(transfer, source_variables)
+    if parallel.is_main_process():
+        _describe(config, transfer, splits)
+    return config, splits, transfer, source_variables
+
+
+def _evaluate_epoch(config, splits: dict, eval_step, variables, mesh,
+                    stop: stopping.StopRequest, epoch: int) -> dict | None:
+    """{split: top-1 %} of the target ``variables`` on every split of
+    ``config.data.eval_splits`` after epoch ``epoch``, or None when a stop request cut the
+    evaluation short (``config.preemption_grace_s`` after it; logged)."""
+    accuracies = {}
+    for split in config.data.eval_splits:
+        accuracy = evaluation.evaluate(
+            eval_step, variables, splits[split], config, mesh,
+            cut=lambda: stop.cut_evaluation(config.preemption_grace_s))
+        if accuracy is None:
+            logger.warning("evaluation of epoch %d cut short by %s, %.1f s after it "
+                           "(config.preemption_grace_s=%g)", epoch,
+                           signal.Signals(stop.exit_signal).name,
+                           time.monotonic() - stop.received_at, config.preemption_grace_s)
+            return None
+        accuracies[split] = accuracy
+    return accuracies
