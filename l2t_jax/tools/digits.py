@@ -100,7 +100,7 @@ def write_digits_image_folder(root: str, digits=tuple(range(10)), train_per_clas
                               seed: int = 0) -> dict:
     """sklearn's digits as an image folder ``root/{train,[val],test}/<name>/<k>.png``, the
     layout of one's own data (``configs/image_folder.py``): class folders named ``zero`` ...
-    ``nine`` (so the sorted class order is not the digits' order), images plotted without
+    ``nine`` (so the sorted class order is not the digits' order), images sampled without
     replacement per class by ``seed``, and stored in turn as grayscale, RGB and RGBA PNGs
     (:data:`FOLDER_MODES`) of several sizes (:data:`FOLDER_SIZES`, bilinear from the 8x8
     scans). RGBA files carry an alpha channel that RGB conversion drops. No ``val/`` with
