@@ -206,7 +206,7 @@ def target_run_config(config, data_dir: str, source: ml_collections.ConfigDict,
                       settings: Sequence[tuple[str, object]] = ()):
     """One target run: method ``entry`` (``method[:scheme]``) with ``source`` (a spec of
     ``config.source_specs``, its converted checkpoint at ``source_checkpoint``) on
-    ``examples_per_class`` labelled images per class drawn by ``seed``; ``settings``
+    ``examples_per_class`` labelled images per class sampled with ``seed``; ``settings``
     (run-config key, value) pairs replace the recipe's."""
     method, scheme = parse_entry(entry)
     run = _base_config(config, os.path.join(data_dir, "target"), "digits", source)
