@@ -12,7 +12,7 @@ import json, sys
 if sys.argv[2:] == ["hide-filelock"]:
     sys.modules["filelock"] = None   # import filelock raises ImportError
 import jax, jax.numpy as jnp
-from l2t_jax import compile_cache
+from l2t_jax.training import compile_cache
 directory = compile_cache.enable(sys.argv[1])
 f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
 f(jnp.ones((16, 16))).block_until_ready()
