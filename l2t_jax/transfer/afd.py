@@ -47,7 +47,10 @@ PyTorch does; call ``apply(..., mutable=["batch_stats"])``. The authors only eve
 module in train mode (their ``train_kl`` calls ``.train()`` on it; evaluation runs the
 student alone), so train mode is the one that matters for the loss and its gradients.
 ``train=False`` normalises with the running statistics, as PyTorch's ``.eval()`` would;
-use it only to look at the attention outside training.
+use it only to look at the attention outside training. Train-mode outputs never read the
+running statistics: applying ``{"params": ...}`` alone with ``mutable=["batch_stats"]``
+gives the same loss, attention and gradients (Flax starts the collection from its init
+values), and the update may be dropped when no eval-mode read-out is wanted.
 
 Parameters and initialisation (PyTorch defaults, as the authors do not re-initialise):
 Linear kernels and biases U(+-1/sqrt(fan_in)) (kaiming_uniform(a=sqrt(5)) and PyTorch's

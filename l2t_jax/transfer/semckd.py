@@ -47,7 +47,10 @@ variance) and updates ``batch_stats`` (unbiased variance, n / (n - 1)), as PyTor
 call ``apply(..., mutable=["batch_stats"])``. The authors only run ``SelfA`` in train mode
 (``train_distill`` calls ``.train()`` on it; validation runs the student alone), so that is
 the mode for the loss. ``train=False`` normalises with the running statistics, as
-PyTorch's ``.eval()`` would.
+PyTorch's ``.eval()`` would. Train-mode outputs never read the running statistics:
+applying ``{"params": ...}`` alone with ``mutable=["batch_stats"]`` gives the same loss,
+attention and gradients, and the update may be dropped when no eval-mode read-out is
+wanted.
 
 Parameters and initialisation (PyTorch defaults; the authors do not re-initialise):
 Linear kernels and biases U(+-1/sqrt(fan_in)); conv kernels U(+-1/sqrt(C_in k k)); BN
