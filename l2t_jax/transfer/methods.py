@@ -5,7 +5,9 @@ A method is one :class:`Method` row: the transfer loss terms it adds to CE (name
 default pair scheme, and how summaries and pictures name and colour it. The training
 program builds a run from the row (:func:`l2t_jax.training.build.build_transfer`); the summaries,
 plots and the demo read the same row without importing JAX. A new method is a new row
-(:func:`register`); a new loss term is a function in :mod:`l2t_jax.transfer.terms` plus a row.
+(:func:`register`); a new loss term is a function in :mod:`l2t_jax.transfer.terms` plus a row,
+or a module of its own (its loss term, and the trainable part the term brings) that the row
+names (``Method.module``).
 
 ==========  ===============================================  =====================  ========
 method      loss on theta                                    pairs (config.pairs)   phi
@@ -56,6 +58,9 @@ class Method:
       scheme: the pair scheme of its main row; None for methods that match no feature maps
         (no ``config.pairs``).
       color: its colour in figures (matplotlib colour string).
+      module: the module that defines its terms, imported before they are looked up (they
+        register on import: :func:`l2t_jax.transfer.terms.of_method`); None for the terms
+        of :mod:`l2t_jax.transfer.terms` itself.
     """
 
     name: str
@@ -65,6 +70,7 @@ class Method:
     learned_pair_weights: bool = False
     scheme: Optional[str] = None
     color: Optional[str] = None
+    module: Optional[str] = None
 
     @property
     def uses_source(self) -> bool:
