@@ -139,7 +139,7 @@ def test_afd_matches_authors_module_float64(case):
     target = _features(rng, cfg["target"], batch)
 
     module = afd.AFD(source_shapes=cfg["source"], target_shapes=cfg["target"],
-                     qk_dim=cfg["qk_dim"], param_dtype=jnp.float64)
+                     qk_dim=cfg["qk_dim"])
     params, stats = _random_variables(module, source, target, rng)
 
     torch.manual_seed(0)

@@ -134,7 +134,7 @@ def test_semckd_matches_authors_module_float64(case):
     target = _features(rng, cfg["target"], batch)
 
     module = semckd.SemCKD(source_shapes=cfg["source"], target_shapes=cfg["target"],
-                           batch_size=batch, factor=cfg["factor"], param_dtype=jnp.float64)
+                           batch_size=batch, factor=cfg["factor"])
     params, stats = _random_variables(module, source, target, rng)
 
     # Their roles: student (s) = our target, teacher (t) = our source.

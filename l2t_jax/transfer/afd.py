@@ -1,10 +1,21 @@
-"""AFD: attention-based feature distillation over all (source tap, target tap) pairs.
+"""AFD: attention-based feature distillation over all (source tap, target tap) pairs, and
+the method ``afd`` built on it (its loss term, :data:`TERM`).
 
 "Show, Attend and Distill: Knowledge Distillation via Attention-based Feature Matching"
 (Ji, Heo, Park, AAAI 2021). This module restates the math of the authors' module
 ``distill/AFD.py`` of github.com/clovaai/attention-feature-distillation (commit dd990d0b,
 classes ``AFD``, ``Attention``, ``LinearTransformTeacher``, ``LinearTransformStudent``,
 ``Sample``, ``nn_bn_relu``) in Flax Linen, NHWC.
+
+As a method (:data:`TERM`, the row ``afd`` of :mod:`l2t_jax.transfer.methods`): the
+module's parameters are ``theta["afd"]``, trained jointly with the target by theta's SGD
+(its learning rate, momentum and weight decay), as the authors train it with the student
+under one optimiser (main.py:76-84). It attends over the source and target taps that
+appear in ``config.pairs`` (every combination of them: the ``all_to_all`` scheme by
+default, L2T-ww's candidate taps and pairs). The loss added to CE is
+``config.afd_weight * AFD`` (their ``beta``); the step reports the batch-mean attention
+per pair as ``pair_attention`` (in the order of the pairs). The authors' logit
+distillation is not part of it (below).
 
 Roles. Their teacher is our *source* (frozen, pretrained on another task), their student
 our *target* (trained). Their "guide layers" (``g_t``) are our source taps, their "hint
@@ -40,7 +51,9 @@ to one. :class:`AFD` returns it transposed to our (B, T, S) convention (target t
 source taps), so in the returned array it is the columns (axis 1, the target axis) that
 sum to one, not the rows.
 
-BatchNorm. All three embeddings end in ``nn.BatchNorm1d`` (momentum 0.1, eps 1e-5). With
+BatchNorm. All three embeddings end in ``nn.BatchNorm1d`` (momentum 0.1, eps 1e-5), here
+the networks' PyTorch-numerics :class:`~l2t_jax.models.layers.BatchNorm` (statistics over
+every axis but the last, so it takes these (rows, features) inputs too). With
 ``train=True`` the batch statistics normalise (biased variance) and the running statistics
 in the ``batch_stats`` collection are updated (unbiased variance, n / (n - 1)), exactly as
 PyTorch does; call ``apply(..., mutable=["batch_stats"])``. The authors only ever run this
@@ -50,7 +63,8 @@ student alone), so train mode is the one that matters for the loss and its gradi
 use it only to look at the attention outside training. Train-mode outputs never read the
 running statistics: applying ``{"params": ...}`` alone with ``mutable=["batch_stats"]``
 gives the same loss, attention and gradients (Flax starts the collection from its init
-values), and the update may be dropped when no eval-mode read-out is wanted.
+values). The method does exactly that and drops the update: the running statistics are
+not part of the training state (nothing would read them).
 
 Parameters and initialisation (PyTorch defaults, as the authors do not re-initialise):
 Linear kernels and biases U(+-1/sqrt(fan_in)) (kaiming_uniform(a=sqrt(5)) and PyTorch's
@@ -68,73 +82,41 @@ Flax Dense kernels are (in, out), the transpose of PyTorch's Linear weight.
 
 Choices the transfer setting forced (their code does not make them):
 
+* No logit distillation: the authors add Hinton's KD on the teacher's logits
+  (``alpha * KL``, T = 4); the source here was trained on other classes, so there is
+  nothing to distil, and the method's loss is CE + ``afd_weight`` * AFD alone.
 * The source features are wrapped in ``stop_gradient`` (the authors detach the teacher's
   features before the loss; here the module does it so a caller cannot forget).
 * Unique source shapes are found by spatial size (H, W); the authors' ``unique_shape``
   compares the full ``torch.Size`` (N, C, H, W), so two source taps with the same H, W but
   different channels got two identical samplers there. The numbers are the same.
 * Shapes are given as (C, H, W) per tap without a batch size; the module works for any
-  batch size of at least 2 (BatchNorm needs two rows per channel in train mode).
+  batch size of at least 2 (PyTorch's BatchNorm refuses one row per channel in train
+  mode; here one row would give zero variance).
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from l2t_jax.models.layers import BatchNorm, torch_default_bias_init, torch_default_kernel_init
+from l2t_jax.transfer import pairing, terms
+from l2t_jax.transfer.losses import adaptive_avg_pool
+
 # The authors' defaults (clovaai/attention-feature-distillation @ dd990d0b).
 QK_DIM = 128          # main.py:41, --qk_dim: width of queries, keys and positional terms
 BETA = 200.0          # main.py:40, --beta: loss = CE + alpha*KL + beta*AFD (utils.py:81)
-BN_MOMENTUM = 0.1     # nn.BatchNorm1d default (AFD.py:15)
-BN_EPSILON = 1e-5     # nn.BatchNorm1d default
 NORMALIZE_EPSILON = 1e-12  # F.normalize default (AFD.py:84, 108)
 
-# PyTorch's default Linear init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
-_torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # torch.nn.init.xavier_normal_: N(0, 2 / (fan_in + fan_out)), not truncated.
 _xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 
 Shape = tuple[int, int, int]   # (channels, height, width) of one tap
-
-
-def _torch_bias_init(fan_in: int):
-    """PyTorch's default Linear bias init, U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-@functools.lru_cache(maxsize=None)
-def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) averaging weights of PyTorch's adaptive average pooling on one
-    axis: output o averages inputs floor(o*in/out) .. ceil((o+1)*in/out) - 1. For
-    out > in this replicates inputs (every bin holds at least one input)."""
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    for o in range(out_size):
-        start = (o * in_size) // out_size
-        end = -((-(o + 1) * in_size) // out_size)
-        matrix[o, start:end] = 1.0 / (end - start)
-    return matrix
-
-
-def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """``F.adaptive_avg_pool2d`` on the two axes after the batch: (B, H, W, ...) ->
-    (B, size[0], size[1], ...). The bins are rectangles, so pooling is separable into one
-    averaging matrix per axis."""
-    in_h, in_w = x.shape[1], x.shape[2]
-    if (in_h, in_w) == tuple(size):
-        return x
-    rows = jnp.asarray(_adaptive_pool_matrix(in_h, size[0]), x.dtype)
-    cols = jnp.asarray(_adaptive_pool_matrix(in_w, size[1]), x.dtype)
-    return jnp.einsum("oh,bhw...,pw->bop...", rows, x, cols)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -143,64 +125,18 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(norm, NORMALIZE_EPSILON)
 
 
-class TorchBatchNorm(nn.Module):
-    """``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` with PyTorch numerics, channels last.
-
-    Statistics over every axis but the last. Train mode: normalise with the batch mean and
-    biased variance; unless initialising, update ``batch_stats/{mean,var}`` as
-    r <- (1 - momentum) r + momentum * s with the *unbiased* variance (x n / (n - 1)).
-    Eval mode: normalise with the running statistics. (Flax's BatchNorm puts the biased
-    variance into its running average, which changes eval-mode numbers.)
-    """
-
-    momentum: float = BN_MOMENTUM
-    epsilon: float = BN_EPSILON
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,),
-                                     self.param_dtype)
-        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,),
-                                    self.param_dtype)
-        if train:
-            count = x.size // channels
-            if count < 2:
-                # PyTorch raises here too ("Expected more than 1 value per channel").
-                raise ValueError(f"BatchNorm in train mode needs 2+ values per channel, "
-                                 f"got input shape {x.shape}")
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            var = jnp.mean(jnp.square(x - mean), axes)
-            if not self.is_initializing():
-                stats_mean = jax.lax.stop_gradient(mean)
-                stats_var = jax.lax.stop_gradient(var) * (count / (count - 1))
-                running_mean.value = ((1.0 - self.momentum) * running_mean.value
-                                      + self.momentum * stats_mean)
-                running_var.value = ((1.0 - self.momentum) * running_var.value
-                                     + self.momentum * stats_var)
-        else:
-            mean, var = running_mean.value, running_var.value
-        return (x - mean) / jnp.sqrt(var + self.epsilon) * scale + bias
-
-
 class LinearBN(nn.Module):
     """The authors' ``nn_bn_relu``: Linear, BatchNorm1d, optionally ReLU. (rows, in) ->
     (rows, features)."""
 
     features: int
     relu: bool
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Dense(self.features, kernel_init=_torch_kernel_init,
-                     bias_init=_torch_bias_init(x.shape[-1]), param_dtype=self.param_dtype,
-                     name="linear")(x)
-        x = TorchBatchNorm(param_dtype=self.param_dtype, name="bn")(x, train)
+        x = nn.Dense(self.features, kernel_init=torch_default_kernel_init,
+                     bias_init=torch_default_bias_init(x.shape[-1]), name="linear")(x)
+        x = BatchNorm(name="bn")(x, train)
         return nn.relu(x) if self.relu else x
 
 
@@ -221,13 +157,11 @@ class AFD(nn.Module):
         the guide layers, less the batch size).
       target_shapes: (C, H, W) per target tap (the authors' ``s_shapes``, hint layers).
       qk_dim: query/key width d (authors' default 128).
-      param_dtype: dtype of the parameters and running statistics.
     """
 
     source_shapes: Sequence[Shape]
     target_shapes: Sequence[Shape]
     qk_dim: int = QK_DIM
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, source_features: Sequence[jax.Array],
@@ -258,7 +192,7 @@ class AFD(nn.Module):
         # Source side (their LinearTransformTeacher): queries from channel means, values
         # from the channel-mean of squares (the attention map of Zagoruyko & Komodakis).
         query = jnp.stack([
-            LinearBN(d, relu=False, param_dtype=self.param_dtype, name=f"query_{m}")(
+            LinearBN(d, relu=False, name=f"query_{m}")(
                 jnp.mean(f, axis=(1, 2)), train)
             for m, f in enumerate(source_features)], axis=1)                  # (B, S, d)
         source_values = [_l2_normalize(jnp.mean(jnp.square(f), axis=-1).reshape(batch, -1))
@@ -266,12 +200,12 @@ class AFD(nn.Module):
 
         # Target side (their LinearTransformStudent).
         key = jnp.stack([
-            LinearBN(d, relu=True, param_dtype=self.param_dtype, name=f"key_{n}")(
+            LinearBN(d, relu=True, name=f"key_{n}")(
                 jnp.mean(f, axis=(1, 2)), train)
             for n, f in enumerate(target_features)], axis=1)                  # (B, T, d)
         # One BN over the B*T rows: batch and target taps share its statistics.
-        bilinear_key = LinearBN(d * num_s, relu=False, param_dtype=self.param_dtype,
-                                name="bilinear")(key.reshape(batch * num_t, d), train)
+        bilinear_key = LinearBN(d * num_s, relu=False, name="bilinear")(
+            key.reshape(batch * num_t, d), train)
         bilinear_key = bilinear_key.reshape(batch, num_t, num_s, d)           # (B, T, S, d)
 
         # Target values resampled to each distinct source spatial size (their Sample):
@@ -285,8 +219,8 @@ class AFD(nn.Module):
                                     for t in target_maps], axis=1)            # (B, T, HW)
                 resampled[size] = _l2_normalize(pooled)
 
-        p_source = self.param("p_source", _xavier_normal, (num_s, d), self.param_dtype)
-        p_target = self.param("p_target", _xavier_normal, (num_t, d), self.param_dtype)
+        p_source = self.param("p_source", _xavier_normal, (num_s, d))
+        p_target = self.param("p_target", _xavier_normal, (num_t, d))
         logits = (jnp.einsum("btsq,bsq->bst", bilinear_key, query)
                   + p_source @ p_target.T) / np.sqrt(d)                       # (B, S, T)
         attention = jax.nn.softmax(logits, axis=-1)    # over target taps, as theirs (dim 2)
@@ -298,3 +232,40 @@ class AFD(nn.Module):
                                axis=-1)                                       # (B, T)
             loss = loss + jnp.mean(jnp.sum(sq_dist * attention[:, m], axis=1))
         return loss, jnp.swapaxes(attention, 1, 2)
+
+
+# ------------------------------------------------------------------------- the method
+def _shapes(features: Sequence[jax.Array]) -> tuple[Shape, ...]:
+    return tuple((f.shape[3], f.shape[1], f.shape[2]) for f in features)
+
+
+def _part(transfer, inputs: terms.TermInputs):
+    """The module over the taps of the pairs, and its arguments on this batch (train
+    mode)."""
+    source_taps, target_taps = pairing.tap_grid(transfer.pairs, "AFD")
+    source = tuple(inputs.source_features[m] for m in source_taps)
+    target = tuple(inputs.target_features[n] for n in target_taps)
+    module = AFD(_shapes(source), _shapes(target), qk_dim=transfer.option("afd_qk_dim"))
+    return module, (source, target, True)
+
+
+def _loss(inputs: terms.TermInputs, transfer):
+    """afd_weight * AFD, and the batch-mean attention per pair."""
+    loss, attention = inputs.part_output
+    return transfer.option("afd_weight") * loss, {
+        "pair_attention": terms.per_pair(attention, transfer.pairs)}
+
+
+def _check(transfer) -> None:
+    weight, qk_dim = transfer.option("afd_weight"), transfer.option("afd_qk_dim")
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"config.afd_weight must be finite and >= 0, got {weight!r}")
+    if not (isinstance(qk_dim, int) and qk_dim >= 1):
+        raise ValueError(f"config.afd_qk_dim must be an integer >= 1, got {qk_dim!r}")
+    pairing.tap_grid(transfer.pairs, "AFD")
+
+
+TERM = terms.register(terms.LossTerm(
+    "afd", _loss, needs_pairs=True, part=_part,
+    options=(("afd_weight", BETA), ("afd_qk_dim", QK_DIM)), check=_check,
+    metrics=("pair_attention",)))

@@ -1,9 +1,23 @@
-"""SemCKD: semantic-calibrated cross-layer feature matching over all (target, source) taps.
+"""SemCKD: semantic-calibrated cross-layer feature matching over all (target, source) taps,
+and the method ``semckd`` built on it (its loss term, :data:`TERM`).
 
 "Cross-Layer Distillation with Semantic Calibration" (Chen et al., AAAI 2021). This module
 restates the math of the authors' ``SelfA`` (with ``MLPEmbed``, ``AAEmbed``, ``Normalize``)
 in ``models/util.py`` and ``SemCKDLoss`` in ``distiller_zoo/SemCKD.py`` of
 github.com/DefangChen/SemCKD (commit ebe5db19) in Flax Linen, NHWC.
+
+As a method (:data:`TERM`, the row ``semckd`` of :mod:`l2t_jax.transfer.methods`): the
+module's parameters are ``theta["semckd"]``, trained jointly with the target by theta's
+SGD (its learning rate, momentum and weight decay), as the authors append ``SelfA`` to the
+student's one optimiser (train_student.py:272-273, 343-346). It attends over the source
+and target taps that appear in ``config.pairs`` (every combination of them: the
+``all_to_all`` scheme by default, L2T-ww's candidate taps and pairs). The loss added to CE
+is ``config.semckd_weight * SemCKD`` (their ``beta``); the step reports the batch-mean
+attention per pair as ``pair_attention`` (in the order of the pairs). The MLPs' input
+width is ``config.batch_size``, the global batch: under data parallelism the Gram
+matrices span the whole batch across devices (their CIFAR runs, on one GPU), not each
+device's share (their ImageNet DDP runs, where each GPU's SelfA saw its own 32 examples).
+The authors' logit distillation is not part of it (below).
 
 Roles. Their teacher is our *source* (frozen, pretrained on another task), their student
 our *target* (trained). Careful with their comments: in ``SelfA`` "target layers" are the
@@ -42,15 +56,16 @@ over the teacher axis: our convention already, returned as is; each row (axis 2,
 source taps) sums to one.
 
 BatchNorm. Only the regressors have BN (``nn.BatchNorm2d``, momentum 0.1, eps 1e-5;
-statistics over B, H, W). ``train=True`` normalises with the batch statistics (biased
-variance) and updates ``batch_stats`` (unbiased variance, n / (n - 1)), as PyTorch does;
-call ``apply(..., mutable=["batch_stats"])``. The authors only run ``SelfA`` in train mode
+statistics over B, H, W), here the networks' :class:`~l2t_jax.models.layers.BatchNorm`.
+``train=True`` normalises with the batch statistics (biased variance) and updates
+``batch_stats`` (unbiased variance, n / (n - 1)), as PyTorch does; call
+``apply(..., mutable=["batch_stats"])``. The authors only run ``SelfA`` in train mode
 (``train_distill`` calls ``.train()`` on it; validation runs the student alone), so that is
 the mode for the loss. ``train=False`` normalises with the running statistics, as
 PyTorch's ``.eval()`` would. Train-mode outputs never read the running statistics:
 applying ``{"params": ...}`` alone with ``mutable=["batch_stats"]`` gives the same loss,
-attention and gradients, and the update may be dropped when no eval-mode read-out is
-wanted.
+attention and gradients. The method does exactly that and drops the update: the running
+statistics are not part of the training state (nothing would read them).
 
 Parameters and initialisation (PyTorch defaults; the authors do not re-initialise):
 Linear kernels and biases U(+-1/sqrt(fan_in)); conv kernels U(+-1/sqrt(C_in k k)); BN
@@ -67,109 +82,39 @@ are Dense layers on the channel axis (kernel (C_in, C_out) = weight[:, :, 0, 0].
 
 Choices the transfer setting forced (their code does not make them):
 
+* No logit distillation: the authors add Hinton's KD on the teacher's logits
+  (``alpha * KL``, T = 4); the source here was trained on other classes, so there is
+  nothing to distil, and the method's loss is CE + ``semckd_weight`` * SemCKD alone.
 * The source features are wrapped in ``stop_gradient`` (they detach the teacher's).
 * Non-square maps: they compare heights only and pool to (H, H); here the comparison is
   on heights too, but pooling goes to the other map's (H, W). Same numbers for square maps.
 * The batch size is a static attribute (their ``SelfA(..., input_channel=batch_size)``);
   every call must have exactly that many examples. Their loop skips the last, smaller
-  batch (helper/loops.py:105); our input pipeline must drop remainders too.
+  batch (helper/loops.py:105); the training pipeline drops remainders too, and only the
+  training step runs the module.
 * Their module names ``'regressor' + str(i) + str(j)`` collide once a side has 10+ taps
   (i=1, j=11 and i=11, j=1 both give ``regressor111``), silently sharing one regressor;
   ``regressor_{n}_{m}`` does not.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from l2t_jax.models.layers import BatchNorm, torch_default_bias_init, torch_default_kernel_init
+from l2t_jax.transfer import pairing, terms
+from l2t_jax.transfer.losses import adaptive_avg_pool
 
 # The authors' defaults (DefangChen/SemCKD @ ebe5db19).
 FACTOR = 4            # models/util.py:57, SelfA(factor=4): embedding width = batch // 4
 BETA = 400.0          # CIFAR-100 (-b 400): scripts/run_cifar_distill.sh:25, README.md:37
 BETA_IMAGENET = 50.0  # ImageNet (-b 50): README.md:41. (train_student.py:80 defaults to 0.)
-BN_MOMENTUM = 0.1     # nn.BatchNorm2d default (models/util.py:134, 137)
-BN_EPSILON = 1e-5
-
-# PyTorch's default Linear / Conv init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
-_torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 Shape = tuple[int, int, int]   # (channels, height, width) of one tap
-
-
-def _torch_bias_init(fan_in: int):
-    """PyTorch's default Linear bias init, U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-@functools.lru_cache(maxsize=None)
-def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) averaging weights of PyTorch's adaptive average pooling on one
-    axis: output o averages inputs floor(o*in/out) .. ceil((o+1)*in/out) - 1."""
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    for o in range(out_size):
-        start = (o * in_size) // out_size
-        end = -((-(o + 1) * in_size) // out_size)
-        matrix[o, start:end] = 1.0 / (end - start)
-    return matrix
-
-
-def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """``F.adaptive_avg_pool2d`` of an NHWC map to ``size`` (separable: rectangular bins)."""
-    in_h, in_w = x.shape[1], x.shape[2]
-    if (in_h, in_w) == tuple(size):
-        return x
-    rows = jnp.asarray(_adaptive_pool_matrix(in_h, size[0]), x.dtype)
-    cols = jnp.asarray(_adaptive_pool_matrix(in_w, size[1]), x.dtype)
-    return jnp.einsum("oh,bhwc,pw->bopc", rows, x, cols)
-
-
-class TorchBatchNorm(nn.Module):
-    """``nn.BatchNorm2d`` with PyTorch numerics, channels last (statistics over every axis
-    but the last). Train: batch mean and biased variance normalise; unless initialising,
-    ``batch_stats/{mean,var}`` move by momentum 0.1 towards the batch mean and the
-    *unbiased* variance. Eval: the running statistics normalise."""
-
-    momentum: float = BN_MOMENTUM
-    epsilon: float = BN_EPSILON
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,),
-                                     self.param_dtype)
-        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,),
-                                    self.param_dtype)
-        if train:
-            count = x.size // channels
-            if count < 2:
-                raise ValueError(f"BatchNorm in train mode needs 2+ values per channel, "
-                                 f"got input shape {x.shape}")
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            var = jnp.mean(jnp.square(x - mean), axes)
-            if not self.is_initializing():
-                stats_mean = jax.lax.stop_gradient(mean)
-                stats_var = jax.lax.stop_gradient(var) * (count / (count - 1))
-                running_mean.value = ((1.0 - self.momentum) * running_mean.value
-                                      + self.momentum * stats_mean)
-                running_var.value = ((1.0 - self.momentum) * running_var.value
-                                     + self.momentum * stats_var)
-        else:
-            mean, var = running_mean.value, running_var.value
-        return (x - mean) / jnp.sqrt(var + self.epsilon) * scale + bias
 
 
 class MLPEmbed(nn.Module):
@@ -177,17 +122,14 @@ class MLPEmbed(nn.Module):
     Linear(2 dim_out, dim_out), then x / ||x||_2 (their ``Normalize``, no epsilon)."""
 
     dim_out: int
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(2 * self.dim_out, kernel_init=_torch_kernel_init,
-                     bias_init=_torch_bias_init(x.shape[-1]), param_dtype=self.param_dtype,
-                     name="linear1")(x)
+        x = nn.Dense(2 * self.dim_out, kernel_init=torch_default_kernel_init,
+                     bias_init=torch_default_bias_init(x.shape[-1]), name="linear1")(x)
         x = nn.relu(x)
-        x = nn.Dense(self.dim_out, kernel_init=_torch_kernel_init,
-                     bias_init=_torch_bias_init(x.shape[-1]), param_dtype=self.param_dtype,
-                     name="linear2")(x)
+        x = nn.Dense(self.dim_out, kernel_init=torch_default_kernel_init,
+                     bias_init=torch_default_bias_init(x.shape[-1]), name="linear2")(x)
         return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
 
 
@@ -196,21 +138,19 @@ class AAEmbed(nn.Module):
     BN, ReLU, conv1x1 -> C_out; no conv biases. (B, H, W, C_in) -> (B, H, W, C_out)."""
 
     features: int
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         mid = 2 * self.features
         # A 1x1 convolution is a matmul on the channel axis.
-        x = nn.Dense(mid, use_bias=False, kernel_init=_torch_kernel_init,
-                     param_dtype=self.param_dtype, name="conv1")(x)
-        x = nn.relu(TorchBatchNorm(param_dtype=self.param_dtype, name="bn1")(x, train))
+        x = nn.Dense(mid, use_bias=False, kernel_init=torch_default_kernel_init,
+                     name="conv1")(x)
+        x = nn.relu(BatchNorm(name="bn1")(x, train))
         x = nn.Conv(mid, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=_torch_kernel_init, param_dtype=self.param_dtype,
-                    name="conv2")(x)
-        x = nn.relu(TorchBatchNorm(param_dtype=self.param_dtype, name="bn2")(x, train))
-        return nn.Dense(self.features, use_bias=False, kernel_init=_torch_kernel_init,
-                        param_dtype=self.param_dtype, name="conv3")(x)
+                    kernel_init=torch_default_kernel_init, name="conv2")(x)
+        x = nn.relu(BatchNorm(name="bn2")(x, train))
+        return nn.Dense(self.features, use_bias=False, kernel_init=torch_default_kernel_init,
+                        name="conv3")(x)
 
 
 def _check_features(features: Sequence[jax.Array], shapes: Sequence[Shape], side: str,
@@ -239,14 +179,12 @@ class SemCKD(nn.Module):
       target_shapes: (C, H, W) per target tap (their student ``feat_s[1:-1]``).
       batch_size: examples per call; the MLPs' input width (their ``opt.batch_size``).
       factor: embedding width = batch_size // factor (their default 4).
-      param_dtype: dtype of the parameters and running statistics.
     """
 
     source_shapes: Sequence[Shape]
     target_shapes: Sequence[Shape]
     batch_size: int
     factor: int = FACTOR
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, source_features: Sequence[jax.Array],
@@ -278,10 +216,10 @@ class SemCKD(nn.Module):
         source_features = [jax.lax.stop_gradient(f) for f in source_features]
 
         query = jnp.stack([
-            MLPEmbed(dim, self.param_dtype, name=f"query_{n}")(_gram(f))
+            MLPEmbed(dim, name=f"query_{n}")(_gram(f))
             for n, f in enumerate(target_features)], axis=1)                  # (B, T, d)
         key = jnp.stack([
-            MLPEmbed(dim, self.param_dtype, name=f"key_{m}")(_gram(f))
+            MLPEmbed(dim, name=f"key_{m}")(_gram(f))
             for m, f in enumerate(source_features)], axis=1)                  # (B, S, d)
         attention = jax.nn.softmax(jnp.einsum("btd,bsd->bts", query, key), axis=-1)
 
@@ -290,7 +228,7 @@ class SemCKD(nn.Module):
             row = []
             for m, (s_map, (s_c, s_h, s_w)) in enumerate(zip(source_features,
                                                              self.source_shapes)):
-                regressor = AAEmbed(s_c, self.param_dtype, name=f"regressor_{n}_{m}")
+                regressor = AAEmbed(s_c, name=f"regressor_{n}_{m}")
                 if t_h > s_h:   # larger target map: pool it down before regressing
                     regressed = regressor(adaptive_avg_pool(t_map, (s_h, s_w)), train)
                     goal = s_map
@@ -302,3 +240,45 @@ class SemCKD(nn.Module):
         errors = jnp.stack(errors, axis=1)                                    # (B, T, S)
         loss = jnp.sum(attention * errors) / (batch * len(self.target_shapes))
         return loss, attention
+
+
+# ------------------------------------------------------------------------- the method
+def _shapes(features: Sequence[jax.Array]) -> tuple[Shape, ...]:
+    return tuple((f.shape[3], f.shape[1], f.shape[2]) for f in features)
+
+
+def _part(transfer, inputs: terms.TermInputs):
+    """The module over the taps of the pairs, at this batch's size (the step's global
+    batch, ``transfer.batch_size``), and its arguments on this batch (train mode)."""
+    source_taps, target_taps = pairing.tap_grid(transfer.pairs, "SemCKD")
+    source = tuple(inputs.source_features[m] for m in source_taps)
+    target = tuple(inputs.target_features[n] for n in target_taps)
+    module = SemCKD(_shapes(source), _shapes(target), batch_size=target[0].shape[0],
+                    factor=transfer.option("semckd_factor"))
+    return module, (source, target, True)
+
+
+def _loss(inputs: terms.TermInputs, transfer):
+    """semckd_weight * SemCKD, and the batch-mean attention per pair."""
+    loss, attention = inputs.part_output
+    return transfer.option("semckd_weight") * loss, {
+        "pair_attention": terms.per_pair(attention, transfer.pairs)}
+
+
+def _check(transfer) -> None:
+    weight, factor = transfer.option("semckd_weight"), transfer.option("semckd_factor")
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"config.semckd_weight must be finite and >= 0, got {weight!r}")
+    if not (isinstance(factor, int) and factor >= 1):
+        raise ValueError(f"config.semckd_factor must be an integer >= 1, got {factor!r}")
+    if transfer.batch_size // factor < 1:
+        raise ValueError(f"config.semckd_factor={factor} leaves SemCKD's embeddings empty "
+                         f"at config.batch_size={transfer.batch_size} (their width is "
+                         "batch_size // semckd_factor)")
+    pairing.tap_grid(transfer.pairs, "SemCKD")
+
+
+TERM = terms.register(terms.LossTerm(
+    "semckd", _loss, needs_pairs=True, part=_part,
+    options=(("semckd_weight", BETA), ("semckd_factor", FACTOR)), check=_check,
+    metrics=("pair_attention",)))
