@@ -235,17 +235,12 @@ class AFD(nn.Module):
 
 
 # ------------------------------------------------------------------------- the method
-def _shapes(features: Sequence[jax.Array]) -> tuple[Shape, ...]:
-    return tuple((f.shape[3], f.shape[1], f.shape[2]) for f in features)
-
-
 def _part(transfer, inputs: terms.TermInputs):
     """The module over the taps of the pairs, and its arguments on this batch (train
     mode)."""
-    source_taps, target_taps = pairing.tap_grid(transfer.pairs, "AFD")
-    source = tuple(inputs.source_features[m] for m in source_taps)
-    target = tuple(inputs.target_features[n] for n in target_taps)
-    module = AFD(_shapes(source), _shapes(target), qk_dim=transfer.option("afd_qk_dim"))
+    (source, target), (source_shapes, target_shapes) = terms.grid_features(
+        transfer, inputs, "AFD")
+    module = AFD(source_shapes, target_shapes, qk_dim=transfer.option("afd_qk_dim"))
     return module, (source, target, True)
 
 

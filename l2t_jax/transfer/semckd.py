@@ -243,17 +243,12 @@ class SemCKD(nn.Module):
 
 
 # ------------------------------------------------------------------------- the method
-def _shapes(features: Sequence[jax.Array]) -> tuple[Shape, ...]:
-    return tuple((f.shape[3], f.shape[1], f.shape[2]) for f in features)
-
-
 def _part(transfer, inputs: terms.TermInputs):
     """The module over the taps of the pairs, at this batch's size (the step's global
     batch, ``transfer.batch_size``), and its arguments on this batch (train mode)."""
-    source_taps, target_taps = pairing.tap_grid(transfer.pairs, "SemCKD")
-    source = tuple(inputs.source_features[m] for m in source_taps)
-    target = tuple(inputs.target_features[n] for n in target_taps)
-    module = SemCKD(_shapes(source), _shapes(target), batch_size=target[0].shape[0],
+    (source, target), (source_shapes, target_shapes) = terms.grid_features(
+        transfer, inputs, "SemCKD")
+    module = SemCKD(source_shapes, target_shapes, batch_size=source[0].shape[0],
                     factor=transfer.option("semckd_factor"))
     return module, (source, target, True)
 

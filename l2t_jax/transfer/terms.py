@@ -156,6 +156,22 @@ def of_method(method) -> tuple[LossTerm, ...]:
     return get_terms(method.terms)
 
 
+def grid_features(transfer, inputs: TermInputs, method: str):
+    """For methods that attend over taps: the source and the target features of the taps
+    of the pairs (:func:`~l2t_jax.transfer.pairing.tap_grid`, in increasing tap order),
+    and their shapes as (C, H, W) per tap.
+
+    Returns:
+      ((source features, target features), (source shapes, target shapes)).
+    """
+    source_taps, target_taps = pairing.tap_grid(transfer.pairs, method)
+    features = (tuple(inputs.source_features[m] for m in source_taps),
+                tuple(inputs.target_features[n] for n in target_taps))
+    shapes = tuple(tuple((f.shape[3], f.shape[1], f.shape[2]) for f in side)
+                   for side in features)
+    return features, shapes
+
+
 def per_pair(attention: jax.Array, pairs) -> jax.Array:
     """Batch-mean attention per pair, in the order of ``pairs``: (B, T, S) over the target
     and source taps of :func:`~l2t_jax.transfer.pairing.tap_grid` -> (len(pairs),), the
