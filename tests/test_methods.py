@@ -38,8 +38,8 @@ def test_baseline_losses_are_the_sum_of_their_terms():
     LwF head against the source logits, computed here from the networks' outputs."""
     transfer, state, source_variables, images, labels = _setup("lwf_at", "one_to_one")
     batch = bilevel.batch_constants(transfer, state, source_variables, images, labels)
-    ce, values, _, _ = bilevel.target_losses(transfer, state.target_params,
-                                             state.batch_stats, batch, transfer.terms)
+    ce, values, _, _, _ = bilevel.target_losses(transfer, state.target_params,
+                                                state.batch_stats, batch, transfer.terms)
     assert list(values) == ["attention", "distillation"]
     transfer_loss = bilevel.total(values)
     source_logits, source_features = transfer.source_model.apply(source_variables, images,

@@ -15,8 +15,9 @@ def get_config(variant=None):
         return apply_variant(get_config(), variant, "default")
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # scratch | lwf | at | lwf_at | fm | l2t_w | l2t_ww (l2t_jax/transfer/methods.py: what each adds
-    # to CE, and where its hyperparameters come from).
+    # scratch | lwf | at | lwf_at | fm | l2t_w | l2t_ww | afd | semckd
+    # (l2t_jax/transfer/methods.py: what each adds to CE, and where its hyperparameters
+    # come from).
     config.method = "l2t_ww"
 
     # Data. `kind`: "tfds" (a prepared TFDS data set), "image_folder" (root/split/class/img)
@@ -101,6 +102,17 @@ def get_config(variant=None):
     config.at_weight = 500.0
     config.lwf_weight = 1.0
     config.lwf_temperature = 2.0
+    # AFD (l2t_jax/transfer/afd.py; clovaai/attention-feature-distillation @ dd990d0b): the
+    # weight of its loss (main.py:40, --beta 200) and the width of its queries, keys and
+    # positional terms (main.py:41, --qk_dim 128).
+    config.afd_weight = 200.0
+    config.afd_qk_dim = 128
+    # SemCKD (l2t_jax/transfer/semckd.py; DefangChen/SemCKD @ ebe5db19): the weight of its
+    # loss (-b 400 for CIFAR-100, scripts/run_cifar_distill.sh:25 and README; 50 for
+    # ImageNet) and the embedding width as a divisor of the batch (models/util.py:57,
+    # factor 4: batch_size // 4; the batch is config.batch_size, the global batch).
+    config.semckd_weight = 400.0
+    config.semckd_factor = 4
 
     # Optimisation: theta by SGD-momentum with a per-epoch schedule, phi by Adam.
     # lr_schedule: "cosine" (the reference's) or "step" (x lr_decay_factor at each fraction

@@ -23,7 +23,7 @@ import ml_collections
 from l2t_jax import data, models
 from l2t_jax.models import taps
 from l2t_jax.training import assets, converted
-from l2t_jax.transfer import bilevel, methods, optim, pairing
+from l2t_jax.transfer import bilevel, methods, optim, pairing, terms as loss_terms
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,9 @@ def build_transfer(config) -> bilevel.Transfer:
     """The config's :class:`~l2t_jax.transfer.bilevel.Transfer`: the method's row
     (:mod:`l2t_jax.transfer.methods`: its terms and meta-networks) over the config's networks and
     pairs, with every :class:`~l2t_jax.transfer.bilevel.Transfer` hyperparameter from the config key
-    of the same name (or :data:`_TRANSFER_KEYS`): a new hyperparameter is a field and a
-    config key, nothing in between.
+    of the same name (or :data:`_TRANSFER_KEYS`), and the method's own settings from the
+    config keys its loss terms declare (:attr:`l2t_jax.transfer.terms.LossTerm.options`): a
+    new hyperparameter is a field (or an option) and a config key, nothing in between.
 
     Raises:
       ValueError: naming the key, for anything that does not build.
@@ -255,6 +256,8 @@ def build_transfer(config) -> bilevel.Transfer:
         key = _TRANSFER_KEYS.get(field.name, field.name)
         if isinstance(field.default, (bool, int, float, str)) and key in config:
             hyperparameters[field.name] = config[key]
+    for term in loss_terms.of_method(methods.get_method(config.method)):
+        hyperparameters.update({key: config[key] for key, _ in term.options})
     return method_transfer(config.method, source, target, pairs,
                            channel_weighting=config.channel_weighting,
                            pair_weight_type=config.pair_weight_type or None,
@@ -276,7 +279,8 @@ def method_transfer(method: str | methods.Method, source_model, target_model, pa
     row = methods.get_method(method) if isinstance(method, str) else method
     return bilevel.make_transfer(
         source_model if row.uses_source else None, target_model,
-        pairs if row.uses_pairs else (), terms=row.terms, meta_networks=row.meta_networks,
+        pairs if row.uses_pairs else (), terms=loss_terms.of_method(row),
+        meta_networks=row.meta_networks,
         pair_weight_type=pair_weight_type if row.learned_pair_weights else None, **options)
 
 

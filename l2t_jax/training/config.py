@@ -37,7 +37,9 @@ ADDED_KEYS = {"lr_reference_batch_size": 0, "meta_update_every": 1, "meta_loss_b
               "source_taps": "", "source_candidates": "",
               "target_taps": "", "target_candidates": "", "data.classes": ANY,
               "data.val_fraction": ANY, "data.split_seed": ANY,
-              "data.read_threads": ANY, "data.prefetch_batches": ANY}
+              "data.read_threads": ANY, "data.prefetch_batches": ANY,
+              # Only the afd and semckd methods read these; no earlier run used them.
+              "afd_weight": ANY, "afd_qk_dim": ANY, "semckd_weight": ANY, "semckd_factor": ANY}
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -7,6 +7,9 @@
   tap teaches which target tap;
 - :mod:`~l2t_jax.transfer.heads`: the parts methods add to theta (1x1 regressors, LwF's
   head); :mod:`~l2t_jax.transfer.meta`: phi, the meta-networks (what and where);
+- :mod:`~l2t_jax.transfer.afd` and :mod:`~l2t_jax.transfer.semckd`: two methods that learn
+  where to transfer without meta-networks, each its authors' module (a part of theta) and
+  its loss term;
 - :mod:`~l2t_jax.transfer.bilevel`: the jit-compiled training iteration;
   :mod:`~l2t_jax.transfer.optim`: theta's SGD and learning-rate schedules.
 

@@ -22,8 +22,10 @@ resized maps are constants of the whole iteration.
 The baselines share this module (:mod:`l2t_jax.transfer.methods` chooses what a method builds): a
 transfer without meta-networks takes only step 1, on CE plus its transfer loss terms
 (:mod:`l2t_jax.transfer.terms`: plain feature matching through the heads, attention transfer, LwF
-distillation), and leaves phi empty. With meta-networks, the simulated steps minimise only
-the terms phi weights (the weighted feature matching), the real step all of them.
+distillation, AFD, SemCKD), and leaves phi empty. With meta-networks, the simulated steps
+minimise only the terms phi weights (the weighted feature matching), the real step all of
+them. A term's own trainable part (AFD's and SemCKD's attention modules) is one more key of
+theta, so theta's SGD trains it with the target.
 
 SGD follows ``torch.optim.SGD`` with momentum mu, weight decay wd and no dampening:
 buf <- mu * buf + (g + wd * p); p <- p - lr * buf, on every parameter of theta at every step,
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any, Callable, Optional, Sequence
 
 import flax
@@ -69,7 +72,8 @@ class TrainState:
     Attributes:
       step: number of iterations taken (int32 scalar).
       target_params: theta = ``{'model': target network params, 'heads': 1x1 regressors,
-        'lwf_head': LwF's head}`` (the heads only for methods that have them).
+        'lwf_head': LwF's head, <term name>: a term's own part}`` (each but the model only
+        for methods that have it).
       batch_stats: the target network's BN running statistics.
       momentum: SGD momentum buffers, same structure as ``target_params``.
       meta_params: phi, the parameters of :class:`~l2t_jax.transfer.meta.MetaNetworks` ({} for
@@ -94,7 +98,9 @@ class Transfer:
     transfer loss terms (:mod:`l2t_jax.transfer.terms`), summed in order; parts a method does not use
     are None (no source for ``scratch``, no heads without feature matching, no LwF head
     without distillation, no meta-networks for the baselines). The terms' weights (beta,
-    at_weight, lwf_weight, lwf_temperature) are read only by the terms that use them.
+    at_weight, lwf_weight, lwf_temperature) are read only by the terms that use them; terms
+    defined outside :mod:`l2t_jax.transfer.terms` keep their settings in ``options``
+    (:attr:`~l2t_jax.transfer.terms.LossTerm.options`, read with :meth:`option`).
     """
 
     source_model: Optional[TappedNetwork]
@@ -116,6 +122,19 @@ class Transfer:
     remat: str = "none"           # REMAT_POLICIES: what the simulated step keeps for backward
     unroll_inner: bool = True     # unroll the T-step scan (faster); ignored under remat
     replay_bn_update: bool = True
+    # Examples per step (config.batch_size: the global batch under data parallelism). The
+    # terms' own parts are initialised on inputs of this size: a part's shapes may depend
+    # on it (SemCKD's embeddings are as wide as the batch).
+    batch_size: int = 1
+    options: tuple[tuple[str, Any], ...] = ()   # the terms' own settings, (key, value) sorted
+
+    def option(self, key: str) -> Any:
+        """The value of a term's setting (:attr:`~l2t_jax.transfer.terms.LossTerm.options`)."""
+        options = dict(self.options)
+        if key not in options:
+            raise KeyError(f"no term of this transfer declares the option {key!r} (options: "
+                           f"{', '.join(options) or 'none'})")
+        return options[key]
 
     @property
     def inner_terms(self) -> tuple[loss_terms.LossTerm, ...]:
@@ -152,14 +171,23 @@ def make_transfer(source_model: Optional[TappedNetwork], target_model: TappedNet
         :class:`~l2t_jax.transfer.meta.MetaNetworks`.
       conv_impl: convolution implementation of the 1x1 heads.
       **hyperparameters: any other :class:`Transfer` field (inner_steps, beta, at_weight,
-        ...).
+        ...), and the terms' own options by key (afd_weight, ...); an option not given
+        takes the term's default.
 
     Raises:
       ValueError: pairs that do not fit the networks' taps, unknown terms, remat policy or
-        pair-weight type, T < 0, meta-networks without a term for them to weight.
+        pair-weight type, T < 0, meta-networks without a term for them to weight, a term's
+        check failing, two terms reporting under one metric name.
     """
     pairs = tuple(tuple(p) for p in pairs)
     terms = loss_terms.get_terms(terms)
+    declared = {key: default for term in terms for key, default in term.options}
+    options = tuple(sorted((key, hyperparameters.pop(key, default))
+                           for key, default in declared.items()))
+    reported = [name for term in terms for name in (term.name, *term.metrics)]
+    if len(set(reported)) != len(reported):
+        raise ValueError(f"the terms {[t.name for t in terms]} report two metrics under one "
+                         f"name: {reported}")
     if hyperparameters.get("remat", "none") not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {hyperparameters['remat']!r}; valid: "
                          f"{', '.join(REMAT_POLICIES)}")
@@ -184,7 +212,7 @@ def make_transfer(source_model: Optional[TappedNetwork], target_model: TappedNet
                    source_model.name, target_model.name)
     reads = {part for t in terms for part in t.reads}
     source_channels = tuple(t.channels for t in source_taps)
-    return Transfer(
+    transfer = Transfer(
         source_model=source_model, target_model=target_model,
         heads=(MatchingHeads(pairs, source_channels, conv_impl=conv_impl)
                if "heads" in reads else None),
@@ -192,7 +220,11 @@ def make_transfer(source_model: Optional[TappedNetwork], target_model: TappedNet
                                     pair_weight_type, pair_weight_init)
                        if meta_networks else None),
         lwf_head=LwfHead(source_model.num_classes) if "lwf_head" in reads else None,
-        pairs=pairs, terms=terms, **hyperparameters)
+        pairs=pairs, terms=terms, options=options, **hyperparameters)
+    for term in terms:
+        if term.check is not None:
+            term.check(transfer)
+    return transfer
 
 
 def check_source_variables(transfer: Transfer, source_variables: PyTree) -> None:
@@ -246,6 +278,7 @@ def init_state(transfer: Transfer, rng: jax.Array, image_shape: Sequence[int], *
     if transfer.lwf_head is not None:
         target_params["lwf_head"] = transfer.lwf_head.lazy_init(
             lwf_rng, target_features)["params"]
+    target_params.update(_init_term_parts(transfer, rng, variables, image_shape))
     meta_params, meta_opt_state = {}, ()
     if transfer.meta_networks is not None:
         pooled = tuple(jax.ShapeDtypeStruct((1, t.channels), jnp.float32)
@@ -261,6 +294,35 @@ def init_state(transfer: Transfer, rng: jax.Array, image_shape: Sequence[int], *
         meta_opt_state=meta_opt_state)
 
 
+def _init_term_parts(transfer: Transfer, rng: jax.Array, target_variables: PyTree,
+                     image_shape: Sequence[int]) -> dict:
+    """{term name: params} of the terms' own parts, from shapes only (Linen's lazy_init)
+    on a step's inputs of ``transfer.batch_size`` examples (features only). Each part's
+    key is ``rng`` folded with its name, independent of the other parts and of the keys
+    above, which stay those of the released runs."""
+    owners = [term for term in transfer.terms if term.part is not None]
+    if not owners:
+        return {}
+    images = jax.ShapeDtypeStruct((transfer.batch_size, *image_shape), jnp.float32)
+
+    def features(target_variables, source_variables, images):
+        _, target_features = transfer.target_model.apply(target_variables, images,
+                                                         train=False)
+        return target_features, source_forward(transfer, source_variables, images)[1]
+    target_features, source_features = jax.eval_shape(
+        features, target_variables, transfer.source_model.abstract_variables(), images)
+    inputs = loss_terms.TermInputs(
+        target_features=target_features, regressed=None, lwf_logits=None, matched_source=(),
+        source_features=source_features, source_logits=None, channel_weights=None,
+        pair_weights=None)
+    parts = {}
+    for term in owners:
+        module, arguments = term.part(transfer, inputs)
+        key = jax.random.fold_in(rng, zlib.crc32(term.name.encode()) & 0x7FFFFFFF)
+        parts[term.name] = module.lazy_init(key, *arguments)["params"]
+    return parts
+
+
 @flax.struct.dataclass
 class BatchConstants:
     """Per-batch quantities that no step of the iteration changes."""
@@ -268,6 +330,7 @@ class BatchConstants:
     images: jax.Array
     labels: jax.Array
     matched_source: tuple[jax.Array, ...]   # per pair S^m(x) resized to T^n's size
+    source_features: tuple[jax.Array, ...]  # per source tap S^m(x), (B, H_m, W_m, C_m)
     pooled_source: tuple[jax.Array, ...]    # per source tap, (B, C_m)
     source_logits: Optional[jax.Array]      # (B, source classes), for LwF
 
@@ -278,12 +341,14 @@ def target_losses(transfer: Transfer, theta: PyTree, batch_stats: PyTree,
     """Train-mode forward of the target and the values of ``terms`` on the batch.
 
     Args:
-      theta: ``{'model', 'heads'?, 'lwf_head'?}`` (:class:`TrainState` ``target_params``).
+      theta: ``{'model', 'heads'?, 'lwf_head'?, <term name>?}`` (:class:`TrainState`
+        ``target_params``).
       terms: the loss terms to evaluate (a subset of ``transfer.terms``; () for CE only).
       channel_weights, pair_weights: phi's outputs for the weighted terms, or None.
 
     Returns:
-      (ce, {term name: value}, logits, new batch_stats).
+      (ce, {term name: value}, {metric name: value} the terms report besides, logits, new
+      batch_stats).
     """
     (logits, target_features), updated = transfer.target_model.apply(
         {"params": theta["model"], "batch_stats": batch_stats}, batch.images, train=True,
@@ -295,10 +360,23 @@ def target_losses(transfer: Transfer, theta: PyTree, batch_stats: PyTree,
                    if "heads" in reads else None),
         lwf_logits=(transfer.lwf_head.apply({"params": theta["lwf_head"]}, target_features)
                     if "lwf_head" in reads else None),
-        matched_source=batch.matched_source, source_logits=batch.source_logits,
-        channel_weights=channel_weights, pair_weights=pair_weights)
-    values = {term.name: term.fn(inputs, transfer) for term in terms}
-    return (losses.cross_entropy(logits, batch.labels), values, logits,
+        matched_source=batch.matched_source, source_features=batch.source_features,
+        source_logits=batch.source_logits, channel_weights=channel_weights,
+        pair_weights=pair_weights)
+    values, reports = {}, {}
+    for term in terms:
+        term_inputs = inputs
+        if term.part is not None:
+            module, arguments = term.part(transfer, inputs)
+            # Train mode on batch statistics; the running statistics it computes are dropped.
+            output, _ = module.apply({"params": theta[term.name]}, *arguments,
+                                     mutable=["batch_stats"])
+            term_inputs = inputs._replace(part_output=output)
+        values[term.name] = term.fn(term_inputs, transfer)
+        if term.metrics:
+            values[term.name], reported = values[term.name]
+            reports.update({name: reported[name] for name in term.metrics})
+    return (losses.cross_entropy(logits, batch.labels), values, reports, logits,
             updated.get("batch_stats", {}))   # {} for a network without BatchNorm
 
 
@@ -331,7 +409,7 @@ def batch_constants(transfer: Transfer, state: TrainState, source_variables: PyT
                     images: jax.Array, labels: jax.Array) -> BatchConstants:
     """Runs the source once (eval mode) and prepares its maps for every pair."""
     if transfer.source_model is None:
-        return BatchConstants(images, labels, (), (), None)
+        return BatchConstants(images, labels, (), (), (), None)
     source_logits, source_features, pooled = source_forward(transfer, source_variables,
                                                             images)
     # Static target map sizes, to resize the source maps once rather than at every step.
@@ -340,7 +418,7 @@ def batch_constants(transfer: Transfer, state: TrainState, source_variables: PyT
         {"params": state.target_params["model"], "batch_stats": state.batch_stats}, images)
     matched = tuple(losses.bilinear_resize(source_features[m], target_shapes[n].shape[1:3])
                     for m, n in transfer.pairs)
-    return BatchConstants(images, labels, matched, pooled, source_logits)
+    return BatchConstants(images, labels, matched, source_features, pooled, source_logits)
 
 
 def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree,
@@ -359,9 +437,9 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
     channel_weights, pair_weights = meta_weights(transfer, meta_params, batch.pooled_source)
 
     def matching_objective(theta):
-        _, values, _, stats = target_losses(transfer, theta, batch_stats_1, batch,
-                                            transfer.inner_terms, channel_weights,
-                                            pair_weights)
+        _, values, _, _, stats = target_losses(transfer, theta, batch_stats_1, batch,
+                                               transfer.inner_terms, channel_weights,
+                                               pair_weights)
         return total(values), stats
 
     def simulated_step(carry, _):
@@ -375,7 +453,7 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
         simulated_step = jax.checkpoint(simulated_step, policy=REMAT_POLICIES[transfer.remat])
 
     def ce_objective(theta, on=batch):
-        ce, _, _, stats = target_losses(transfer, theta, batch_stats_1, on, ())
+        ce, _, _, _, stats = target_losses(transfer, theta, batch_stats_1, on, ())
         return ce, stats
 
     # Remat saves memory only inside the scan loop: unrolled, XLA schedules the recomputed
@@ -405,7 +483,8 @@ def real_step(transfer: Transfer, state: TrainState, batch: BatchConstants,
     (the reference discards this step's phi gradient).
 
     Without meta-networks this is the whole step of a baseline (CE + its transfer terms).
-    Returns (theta_1, momentum_1, batch_stats_1, (ce, {term: value}, logits)).
+    Returns (theta_1, momentum_1, batch_stats_1, (ce, {term: value}, {metric: value the
+    terms report}, logits)).
     """
     channel_weights = pair_weights = None
     if transfer.meta_networks is not None:
@@ -413,16 +492,16 @@ def real_step(transfer: Transfer, state: TrainState, batch: BatchConstants,
             meta_weights(transfer, state.meta_params, batch.pooled_source))
 
     def objective(theta):
-        ce, values, logits, stats = target_losses(transfer, theta, state.batch_stats, batch,
-                                                  transfer.terms, channel_weights,
-                                                  pair_weights)
-        return ce + total(values), (ce, values, logits, stats)
+        ce, values, reports, logits, stats = target_losses(
+            transfer, theta, state.batch_stats, batch, transfer.terms, channel_weights,
+            pair_weights)
+        return ce + total(values), (ce, values, reports, logits, stats)
 
-    grads, (ce, values, logits, batch_stats_1) = jax.grad(objective, has_aux=True)(
+    grads, (ce, values, reports, logits, batch_stats_1) = jax.grad(objective, has_aux=True)(
         state.target_params)
     theta_1, momentum_1 = optim.sgd_momentum(state.target_params, state.momentum, grads,
                                        learning_rate, transfer.momentum, transfer.weight_decay)
-    return theta_1, momentum_1, batch_stats_1, (ce, values, logits)
+    return theta_1, momentum_1, batch_stats_1, (ce, values, reports, logits)
 
 
 def meta_objective(transfer: Transfer, state: TrainState, source_variables: PyTree,
@@ -444,7 +523,7 @@ def _meta_batch(meta_images, meta_labels) -> Optional[BatchConstants]:
     """The held-out images the meta loss scores (CE only: no source maps), or None."""
     if meta_images is None:
         return None
-    return BatchConstants(meta_images, meta_labels, (), (), None)
+    return BatchConstants(meta_images, meta_labels, (), (), (), None)
 
 
 def _phi_to_meta_loss(transfer, theta_1, momentum_1, batch_stats_1, batch, learning_rate,
@@ -478,16 +557,17 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
     Returns:
       (new state, metrics): scalars ``ce``, ``transfer`` (the sum of the transfer terms)
       and one per term under its name (``feature_matching``, ``attention``, ...),
-      ``accuracy`` (of the real step), ``learning_rate``; with meta-networks also ``adapt_ce``,
-      ``meta_loss``, ``meta_grad_norm``, ``sim_matching`` (T,), and per pair
+      ``accuracy`` (of the real step), ``learning_rate``, and what the terms report besides
+      (AFD's and SemCKD's ``pair_attention``, per pair); with meta-networks also
+      ``adapt_ce``, ``meta_loss``, ``meta_grad_norm``, ``sim_matching`` (T,), and per pair
       ``pair_weights`` (mean lambda) and ``channel_weight_entropy`` (nats).
     """
     learning_rate = learning_rate_fn(state.step)
     batch = batch_constants(transfer, state, source_variables, images, labels)
     # 1. The real step.
-    theta_1, momentum_1, batch_stats_1, (ce, values, logits) = real_step(
+    theta_1, momentum_1, batch_stats_1, (ce, values, reports, logits) = real_step(
         transfer, state, batch, learning_rate)
-    metrics = {"ce": ce, "transfer": total(values), **values,
+    metrics = {"ce": ce, "transfer": total(values), **values, **reports,
                "accuracy": losses.accuracy(logits, labels), "learning_rate": learning_rate}
     if transfer.meta_networks is None or not update_phi:   # step 1 is the whole iteration
         return state.replace(step=state.step + 1, target_params=theta_1, momentum=momentum_1,

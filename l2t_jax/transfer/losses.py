@@ -1,8 +1,10 @@
 """Loss functions, pure over arrays: feature matching (weighted and plain), attention
-transfer, LwF distillation, cross-entropy, and the PyTorch-exact bilinear resize they use.
+transfer, LwF distillation, cross-entropy, and the PyTorch-exact resamplings they use
+(bilinear resize, adaptive average pooling).
 
 All feature maps are NHWC. Nothing here holds parameters: the 1x1 regressors live in
-:mod:`l2t_jax.transfer.pairing`, the weight networks in :mod:`l2t_jax.transfer.meta`.
+:mod:`l2t_jax.transfer.heads`, the weight networks in :mod:`l2t_jax.transfer.meta`, the
+modules of AFD and SemCKD in :mod:`l2t_jax.transfer.afd` and :mod:`l2t_jax.transfer.semckd`.
 """
 from __future__ import annotations
 
@@ -48,6 +50,31 @@ def bilinear_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     rows = jnp.asarray(_interpolation_matrix(x.shape[1], out_h), dtype=x.dtype)
     cols = jnp.asarray(_interpolation_matrix(x.shape[2], out_w), dtype=x.dtype)
     return jnp.einsum("oh,bhwc,pw->bopc", rows, x, cols)
+
+
+@functools.lru_cache(maxsize=None)
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) averaging weights of PyTorch's adaptive average pooling on one
+    axis: output o averages inputs floor(o*in/out) .. ceil((o+1)*in/out) - 1. For
+    out > in this replicates inputs (every bin holds at least one input)."""
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    for o in range(out_size):
+        start = (o * in_size) // out_size
+        end = -((-(o + 1) * in_size) // out_size)
+        matrix[o, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """``F.adaptive_avg_pool2d`` on the two axes after the batch: (B, H, W, ...) ->
+    (B, size[0], size[1], ...), up-sampling by replication where a side grows. The bins
+    are rectangles, so pooling is separable into one averaging matrix per axis."""
+    in_h, in_w = x.shape[1], x.shape[2]
+    if (in_h, in_w) == tuple(size):
+        return x
+    rows = jnp.asarray(_adaptive_pool_matrix(in_h, size[0]), x.dtype)
+    cols = jnp.asarray(_adaptive_pool_matrix(in_w, size[1]), x.dtype)
+    return jnp.einsum("oh,bhw...,pw->bop...", rows, x, cols)
 
 
 def channel_distances(source: jax.Array, regressed_target: jax.Array) -> jax.Array:

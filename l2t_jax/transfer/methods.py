@@ -1,11 +1,14 @@
-"""The methods of the paper's table as one table of plain data (no JAX).
+"""The methods (the paper's table, and two later methods that learn where to transfer) as
+one table of plain data (no JAX).
 
 A method is one :class:`Method` row: the transfer loss terms it adds to CE (names of
 :mod:`l2t_jax.transfer.terms`), whether it trains meta-networks (phi) and which of their outputs, its
 default pair scheme, and how summaries and pictures name and colour it. The training
 program builds a run from the row (:func:`l2t_jax.training.build.build_transfer`); the summaries,
 plots and the demo read the same row without importing JAX. A new method is a new row
-(:func:`register`); a new loss term is a function in :mod:`l2t_jax.transfer.terms` plus a row.
+(:func:`register`); a new loss term is a function in :mod:`l2t_jax.transfer.terms` plus a row,
+or a module of its own (its loss term, and the trainable part the term brings) that the row
+names (``Method.module``), as AFD and SemCKD are.
 
 ==========  ===============================================  =====================  ========
 method      loss on theta                                    pairs (config.pairs)   phi
@@ -17,6 +20,11 @@ lwf_at      both of the above                                one_to_one         
 fm          CE + beta * sum_pairs mean_c d_c (FitNets)       single / one_to_one    none
 l2t_w       CE + beta * sum_pairs sum_c w_c d_c, lambda = 1  single / one_to_one    f only
 l2t_ww      CE + beta * sum_pairs lambda sum_c w_c d_c       all_to_all             f and g
+afd         CE + afd_weight * AFD (attention over the taps   all_to_all             none
+            of the pairs, trained jointly with theta)
+semckd      CE + semckd_weight * SemCKD (attention over the  all_to_all             none
+            taps of the pairs, per-pair regressors, trained
+            jointly with theta)
 ==========  ===============================================  =====================  ========
 
 Hyperparameters (l2t_jax/configs/default.py) and where they come from:
@@ -32,6 +40,15 @@ Hyperparameters (l2t_jax/configs/default.py) and where they come from:
   LwfHead`) distils the frozen source's outputs on the target images.
 - L2T-w keeps lambda = 1 for every pair (no g); its f is L2T-ww's.
 - The meta-learning hyperparameters (T, meta learning rate, ...) are L2T-ww's for both.
+- AFD (Ji, Heo, Park, AAAI 2021; :mod:`l2t_jax.transfer.afd`) and SemCKD (Chen et al.,
+  AAAI 2021; :mod:`l2t_jax.transfer.semckd`) learn where to transfer without meta-networks:
+  an attention between the source and target taps of the pairs, trained with the target
+  by theta's SGD (its learning rate, momentum and weight decay ``config.weight_decay``:
+  one optimiser over the student and the module, as both authors do, with their 5e-4).
+  Their weights and widths are their authors' defaults: ``afd_weight = 200``,
+  ``afd_qk_dim = 128``; ``semckd_weight = 400`` (CIFAR-100), ``semckd_factor = 4``. Both
+  authors also distil the teacher's logits (Hinton's KD); here the source was trained on
+  other classes, so that term is left out.
 """
 from __future__ import annotations
 
@@ -56,6 +73,9 @@ class Method:
       scheme: the pair scheme of its main row; None for methods that match no feature maps
         (no ``config.pairs``).
       color: its colour in figures (matplotlib colour string).
+      module: the module that defines its terms, imported before they are looked up (they
+        register on import: :func:`l2t_jax.transfer.terms.of_method`); None for the terms
+        of :mod:`l2t_jax.transfer.terms` itself.
     """
 
     name: str
@@ -65,6 +85,7 @@ class Method:
     learned_pair_weights: bool = False
     scheme: Optional[str] = None
     color: Optional[str] = None
+    module: Optional[str] = None
 
     @property
     def uses_source(self) -> bool:
@@ -103,7 +124,11 @@ for _row in (
         Method("l2t_w", "L2T-w", ("feature_matching",), meta_networks=True,
                scheme="one_to_one", color="#ff7f0e"),
         Method("l2t_ww", "L2T-ww", ("feature_matching",), meta_networks=True,
-               learned_pair_weights=True, scheme="all_to_all", color="#d62728")):
+               learned_pair_weights=True, scheme="all_to_all", color="#d62728"),
+        Method("afd", "AFD", ("afd",), scheme="all_to_all", color="#2ca02c",
+               module="l2t_jax.transfer.afd"),
+        Method("semckd", "SemCKD", ("semckd",), scheme="all_to_all", color="#17becf",
+               module="l2t_jax.transfer.semckd")):
     register(_row)
 
 

@@ -11,6 +11,9 @@ A pair ``(m, n)`` matches source tap m to target tap n (indices into each networ
   candidate with the target candidate of its stride (4-0, 9-1, 14-2; 1-1, 2-2, 3-3, 4-4).
 - ``all_to_all``: every source candidate with every target candidate (the authors' default
   lists, :mod:`l2t_jax.transfer.pair_lists`: 15 and 16 pairs).
+
+Methods that attend over taps rather than weigh given pairs (AFD, SemCKD) read the pairs as
+a grid of source taps x target taps (:func:`tap_grid`).
 """
 from __future__ import annotations
 
@@ -117,3 +120,25 @@ def validate_pairs(pairs: Sequence[Pair], source_taps: Sequence[Tap],
             raise ValueError(
                 f"pair {m}-{n}: target index {n} is out of range; {target_name} exposes taps "
                 f"0..{len(target_taps) - 1} (channels {[t.channels for t in target_taps]})")
+
+
+def tap_grid(pairs: Sequence[Pair], method: str = "this method") -> tuple[tuple[int, ...],
+                                                                       tuple[int, ...]]:
+    """The source taps and the target taps that appear in ``pairs`` (each in increasing
+    order), for methods that attend over every combination of them.
+
+    Raises:
+      ValueError: naming ``config.pairs``, when the pairs are not every combination of
+        those taps (such a method cannot leave a combination out).
+    """
+    sources = tuple(sorted({m for m, _ in pairs}))
+    targets = tuple(sorted({n for _, n in pairs}))
+    missing = [(m, n) for m in sources for n in targets if (m, n) not in set(pairs)]
+    if missing:
+        raise ValueError(
+            f"config.pairs: {method} attends over every combination of the source taps "
+            f"{list(sources)} and target taps {list(targets)} of its pairs; "
+            f"{', '.join(f'{m}-{n}' for m, n in missing[:5])} "
+            f"{'are' if len(missing) > 1 else 'is'} missing (list them all, or use the "
+            "all_to_all scheme)")
+    return sources, targets
