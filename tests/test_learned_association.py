@@ -13,6 +13,7 @@ import pytest
 from helpers import final_params, one_line_error, run_main, tiny_config
 from l2t_jax.configs import cifar100
 from l2t_jax.training import build, train
+from l2t_jax.training import config as run_config
 from l2t_jax.transfer import bilevel, pairing, terms
 
 
@@ -132,7 +133,7 @@ def test_the_cifar100_config_takes_each_method(method):
     (the config's 15 pairs) with the authors' defaults and the config's batch."""
     config = cifar100.get_config()
     config.method = method
-    build.validate_config(config)
+    run_config.validate_config(config)
     transfer = build.build_transfer(config)
     assert len(transfer.pairs) == 15 and transfer.batch_size == config.batch_size == 128
     assert dict(transfer.options) == ({"afd_weight": 200.0, "afd_qk_dim": 128}
@@ -156,7 +157,7 @@ def test_bad_values_of_their_keys_name_the_key(method, key, value, message):
     config.method = method
     config[key] = value
     with pytest.raises(ValueError, match=message):
-        build.validate_config(config)
+        run_config.validate_config(config)
 
 
 def test_a_bad_value_on_the_command_line_is_a_one_line_error(tmp_path):
