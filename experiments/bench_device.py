@@ -74,7 +74,7 @@ MIN_START_S = 20.0
 # step of even these in tens of seconds, most of a smoke run).
 CIFAR_FULL: list[str] = []            # bench.py's defaults: the CIFAR-100 setting
 TINY_TARGET = ["--target_widths", "4,4", "--target_overrides", '{"convs_per_stage": [1, 1]}']
-CIFAR_SMOKE = ["--source", "l2t_jax.models:CifarResNet", "--source_overrides",
+CIFAR_SMOKE = ["--source", "l2t_jax.models.cifar_resnet:CifarResNet", "--source_overrides",
                '{"depth": 8}', "--source_widths", "4,4,8", "--pairs", "0-0,2-1",
                *TINY_TARGET]
 SCRATCH_SMOKE = TINY_TARGET
