@@ -34,7 +34,7 @@ from l2t_jax import data
 from l2t_jax.models import torch_layout
 from l2t_jax.training import build, checkpoints, converted
 from l2t_jax.training import workdir as workdir_files
-from l2t_jax.training.config import read_run_config
+from l2t_jax.evaluate import run_config
 
 
 def _import_torch():
@@ -99,9 +99,7 @@ def export(workdir: str, output: str, which: str = "best") -> tuple[str, str]:
       converted.TorchMissingError: torch is not installed.
     """
     torch = _import_torch()
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} is not a directory")
-    config = read_run_config(workdir)
+    config = run_config(workdir)
     model = build.target_model(config)
     variables, step = checkpoints.restore_target(workdir, model, which)
     state_dict = torch_state_dict(model, variables)
