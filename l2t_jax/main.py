@@ -3,8 +3,10 @@
 ``--config`` is a config file (``configs/cifar100.py`` in a checkout) or the name of one
 shipped in :mod:`l2t_jax.configs` (``cifar100``, from any directory and any install). A
 variant after a colon selects a preset (``cifar100:tiny``); overrides follow as
-``--config.T=5 --config.batch_size=64``. ``--log_libraries`` adds the libraries' INFO lines
-(orbax, absl, jax) to the program's own.
+``--config.T=5 --config.batch_size=64``. ``--help`` lists the shipped configs and their
+variants (:func:`usage`), ``--show_config`` prints the config and exits, and
+``--log_libraries`` adds the libraries' INFO lines (orbax, absl, jax) to the program's own.
+A mistake on the command line is one line naming it and the fix (:func:`parse_flags`).
 
 All logic lives in :func:`l2t_jax.training.train.train_and_evaluate`, or for a config with
 a ``program`` key in the experiment tool it names (:data:`PROGRAMS`: ``demo``,
