@@ -37,7 +37,6 @@ from l2t_jax import configs
 from l2t_jax.training import (checkpoints, compile_cache, converted, logs, parallel, stopping,
                               train)
 from l2t_jax.training import workdir as workdir_files
-from l2t_jax.training.config import default_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file (configs/*.py) or a shipped config's name (cifar100), "
