@@ -117,7 +117,8 @@ class ImageFolderSource:
         for label, name in enumerate(self.classes):
             listed = sorted(os.listdir(os.path.join(directory, name)))
             files = [f for f in listed if f.lower().endswith(IMAGE_SUFFIXES)]
-            others += [os.path.join(name, f) for f in listed if f not in files]
+            others += [os.path.join(name, f) for f in listed
+                       if not f.lower().endswith(IMAGE_SUFFIXES)]
             if not files:
                 self.empty_classes.append(name)
             self.files += [os.path.join(directory, name, f) for f in files]
