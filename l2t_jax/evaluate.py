@@ -25,6 +25,40 @@ import numpy as np
 from l2t_jax.training import workdir as workdir_files
 
 
+def run_config(workdir: str):
+    """The config of the run in ``workdir`` (:func:`l2t_jax.training.config.read_run_config`).
+
+    Raises:
+      FileNotFoundError: "no run here" when ``workdir`` does not exist or holds no
+        config.json, which every run of ``python -m l2t_jax.main`` writes first.
+    """
+    from l2t_jax.training.config import read_run_config
+    if not os.path.isfile(workdir_files.path(workdir, workdir_files.CONFIG)):
+        what = "does not exist" if not os.path.exists(workdir) else (
+            f"has no {workdir_files.CONFIG}")
+        below = _a_run_below(workdir)
+        hint = f"; a run below it: {below}" if below else ""
+        raise FileNotFoundError(f"no run here: {workdir} {what} (a run's workdir is the "
+                                f"--workdir of python -m l2t_jax.main){hint}")
+    return read_run_config(workdir)
+
+
+def _a_run_below(directory: str, depth: int = 4) -> str | None:
+    """The first workdir (a directory with config.json) under ``directory``, at most
+    ``depth`` levels down, in sorted order: the demo's and the study's runs sit under
+    ``DIR/runs/<method>/<budget>/<seed>``."""
+    if depth == 0 or not os.path.isdir(directory):
+        return None
+    for name in sorted(os.listdir(directory)):
+        child = os.path.join(directory, name)
+        if os.path.isfile(workdir_files.path(child, workdir_files.CONFIG)):
+            return child
+        found = _a_run_below(child, depth - 1)
+        if found:
+            return found
+    return None
+
+
 def class_names(config) -> list[str]:
     """The class names of the run's data (config.data.classes), else "0" ... "K-1"."""
     classes = list(config.data.classes or ())
@@ -92,10 +126,7 @@ def evaluate_run(workdir: str, split: str = "test", which: str = "best",
     """
     from l2t_jax.tools import plots
     from l2t_jax.training import build, checkpoints
-    from l2t_jax.training.config import read_run_config
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} is not a directory")
-    config = read_run_config(workdir)
+    config = run_config(workdir)
     known = ("train",) + tuple(config.data.eval_splits)
     if split not in ("train", "val", "test"):
         raise ValueError(f"--split={split!r}; valid: train, val, test (this run evaluated "

@@ -5,8 +5,8 @@ how to feed it.
 
 writes ``model.pth`` (``torch.save`` of a plain state dict) and ``model.json`` beside it.
 The keys and tensor layouts are those :mod:`l2t_jax.convert` reads, inverted with the same
-rename rules (:func:`l2t_jax.convert.torch_state_dict_from_flax`), so every family convert
-knows exports too: the CIFAR ResNets and VGG-9-BN as in the authors' code (``conv1``,
+rename rules (:func:`l2t_jax.models.torch_layout.torch_state_dict_from_flax`), so every
+family convert knows exports too: the CIFAR ResNets and VGG-9-BN as in the authors' code (``conv1``,
 ``block1``, ``blocks2.0``, ...; ``features.K``, ``classifier``), the ImageNet ResNets as in
 torchvision (``torchvision.models.resnet18(num_classes=K).load_state_dict(...)``). BatchNorm
 layers also get ``num_batches_tracked`` (0), so a strict ``load_state_dict`` takes the file
@@ -34,7 +34,7 @@ from l2t_jax import data
 from l2t_jax.models import torch_layout
 from l2t_jax.training import build, checkpoints, converted
 from l2t_jax.training import workdir as workdir_files
-from l2t_jax.training.config import read_run_config
+from l2t_jax.evaluate import run_config
 
 
 def _import_torch():
@@ -50,8 +50,9 @@ def _import_torch():
 
 def torch_state_dict(model, variables: Mapping[str, Any]) -> dict:
     """``model``'s Flax variables as a PyTorch state dict (torch tensors, float32 as
-    trained) in the reference layout: :func:`l2t_jax.convert.torch_state_dict_from_flax`,
-    plus ``num_batches_tracked`` for every BatchNorm."""
+    trained) in the reference layout
+    (:func:`l2t_jax.models.torch_layout.torch_state_dict_from_flax`), plus
+    ``num_batches_tracked`` for every BatchNorm."""
     torch = _import_torch()
     arrays = torch_layout.torch_state_dict_from_flax(model, variables)
     state_dict = {key: torch.from_numpy(np.array(value, copy=True, order="C"))
@@ -99,9 +100,7 @@ def export(workdir: str, output: str, which: str = "best") -> tuple[str, str]:
       converted.TorchMissingError: torch is not installed.
     """
     torch = _import_torch()
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} is not a directory")
-    config = read_run_config(workdir)
+    config = run_config(workdir)
     model = build.target_model(config)
     variables, step = checkpoints.restore_target(workdir, model, which)
     state_dict = torch_state_dict(model, variables)

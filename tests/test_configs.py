@@ -38,3 +38,39 @@ def test_short_config_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="shipped: cifar100, cub200"):
         configs.resolve("cifar10")
     assert configs.resolve("./configs/stl10.py") == shipped
+
+
+def _declared_variants():
+    """(name, variant) for every variant every shipped config declares; a config without
+    VARIANTS fails the test below."""
+    return [(name, variant) for name in configs.names()
+            for variant in (configs.variants(name) or ())]
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(
+        strict=True, reason="l2t_jax/configs/demo.py does not declare VARIANTS yet"))
+    if name == "demo" else name for name in configs.names()])
+def test_every_config_declares_the_variants_it_takes(name):
+    """``--help`` lists ``VARIANTS``: they must be what ``get_config`` accepts, which its
+    error for an unknown variant lists."""
+    declared = configs.variants(name)
+    assert declared, f"l2t_jax/configs/{name}.py declares no VARIANTS"
+    with pytest.raises(ValueError, match="unknown variant 'no_such_variant'") as error:
+        configs.load(f"{name}:no_such_variant")
+    assert str(error.value).split("valid: ")[1].split(", ") == list(declared)
+
+
+@pytest.mark.parametrize("name,variant", _declared_variants())
+def test_every_declared_variant_builds(name, variant):
+    """Each variant of ``--help`` gives a config; a training config's validates and builds
+    its networks and pairs (the programs, demo and study, build their runs' configs)."""
+    config = configs.load(f"{name}:{variant}")
+    if config.get("program"):
+        assert config.program == name and config.variant == variant
+        return
+    if config.data.num_classes == 0:      # an image folder's: counted from the folder
+        config.data.num_classes = 5
+    validate_config(config)
+    transfer = build.build_transfer(config)
+    assert transfer.target_model is not None

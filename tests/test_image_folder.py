@@ -165,7 +165,7 @@ def test_num_classes_is_checked_and_mistakes_are_clear_errors(folders, tmp_path)
 
 
 def test_both_settings_validate_and_pair_all_to_all(folders):
-    for variant, source, target, size, pairs in (("tiny", "resnet34", "resnet18", 64, 16),
+    for variant, source, target, size, pairs in (("tiny", "resnet34", "resnet18:tiny", 64, 16),
                                                  ("small", "resnet32", "vgg9_bn", 32, 15)):
         config = build.resolve_data(_config(folders[0], variant))
         validate_config(config)

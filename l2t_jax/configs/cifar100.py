@@ -7,6 +7,8 @@ Data: ``tfds build cifar100 --file_format=array_record`` once (needs the [prepar
 """
 from l2t_jax.configs import default
 
+VARIANTS = default.VARIANTS
+
 
 def get_config(variant=None):
     config = default.get_config()

@@ -9,6 +9,8 @@ that order by their ``image/filename`` (class folder, then file). An image folde
 """
 from l2t_jax.configs import default
 
+VARIANTS = default.VARIANTS
+
 
 def get_config(variant=None):
     config = default.imagenet_transfer(default.get_config(), "cub200", 200, "cub200")

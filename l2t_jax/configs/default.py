@@ -7,6 +7,9 @@ import ml_collections
 
 from l2t_jax.transfer.pair_lists import CIFAR_PAIRS, IMAGENET_PAIRS  # the reference's defaults
 
+# The variants every experiment file takes (:func:`apply_variant`): ``tiny``, a smoke-run size.
+VARIANTS = ("tiny",)
+
 
 def get_config(variant=None):
     """Every key with the reference's CIFAR-100 defaults; ``variant`` as in the experiment
@@ -205,7 +208,7 @@ def apply_variant(config, variant, name, extra_variants=None):
             config = extra_variants[part](config)
         elif part:
             raise ValueError(f"unknown variant {part!r} of {name}; valid: "
-                             f"{', '.join(['tiny', *extra_variants])}")
+                             f"{', '.join([*VARIANTS, *extra_variants])}")
     return config
 
 

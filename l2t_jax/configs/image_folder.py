@@ -57,6 +57,11 @@ def paper_recipe(config):
     return config
 
 
+# The variants besides ``tiny`` (default.apply_variant).
+_PRESETS = {"small": small, "paper_recipe": paper_recipe}
+VARIANTS = (*default.VARIANTS, *_PRESETS)
+
+
 def get_config(variant=None):
     config = default.imagenet_transfer(default.get_config(), "image_folder", 0)
     config.data.data_dir = ""            # --config.data.data_dir=ROOT
@@ -76,4 +81,4 @@ def get_config(variant=None):
     parts = (variant or "").split(",")
     ordered = [p for p in parts if p == "small"] + [p for p in parts if p != "small"]
     return default.apply_variant(config, ",".join(p for p in ordered if p), "image_folder",
-                                 {"small": small, "paper_recipe": paper_recipe})
+                                 _PRESETS)

@@ -25,6 +25,7 @@ Everything else is the paper's 224-px setting (``default.imagenet_transfer``): S
 from l2t_jax.configs import default
 
 VAL_FRACTION = 0.1   # as the authors' other data sets (alinlab/L2T-ww#4, alinlab/L2T-ww#6)
+VARIANTS = default.VARIANTS
 
 
 def get_config(variant=None):

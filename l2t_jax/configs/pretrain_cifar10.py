@@ -15,6 +15,8 @@ Data, once: ``tfds build cifar10 --file_format=array_record`` (the [prepare] ext
 from l2t_jax.configs import default
 from l2t_jax.configs import pretrain_tinyimagenet
 
+VARIANTS = default.VARIANTS
+
 
 def get_config(variant=None):
     config = default.get_config()

@@ -41,6 +41,12 @@ def _architecture(model, seed=0):
     return choose
 
 
+# The architectures (with their seed), one per variant; ``tiny`` as default.apply_variant.
+ARCHITECTURES = {"resnet20": _architecture("resnet20"), "resnet32": _architecture("resnet32"),
+                 "resnet32_seed1": _architecture("resnet32", seed=1)}
+VARIANTS = (*default.VARIANTS, *ARCHITECTURES)
+
+
 def get_config(variant=None):
     config = default.get_config()
     config.data.kind = "npz"
@@ -49,11 +55,10 @@ def get_config(variant=None):
     config.data.eval_splits = ("val",)
     config.data.image_size = 32
     config = pretrain(config, "resnet20", 200)
-    variants = {"resnet20": _architecture("resnet20"), "resnet32": _architecture("resnet32"),
-                "resnet32_seed1": _architecture("resnet32", seed=1)}
     parts = (variant or "resnet20").split(",")
-    if not any(p in variants for p in parts):
+    if not any(p in ARCHITECTURES for p in parts):
         parts = ["resnet20"] + parts
     # The architecture first, so that ``tiny`` shrinks the chosen one.
-    parts.sort(key=lambda p: p not in variants)
-    return default.apply_variant(config, ",".join(parts), "pretrain_tinyimagenet", variants)
+    parts.sort(key=lambda p: p not in ARCHITECTURES)
+    return default.apply_variant(config, ",".join(parts), "pretrain_tinyimagenet",
+                                 ARCHITECTURES)

@@ -31,6 +31,7 @@ META_LEARNING_RATE = 1e-3
 META_WEIGHT_DECAY = 1e-4
 BETA = 0.5
 T = 2
+VARIANTS = default.VARIANTS
 
 
 def get_config(variant=None):

@@ -28,6 +28,7 @@ SECOND_SOURCES = {
     "plus_resnet32": ("resnet32", 200, "tinyimagenet-resnet32-seed1"),
     "plus_cifar10_resnet32": ("resnet32", 10, "cifar10-resnet32"),
 }
+VARIANTS = (*default.VARIANTS, *SECOND_SOURCES)
 
 
 def _with_second_source(model, num_classes, run):

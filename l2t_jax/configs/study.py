@@ -36,6 +36,7 @@ SOURCES = {
     # Three budgets only, to keep the study within hours on a 2-core machine.
     "released_resnet32": ("resnet32", 200, (), "released:resnet32", (1, 5, 25)),
 }
+VARIANTS = ("smoke",)
 
 
 def get_config(variant=None):

@@ -58,11 +58,31 @@ def has_split(kind: str, data_dir: str, split: str, name: str = "") -> bool:
         return os.path.isfile(os.path.join(data_dir, f"{split}.npz"))
     if kind == "image_folder":
         return os.path.isdir(os.path.join(data_dir, split))
+    if _tfds_missing_locally(name, data_dir):
+        return False            # asking TFDS would log its own warnings first
     import tensorflow_datasets as tfds
     try:
         return split in tfds.builder(name, data_dir=data_dir or None).info.splits
     except Exception:  # noqa: BLE001 - tfds raises several types for unprepared data
         return False
+
+
+def _tfds_root(data_dir: str) -> str:
+    """Where TFDS looks for prepared data sets: ``data_dir``, else ``$TFDS_DATA_DIR``, else
+    ``~/tensorflow_datasets``."""
+    return data_dir or os.environ.get("TFDS_DATA_DIR",
+                                      os.path.expanduser("~/tensorflow_datasets"))
+
+
+def _tfds_dataset_dir(name: str, data_dir: str) -> str:
+    return os.path.join(_tfds_root(data_dir), name.split(":")[0].split("/")[0])
+
+
+def _tfds_missing_locally(name: str, data_dir: str) -> bool:
+    """Whether the TFDS data set ``name`` has no directory on a local file system (a remote
+    root, ``gs://...``, is left to TFDS)."""
+    return "://" not in _tfds_root(data_dir) and not os.path.isdir(
+        _tfds_dataset_dir(name, data_dir))
 
 
 class ImageFolderSource:
@@ -93,14 +113,21 @@ class ImageFolderSource:
                               if os.path.isdir(os.path.join(directory, d)))
         if not self.classes:
             raise DataError(f"{directory} has no class folders")
-        self.files, labels, self.empty_classes = [], [], []
+        self.files, labels, self.empty_classes, others = [], [], [], []
         for label, name in enumerate(self.classes):
-            files = sorted(f for f in os.listdir(os.path.join(directory, name))
-                           if f.lower().endswith(IMAGE_SUFFIXES))
+            listed = sorted(os.listdir(os.path.join(directory, name)))
+            files = [f for f in listed if f.lower().endswith(IMAGE_SUFFIXES)]
+            others += [os.path.join(name, f) for f in listed
+                       if not f.lower().endswith(IMAGE_SUFFIXES)]
             if not files:
                 self.empty_classes.append(name)
             self.files += [os.path.join(directory, name, f) for f in files]
             labels += [label] * len(files)
+        if not self.files:
+            found = (f"found {len(others)} other file(s), e.g. {others[0]}" if others
+                     else "the class folders are empty")
+            raise DataError(f"{directory} has no images: an image is a file ending in "
+                            f"{', '.join(IMAGE_SUFFIXES)} (any case); {found}")
         self.labels = np.asarray(labels, np.int32)
         self.skipped = []
         if skip_corrupt:
@@ -119,7 +146,8 @@ class ImageFolderSource:
             logger.warning("%s: empty class folders (labels kept in folder order): %s",
                             directory, ", ".join(self.empty_classes))
         if not self.files:
-            raise DataError(f"{directory} has no readable images")
+            raise DataError(f"{directory} has no readable images: all {len(self.skipped)} "
+                            "failed to decode (config.data.skip_corrupt skipped them)")
 
     def _decode(self, path: str) -> np.ndarray:
         try:
@@ -160,23 +188,22 @@ class TfdsSource:
     """
 
     def __init__(self, name: str, split: str, data_dir: Optional[str] = None):
-        import tensorflow_datasets as tfds
-        root = data_dir or os.environ.get("TFDS_DATA_DIR",
-                                          os.path.expanduser("~/tensorflow_datasets"))
+        root, dataset_dir = _tfds_root(data_dir), _tfds_dataset_dir(name, data_dir)
         prepare = (f"Prepare it once with: pip install 'l2t-jax[prepare]' && tfds build "
                    f"{name} --file_format=array_record --data_dir={root}")
-        # Checked here: for a missing directory TFDS itself says the data set is "already
-        # prepared ... in the TFRECORD format", which sends the user the wrong way.
+        # Checked here, before TFDS: for a missing directory TFDS says the data set is
+        # "already prepared ... in the TFRECORD format", which sends the user the wrong
+        # way, and for a missing data set it logs warnings before failing.
         if data_dir and "://" not in data_dir and not os.path.isdir(data_dir):
             raise DataError(f"config.data.data_dir={data_dir!r} does not exist. {prepare}")
+        if _tfds_missing_locally(name, data_dir):
+            raise DataError(f"TFDS data set {name!r} is not prepared in {root} (no "
+                            f"{dataset_dir}). {prepare}")
+        import tensorflow_datasets as tfds
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
                                             download=False)
         except Exception as e:
-            dataset_dir = os.path.join(root, name.split(":")[0].split("/")[0])
-            if not os.path.isdir(dataset_dir):
-                raise DataError(f"TFDS data set {name!r} is not prepared in {root} (no "
-                                f"{dataset_dir}). {prepare}") from None
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise DataError(
                 f"TFDS data set {name!r} (split {split!r}) in {dataset_dir} cannot be read "

@@ -4,5 +4,5 @@ benchmarks. Nothing below (models, transfer, data, training) imports these; the 
 point reaches the demo and the study by name.
 
 Command lines: ``python -m l2t_jax.tools.plots``, ``python -m l2t_jax.tools.bench``,
-``python -m l2t_jax.tools.bench_pipeline``.
+``python -m l2t_jax.tools.bench_pipeline``, ``python -m l2t_jax.tools.step_cost``.
 """

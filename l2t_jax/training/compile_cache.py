@@ -12,7 +12,8 @@ package's cache (``~/.cache/l2t_jax/xla``, or ``$L2T_CACHE_DIR/xla``). ``off`` d
 The directory is capped at :data:`MAX_BYTES`; jax deletes the least recently used entries
 (its size accounting needs the ``filelock`` package, a dependency of ours: without it jax
 fails every cache read and write, so the cap is then left unset, the cache stays unbounded
-and a warning says so).
+and a warning says so). Where the cache is is logged at the first compile that uses it, not
+when it is turned on: a run that stops on a config or data error prints that error alone.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ MAX_BYTES = 4 * 2 ** 30
 MIN_COMPILE_SECONDS = 0.5
 
 _saved = {"hits": 0, "seconds": 0.0}
+_announce = {"directory": None}   # logged at the first compile that consults the cache
 _by_thread: dict = {}
 _lock = threading.Lock()
 _listening = False
@@ -51,7 +53,6 @@ def enable(directory: Optional[str] = None) -> Optional[str]:
         directory = os.environ["JAX_COMPILATION_CACHE_DIR"]   # jax reads it itself
     elif directory == OFF:
         jax.config.update("jax_enable_compilation_cache", False)
-        logger.info("compilation cache: off")
         return None
     else:
         directory = os.path.abspath(os.path.expanduser(directory or default_directory()))
@@ -68,7 +69,8 @@ def enable(directory: Optional[str] = None) -> Optional[str]:
         jax.monitoring.register_event_listener(_on_event)
         jax.monitoring.register_event_duration_secs_listener(_on_duration)
         _listening = True
-    logger.info("compilation cache: %s (--compilation_cache=off disables it)", directory)
+    with _lock:
+        _announce["directory"] = directory
     return directory
 
 
@@ -86,6 +88,12 @@ def configured() -> bool:
 
 
 def _on_event(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/compile_requests_use_cache":
+        with _lock:
+            directory, _announce["directory"] = _announce["directory"], None
+        if directory:
+            logger.info("compilation cache: %s (--compilation_cache=off disables it)",
+                        directory)
     if event == "/jax/compilation_cache/cache_hits":
         with _lock:
             _saved["hits"] += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import jax
@@ -39,6 +40,24 @@ class UntrustedCheckpointError(ValueError):
     holds) was refused; the message names the flag that allows it."""
 
 
+class NotACheckpointError(ValueError):
+    """A file that is not a PyTorch checkpoint, or one cut short or damaged; the message
+    names the file and its size."""
+
+
+# What torch.save writes: a zip archive (since torch 1.6), or before that a pickle, whose
+# first bytes are the PROTO opcode and a protocol number (torch used 2).
+_PICKLE_PROTOCOLS = {bytes([0x80, protocol]) for protocol in range(2, 6)}
+
+
+def _is_torch_file(path: str) -> bool:
+    """Whether ``path`` has the form of a file torch.save wrote (its first bytes only)."""
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head in _PICKLE_PROTOCOLS or zipfile.is_zipfile(path)
+
+
 def read_torch_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dict, dict]:
     """Reads a ``.pth`` / ``.pth.tar`` file: returns (state_dict, other top-level entries).
 
@@ -48,6 +67,8 @@ def read_torch_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dict, 
     nothing; both released files read that way.
 
     Raises:
+      NotACheckpointError: the file is not one torch.save wrote, or torch cannot read it
+        (cut short, damaged).
       UntrustedCheckpointError: the file needs full unpickling and ``allow_pickle`` is off.
     """
     try:
@@ -59,22 +80,46 @@ def read_torch_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dict, 
             "install torch --index-url https://download.pytorch.org/whl/cpu)") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    size = f"{os.path.getsize(path):,} bytes"
+    if not _is_torch_file(path):
+        # torch's own error for such a file would suggest full unpickling (it reports any
+        # unreadable file as one the safe reader refused).
+        raise NotACheckpointError(
+            f"{path} is not a PyTorch checkpoint ({size}; torch.save writes a zip archive "
+            "or a pickle, and this file starts as neither): check that it is the .pth file "
+            "and that its download finished")
     import pickle
     try:
         payload = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UntrustedCheckpointError(
-            f"{path} holds more than tensors and numbers ({first_line[:200]}); reading it "
-            "means full unpickling, which can run any code the file contains, so it was "
-            "refused. If you trust the file, convert it with python -m l2t_jax.convert "
-            "--allow_pickle ...") from None
+        if not allow_pickle and str(e).startswith("Weights only load failed"):
+            # torch's reason is one line inside several of advice: "Unsupported global:
+            # GLOBAL argparse.Namespace was not an allowed global by default ...".
+            reason = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed|\n|$)",
+                               str(e))
+            raise UntrustedCheckpointError(
+                f"{path} holds more than tensors and numbers"
+                f"{f' ({reason.group(1)[:200]})' if reason else ''}; reading it means full "
+                "unpickling, which can run any code the file contains, so it was refused. "
+                "If you trust the file, convert it with python -m l2t_jax.convert "
+                "--allow_pickle ...") from None
+        raise _damaged(path, size, e) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise _damaged(path, size, e) from None
     if isinstance(payload, dict) and "state_dict" in payload:
         info = {k: v for k, v in payload.items() if k != "state_dict"}
         return dict(payload["state_dict"]), info
     if isinstance(payload, dict) and all(hasattr(v, "shape") for v in payload.values()):
         return dict(payload), {}
     raise ValueError(f"{path!r} holds neither a state dict nor a dict with 'state_dict'")
+
+
+def _damaged(path: str, size: str, error: Exception) -> NotACheckpointError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return NotACheckpointError(
+        f"{path} ({size}) starts as a PyTorch checkpoint but cannot be read "
+        f"({type(error).__name__}: {first_line[:200]}): it is cut short or damaged; "
+        "download or copy it again")
 
 
 def _json_safe(value):
