@@ -19,6 +19,8 @@ import ml_collections
 
 from l2t_jax.configs import study
 
+VARIANTS = ("smallest", "quick", "all_methods")
+
 
 def get_config(variant=None):
     recipe = study.get_config()
@@ -75,6 +77,5 @@ def get_config(variant=None):
                           "l2t_ww:all_to_all", "afd:all_to_all", "semckd:all_to_all")
         config.examples_per_class = (10,)
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} of demo; valid: smallest, quick, "
-                         "all_methods")
+        raise ValueError(f"unknown variant {variant!r} of demo; valid: {', '.join(VARIANTS)}")
     return config
