@@ -191,7 +191,7 @@ def _eval_batch(source, indices, size: int):
 
 def run_cell(args, k: int, seed: int, programs: dict) -> dict:
     config = study_config.get_config()
-    cell = study.Cell("demo_resnet20", "l2t_ww:all_to_all", k, seed, study._settings(config))
+    cell = study.Cell("demo_resnet20", "l2t_ww:all_to_all", k, seed, study.cell_settings(config))
     run = study.cell_config(config, os.path.join(args.study_workdir, "data"),
                             os.path.join(args.study_workdir, "source_run", "source"), cell)
     splits = build.load_splits(run)

@@ -63,7 +63,7 @@ def run_config(args, entry: str, k: int, subset: int):
     for key in ("learning_rate", "epochs", "steps_per_epoch", "batch_size"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
-    cell = study.Cell("demo_resnet20", entry, k, subset, study._settings(config))
+    cell = study.Cell("demo_resnet20", entry, k, subset, study.cell_settings(config))
     run = study.cell_config(config, os.path.join(args.study_workdir, "data"),
                             os.path.join(args.study_workdir, "source_run", "source"), cell)
     return run, cell
