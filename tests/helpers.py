@@ -217,8 +217,10 @@ def one_line_error(completed) -> str:
 # --------------------------------------------------------------- fake finished workdirs
 def write_run(root, relative, method, scheme, dataset, seed, test, examples_per_class=0,
               extra_sources=(), config_only=False):
-    """A finished workdir: config.json and result.json as train.py writes them. With
-    config_only, result.json leaves out what config.json knows (an older trainer's)."""
+    """A finished workdir: config.json and result.json as train.py writes them (the last
+    epoch's test accuracy 3 points under ``test``, the one at the best val). With
+    config_only, result.json leaves out what config.json knows and the last epoch's
+    accuracies (an older trainer's)."""
     workdir = os.path.join(str(root), relative)
     os.makedirs(workdir, exist_ok=True)
     extra = [dict(e) for e in extra_sources]
@@ -229,6 +231,7 @@ def write_run(root, relative, method, scheme, dataset, seed, test, examples_per_
               "dataset": dataset, "source": "resnet32", "target": "vgg9_bn", "seed": seed}
     if not config_only:
         result.update(method=method, scheme=scheme or "4-0,9-1", pairs=[[4, 0], [9, 1]],
+                      test_last=test - 3.0, val_last=test + 0.5,
                       train_examples_per_class=examples_per_class,
                       extra_sources=[e["model"] for e in extra], wall_seconds=12.5)
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -24,7 +24,7 @@ BAD_VALUES = {
     "lr_reference_batch_size": -1, "preemption_grace_s": -1.0, "on_nonfinite": "ignore",
     "data.image_size": 0, "data.val_fraction": 1.0, "source_num_classes": 0,
     "data.read_threads": -2, "data.prefetch_batches": -1, "data.crop_padding": -1,
-    "data.eval_splits": (),
+    "data.eval_splits": (), "data.meta_val_per_class": -1,
 }
 
 
@@ -52,8 +52,32 @@ def test_every_range_check_rejects_its_bad_value_naming_the_key():
     config = default_config()
     config.meta_loss_batch = "validation"
     with pytest.raises(ValueError, match=r"='validation'; valid: same \(the paper's\), "
-                                         r"held_out$"):
+                                         r"held_out, val$"):
         validate_config(config)
+
+
+def test_the_val_meta_loss_checks_name_the_key():
+    """meta_loss_batch='val' needs meta-networks and val images moved out for it; moving
+    them needs a val split among the evaluated ones."""
+    config = default_config()
+    config.meta_loss_batch, config.data.meta_val_per_class = "val", 2
+    validate_config(config)
+    for key, value, message in (
+            ("data.meta_val_per_class", 0, r"^config\.meta_loss_batch='val' needs "
+                                           r"config\.data\.meta_val_per_class >= 1"),
+            ("method", "fm", r"^config\.meta_loss_batch='val' needs a method with "
+                             r"meta-networks"),
+            ("data.eval_splits", ("test",), r"^config\.data\.meta_val_per_class=2 moves "
+                                            r"images out of the val split")):
+        bad = default_config()
+        bad.meta_loss_batch, bad.data.meta_val_per_class = "val", 2
+        _set(bad, key, value)
+        with pytest.raises(ValueError, match=message):
+            validate_config(bad)
+    # Every method may move them (they leave val alike); only 'val' trains on them.
+    config = default_config()
+    config.method, config.data.meta_val_per_class = "scratch", 2
+    validate_config(config)
 
 
 def _old_run(tmp_path, config, *missing):

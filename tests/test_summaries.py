@@ -167,6 +167,25 @@ def test_default_grouping_keeps_settings_apart(tmp_path):
         summaries.summarize(results, by=("row", "column"))
 
 
+def test_the_last_epochs_accuracy_is_summarized_on_request(main_root, tmp_path):
+    """accuracy='test_last' averages result.json's last-epoch test accuracy (the offline
+    demo's and study's number) and the caption says so; the default stays the paper's
+    test accuracy at the best val; a run without it is named."""
+    results = summaries.collect_results(main_root)
+    rows = summaries.summarize(summaries.select_table(results, "main"), accuracy="test_last")
+    l2t = cell(rows, "L2T-ww (all-to-all)", "CIFAR-100")
+    assert (l2t["n"], l2t["mean"], l2t["std"]) == (3, 69.0, 2.0)
+    text = summaries.to_markdown(rows, accuracy="test_last")
+    assert "of the test accuracy (%) at the last epoch;" in text
+    assert "at the best validation accuracy" in summaries.to_markdown(
+        summaries.summarize(summaries.select_table(results, "main")))
+    older = write_run(tmp_path, "old", "fm", "single", "mit67", 3, 55.0, config_only=True)
+    with pytest.raises(ValueError, match=f"1 run.* have no test_last .* e.g. {older}"):
+        summaries.summarize([summaries.load_result(older)], accuracy="test_last")
+    with pytest.raises(ValueError, match="accuracy='best'; valid: test, test_last"):
+        summaries.summarize(results, accuracy="best")
+
+
 def test_older_result_json_is_completed_from_config_json(tmp_path):
     workdir = write_run(tmp_path, "a", "fm", "single", "mit67", 3, 55.0, config_only=True)
     result = summaries.load_result(workdir)

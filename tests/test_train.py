@@ -45,6 +45,12 @@ def test_trains_evaluates_and_writes_everything(straight_run):
                                [0.05] * 3 + [0.0] * 3, atol=1e-7)
     evals = [line for line in lines if "eval/val" in line]
     assert [line["step"] for line in evals] == [3, 6]
+    # The last epoch's accuracies, besides the test accuracy at the best val.
+    assert (result["test_last"], result["val_last"]) == (evals[-1]["eval/test"],
+                                                         evals[-1]["eval/val"])
+    best = max(evals, key=lambda line: line["eval/val"])      # the first of equals
+    assert (result["test_at_best_val"], result["best_val"]) == (best["eval/test"],
+                                                                best["eval/val"])
     assert os.listdir(tmp_path / "tensorboard")
     assert os.path.isdir(tmp_path / "best")
     step, _ = final_params(tmp_path)
@@ -344,3 +350,19 @@ def test_held_out_meta_loss_trains_on_the_rest_and_scores_its_own_split(tiny_ass
     bad.data.meta_held_out_per_class = 1
     with pytest.raises(ValueError, match="only used with config.meta_loss_batch='held_out'"):
         validate_config(bad)
+
+
+def test_val_meta_loss_trains_phi_on_val_images_moved_out_of_val(tiny_assets, tmp_path):
+    """config.meta_loss_batch='val': data.meta_val_per_class val images per class leave the
+    val split (the same for every method and seed) and are the meta loss's batches; the
+    train split is untouched; phi learns at every step from them."""
+    config = tiny_config(tiny_assets / "data", tiny_assets / "source", meta_loss_batch="val")
+    config.data.meta_val_per_class = 1
+    splits = build.load_splits(config)
+    whole = build.load_splits(tiny_config(tiny_assets / "data", tiny_assets / "source"))
+    assert len(splits["train"]) == len(whole["train"])
+    assert np.bincount(data.source_labels(splits["meta"])).tolist() == [1, 1, 1]
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["train_examples"] == len(whole["train"])
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [line["step"] for line in lines if "train/meta_loss" in line] == list(range(1, 7))

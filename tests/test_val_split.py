@@ -2,7 +2,8 @@
 evaluates on "val" (build.load_splits, data.carve_validation): npz arrays without val.npz
 and a TFDS data set without a "val" split, as one's own image folder without val/
 (test_image_folder.py). Stratified, seeded by data.split_seed alone, disjoint from what
-trains, and never the test data."""
+trains, and never the test data. The images that data.meta_val_per_class moves out of val
+(the same for every method and seed) and the meta batches of meta_loss_batch='val'."""
 import logging
 import os
 
@@ -117,3 +118,86 @@ def test_pretrain_cifar10_selects_on_val_carved_from_cifar10_train(tmp_path):
     held_out = np.bincount(data.source_labels(splits["val"]), minlength=10)
     assert held_out[counts > 0].tolist() == expected
     assert len(splits["test"]) == 60
+
+
+def _whole_val(directory):
+    """The val split of :func:`_meta_val_config` before any image moves out of it."""
+    config = _config(directory)
+    config.data.val_fraction = 0.5
+    return config
+
+
+def _meta_val_config(directory, **overrides):
+    """_config with a val split of half of every class (10, 15, 5) and 3 images per class
+    of it moved out for the meta loss."""
+    config = _config(directory, **overrides)
+    config.data.val_fraction = 0.5
+    config.data.meta_val_per_class = 3
+    return config
+
+
+def test_meta_val_images_leave_val_alike_for_every_method_and_seed(npz_without_val):
+    """data.meta_val_per_class: that many val images per class leave val, drawn with
+    data.split_seed alone: every method and seed keeps the same val, and only
+    meta_loss_batch='val' has them as its meta split; train is untouched."""
+    whole = build.load_splits(_whole_val(npz_without_val))
+    runs = {(method, batch, seed): build.load_splits(_meta_val_config(
+                npz_without_val, method=method, meta_loss_batch=batch, seed=seed))
+            for method, batch, seed in (("scratch", "same", 0), ("fm", "same", 3),
+                                        ("l2t_ww", "same", 1), ("l2t_ww", "val", 0),
+                                        ("l2t_ww", "val", 5))}
+    vals = {key: _positions(splits["val"]) for key, splits in runs.items()}
+    assert len({tuple(v) for v in vals.values()}) == 1
+    val = set(next(iter(vals.values())))
+    metas = {key: _positions(splits["meta"]) for key, splits in runs.items() if key[1] == "val"}
+    assert len({tuple(m) for m in metas.values()}) == 1
+    meta = set(next(iter(metas.values())))
+    assert not meta & val and meta | val == set(_positions(whole["val"]))
+    assert np.bincount(data.source_labels(runs[("l2t_ww", "val", 0)]["meta"])).tolist() == [
+        3, 3, 3]
+    assert np.bincount(data.source_labels(runs[("scratch", "same", 0)]["val"])).tolist() == [
+        7, 12, 2]
+    assert all("meta" not in splits for key, splits in runs.items() if key[1] != "val")
+    for splits in runs.values():
+        assert _positions(splits["train"]) == _positions(whole["train"])
+    other = _meta_val_config(npz_without_val, meta_loss_batch="val")
+    other.data.split_seed = 1         # moves val itself, and so the meta split
+    assert set(_positions(build.load_splits(other)["meta"])) != meta
+
+
+
+
+def test_a_meta_val_count_that_empties_a_val_class_names_the_key(npz_without_val):
+    config = _meta_val_config(npz_without_val, meta_loss_batch="val")
+    config.data.meta_val_per_class = 5           # class 2 has 5 val images
+    with pytest.raises(data.DataError, match=r"^config\.data\.meta_val_per_class=5 leaves "
+                                             r"none of class 2 \(5 examples\) in the val"):
+        build.load_splits(config)
+
+
+def test_the_val_meta_batches_are_the_moved_val_images(npz_without_val):
+    """The training loop's inputs with meta_loss_batch='val': each step's meta batch holds
+    images of the meta split only (the images tell their train position), the training
+    batch none of val's or the meta split's."""
+    from l2t_jax.training import parallel, train
+    config = _meta_val_config(npz_without_val, meta_loss_batch="val")
+    config.data.read_threads, config.data.prefetch_batches = 0, 0
+    splits = build.load_splits(config)
+    inputs = train._StepInputs(config, splits, parallel.make_mesh(), steps_per_epoch=3,
+                               start=0, total_steps=6, meta_every=1)
+    meta, val = set(_positions(splits["meta"])), set(_positions(splits["val"]))
+    try:
+        for step in range(6):
+            images, labels, meta_images, meta_labels = inputs.next(step)
+            seen = _decoded_positions(meta_images)
+            assert seen <= meta and len(meta_labels) == config.batch_size
+            assert not _decoded_positions(images) & (meta | val)
+    finally:
+        inputs.close()
+
+
+def _decoded_positions(images) -> set:
+    """The train positions of a batch's (normalised, cropped) images: the centre pixel
+    holds the value the image was filled with (npz_without_val)."""
+    centre = np.asarray(images)[:, images.shape[1] // 2, images.shape[2] // 2, 0]
+    return set(np.rint((centre * data.STD[0] + data.MEAN[0]) * 255).astype(int).tolist())

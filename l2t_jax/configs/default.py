@@ -57,6 +57,11 @@ def get_config(variant=None):
     # With meta_loss_batch="held_out": images per class moved from the train split (after
     # train_examples_per_class) to the meta loss's own split, sampled with the seed.
     config.data.meta_held_out_per_class = 0
+    # Images per class moved out of the val split (sampled with split_seed, not the run's
+    # seed), for every method when > 0: every run of the data selects its model on (and
+    # reports val on) the same remaining val images. Only meta_loss_batch="val" reads the
+    # moved images: they are the meta loss's batches (labels that train phi, never theta).
+    config.data.meta_val_per_class = 0
 
     # Networks. The source checkpoint: "released:resnet32" (the authors' TinyImageNet
     # ResNet-32, found through l2t_jax.training.assets) or a directory written by l2t_jax.convert.
@@ -144,7 +149,11 @@ def get_config(variant=None):
     # the adapted parameters on the iteration's own batch; "held_out", CE on a batch of
     # data.meta_held_out_per_class images per class kept out of the train split (the
     # validation-style bilevel scheme), which keeps a signal once the target fits its
-    # training images. The held-out images are taken from the labelled budget.
+    # training images. The held-out images are taken from the labelled budget. "val", CE
+    # on a batch of the data.meta_val_per_class images per class moved out of the val
+    # split: the validation labels the run already has train phi (as learning to reweight
+    # scores its weights on a clean validation set), theta never sees them, and model
+    # selection uses the rest of val.
     config.meta_loss_batch = "same"
     config.meta_weight_decay = 1e-4
     config.steps_per_epoch = -1            # -1: len(train split) // batch_size

@@ -50,7 +50,7 @@ def get_config(variant=None):
     # updates; meta learning rate 1e-2: the study's one-seed sensitivity check found no
     # setting of it or T better, docs/study/study.md).
     for key in ("batch_size", "epochs", "steps_per_epoch", "learning_rate",
-                "meta_learning_rate", "T", "beta"):
+                "meta_learning_rate", "T", "beta", "meta_val_per_class"):
         config[key] = recipe[key]
     if variant == "smallest":
         # Every part of the pipeline, at the least cost (CI runs it in the notebook): one

@@ -342,19 +342,22 @@ def _draw_per_class(labels: np.ndarray, classes: np.ndarray, count: int, seed: i
                                               replace=False) for c in classes]))
 
 
-def split_per_class(source, examples_per_class: int, seed: int) -> tuple[Subset, Subset]:
+def split_per_class(source, examples_per_class: int, seed: int, *,
+                    key: str = "config.data.meta_held_out_per_class",
+                    split: str = "train") -> tuple[Subset, Subset]:
     """(``examples_per_class`` examples of every class, the rest), sampled without replacement
     by ``seed`` (another stream than :func:`per_class_subset`'s). Indices refer to
     ``source``, so both parts read through it.
 
-    Raises DataError when a class would keep nothing in the rest, naming it.
+    Raises DataError when a class would keep nothing in the rest, naming it, the config
+    ``key`` that asked and the ``split`` that ``source`` is.
     """
     labels = source_labels(source)
     classes, counts = np.unique(labels, return_counts=True)
     if examples_per_class >= counts.min():
         smallest = classes[np.argmin(counts)]
-        raise DataError(f"taking {examples_per_class} examples per class leaves none of class "
-                        f"{smallest} ({counts.min()} examples) in the train split")
+        raise DataError(f"{key}={examples_per_class} leaves none of class {smallest} "
+                        f"({counts.min()} examples) in the {split} split")
     chosen = _draw_per_class(labels, classes, examples_per_class, seed, 20190510)
     rest = np.setdiff1d(np.arange(len(labels)), chosen)
     return Subset(source, chosen), Subset(source, rest)

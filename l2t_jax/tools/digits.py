@@ -27,8 +27,9 @@ one's own data (``configs/image_folder.py``).
 The run builders read a demo or study config (``configs/demo.py``, ``configs/study.py``):
 the recipe keys (``image_size``, ``crop_padding``, ``target_model``, ``target_widths``,
 ``conv_impl``, ``batch_size``, ``epochs``, ``steps_per_epoch``, ``learning_rate``,
-``meta_learning_rate``, ``T``, ``beta``, ``split_seed``, ``source_epochs``,
-``source_batch_size``) and ``source_specs`` (name -> model, classes, widths, checkpoint).
+``meta_learning_rate``, ``T``, ``beta``, ``meta_val_per_class``, ``split_seed``,
+``source_epochs``, ``source_batch_size``) and ``source_specs`` (name -> model, classes,
+widths, checkpoint).
 """
 from __future__ import annotations
 
@@ -215,6 +216,7 @@ def target_run_config(config, data_dir: str, source: ml_collections.ConfigDict,
     run.source_checkpoint = source_checkpoint
     run.target_model = config.target_model
     run.data.train_examples_per_class = examples_per_class
+    run.data.meta_val_per_class = config.meta_val_per_class
     run.seed = seed
     run.batch_size = config.batch_size
     run.epochs = config.epochs

@@ -586,17 +586,21 @@ def plot_train_metric(workdirs: Mapping[str, Sequence[str]], key: str, path: str
 
 
 # ---------------------------------------------------------------------- limited data
-def plot_limited_data(results: Iterable[dict[str, Any]], path: str) -> str:
+def plot_limited_data(results: Iterable[dict[str, Any]], path: str,
+                      accuracy: str = "test") -> str:
     """PNG: test accuracy (%) against training examples per class, one line per method
     (mean over seeds, error bars = sample std), log-scale x with a tick per size; and a
     second panel with each method's relative gain over Scratch, (acc - scratch) / scratch
     in %, the quantity the paper says grows as data shrinks. One row of panels per data
     set. ``results`` are :func:`l2t_jax.tools.summaries.collect_results` dicts; those with
-    examples_per_class 0 are left out. Returns ``path``."""
+    examples_per_class 0 are left out. ``accuracy``: which test accuracy
+    (:data:`l2t_jax.tools.summaries.ACCURACIES`: at the best val, or at the last epoch).
+    Returns ``path``."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
     cells = summaries.summarize(summaries.select_table(results, "limited"),
-                                by=("row", "column", "examples_per_class"))
+                                by=("row", "column", "examples_per_class"),
+                                accuracy=accuracy)
     if not cells:
         raise ValueError("no results with train_examples_per_class > 0 to plot")
     datasets = []
@@ -637,7 +641,8 @@ def plot_limited_data(results: Iterable[dict[str, Any]], path: str) -> str:
             ax.set_xticklabels([str(s) for s in sizes])
             ax.set_xlabel("training examples per class")
             ax.grid(True, alpha=0.3)
-        accuracy_ax.set_ylabel("test accuracy at best val (%)")
+        accuracy_ax.set_ylabel("test accuracy at best val (%)" if accuracy == "test" else
+                               "test accuracy at the last epoch (%)")
         accuracy_ax.set_title(f"{dataset}: accuracy vs. training-set size\n"
                               "(mean ± sample std over seeds)")
         accuracy_ax.legend(loc="lower right", fontsize=9)

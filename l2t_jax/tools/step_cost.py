@@ -43,7 +43,7 @@ def step_cost(config) -> dict:
     validate_config(config)
     transfer = build.build_transfer(config)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    held_out = config.meta_loss_batch == "held_out"
+    held_out = train.has_meta_batch(config)
     program = train.step_program(
         transfer, build.learning_rate_schedule(config, max(config.steps_per_epoch, 1)), mesh,
         config.on_nonfinite, update_phi=True, held_out_meta=held_out)

@@ -14,8 +14,10 @@ cells are made: a section selects its grid's records by these fields.
   :func:`write_csv`) and pictures (``draw_*``, through :mod:`l2t_jax.tools.plots`).
 - :func:`write_report` puts them together for the grids of ``config.grids``.
 
-Accuracies are test accuracy (%) at the best val accuracy; "mean ± std (n)" cells give the
-sample std over seeds; cells with no finished run show ``-``.
+Accuracies are test accuracy (%) at the last epoch (result.json's ``test_last``: no
+selection on val), and val accuracy at the last epoch where val is shown; "mean ± std (n)"
+cells give the sample std over seeds; cells with no finished run show ``-``. (The paper's
+tables, :mod:`l2t_jax.tools.summaries`, keep the paper's test accuracy at the best val.)
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ PAIRED = (("l2t_ww:all_to_all", "fm:one_to_one"), ("l2t_ww:all_to_all", "fm:all_
           ("l2t_w:one_to_one", "fm:one_to_one"), ("fm:one_to_one", "scratch"),
           ("l2t_ww:all_to_all", "scratch"))
 PROBE = "l2t_ww:all_to_all"      # the method the probe grids vary
+# The accuracies the report reads (summaries.load_result's fields): the last epoch's.
+TEST, VAL = "test_last", "val_last"
 
 
 # ------------------------------------------------------------------------- statistics
@@ -54,7 +58,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float
 def _paired(a: dict[int, dict], b: dict[int, dict], seeds: Iterable[int]) -> dict | None:
     """:func:`paired_difference` of the test accuracies of the seeds both finished (None
     under two)."""
-    pairs = [(a[s]["test"], b[s]["test"]) for s in seeds if s in a and s in b]
+    pairs = [(a[s][TEST], b[s][TEST]) for s in seeds if s in a and s in b]
     return paired_difference(*zip(*pairs)) if len(pairs) >= 2 else None
 
 
@@ -80,9 +84,9 @@ def by_seed(records: Iterable[dict]) -> dict[int, dict]:
     return {r["seed"]: r["result"] for r in records if r["result"] is not None}
 
 
-def values(records: Iterable[dict], key: str = "test") -> list[float]:
-    """The results' ``key`` (by default the test accuracy) of the finished ``records``, in
-    order."""
+def values(records: Iterable[dict], key: str = TEST) -> list[float]:
+    """The results' ``key`` (by default the test accuracy at the last epoch) of the
+    finished ``records``, in order."""
     return [r["result"][key] for r in records if r["result"] is not None]
 
 
@@ -134,7 +138,7 @@ def recipe_rows(config, records: list[dict]) -> list[dict]:
     over the recipe's seeds."""
     grid = select(records, grid="recipe")
     return [{"entry": entry, "examples_per_class": k, "learning_rate": lr,
-             "val": values(cells, "best_val"), "test": values(cells)}
+             "val": values(cells, VAL), "test": values(cells)}
             for entry in config.recipe_methods for k in config.recipe_examples_per_class
             for lr in config.recipe_learning_rates
             for cells in [select(grid, entry=entry, examples_per_class=k, learning_rate=lr)]]
@@ -145,7 +149,7 @@ def recipe_mean_val(config, records: list[dict]) -> dict[float, float]:
     grid = select(records, grid="recipe")
     means = {}
     for lr in config.recipe_learning_rates:
-        val = values(select(grid, learning_rate=lr), "best_val")
+        val = values(select(grid, learning_rate=lr), VAL)
         if val:
             means[lr] = sum(val) / len(val)
     return means
@@ -277,7 +281,8 @@ def header_lines(config, records: list[dict]) -> list[str]:
             f"{config.epochs * config.steps_per_epoch} steps, theta's learning rate "
             f"{config.learning_rate:g} (cosine), meta learning rate "
             f"{config.meta_learning_rate:g}, T = {config.T}, beta = {config.beta:g}. Test "
-            "accuracy (%) at the best val accuracy: mean ± sample std (seeds).", "",
+            "accuracy (%) at the last epoch (no selection on val): mean ± sample std "
+            "(seeds).", "",
             "Made by: " + "; ".join(f"commit {c} ({n} runs)"
                                     for c, n in made["commits"].items())
             + ". Machines: " + "; ".join(f"{m} ({n} runs)" for m, n in made["machines"].items())
@@ -434,7 +439,7 @@ def draw_main(config, records: list[dict], out: str) -> list[str]:
     results = [dict(r["result"], column=f"digits, {r['source']}") for r in unique(records)
                if r["directory"] in main and r["result"] is not None]
     if results:
-        plots.plot_limited_data(results, os.path.join(out, "limited_data.png"))
+        plots.plot_limited_data(results, os.path.join(out, "limited_data.png"), accuracy=TEST)
         lines += ["![accuracy against label budget](limited_data.png)", ""]
     lines += dynamics_lines(dynamics_rows(config, records))
     for source in config.sources:

@@ -29,15 +29,21 @@ from l2t_jax.tools.paper import MULTI_SOURCE_COLUMNS, PAPER_COLUMNS, PAPER_ROWS,
 
 RESULT_FIELDS = ("workdir", "method", "scheme", "row", "dataset", "column", "seed",
                  "examples_per_class", "extra_sources", "second_source", "test", "best_val",
-                 "best_epoch", "steps", "wall_seconds")
+                 "best_epoch", "test_last", "val_last", "steps", "wall_seconds")
+# The accuracies a summary may average (a field of RESULT_FIELDS), and what each is: the
+# paper's tables report "test"; the offline demo and study "test_last".
+ACCURACIES = {"test": "the test accuracy (%) at the best validation accuracy",
+              "test_last": "the test accuracy (%) at the last epoch"}
 
 
 def load_result(workdir: str) -> dict[str, Any]:
     """One finished run as a flat dict (:data:`RESULT_FIELDS`).
 
-    ``test`` is result.json's ``test_at_best_val`` (%). Fields missing from result.json
-    come from config.json beside it. A run with no ``method`` in either predates the
-    ``method`` key, when the trainer always ran L2T-ww, so it counts as ``l2t_ww``.
+    ``test`` is result.json's ``test_at_best_val`` (%), ``test_last`` / ``val_last`` its
+    last epoch's accuracies (None for a run written before they were recorded). Fields
+    missing from result.json come from config.json beside it. A run with no ``method`` in
+    either predates the ``method`` key, when the trainer always ran L2T-ww, so it counts
+    as ``l2t_ww``.
     """
     result_path = os.path.join(workdir, wd.RESULT)
     result = wd.read_json(result_path)
@@ -71,6 +77,7 @@ def load_result(workdir: str) -> dict[str, Any]:
         "examples_per_class": int(examples), "extra_sources": names,
         "second_source": second_source_label(extra), "test": float(result["test_at_best_val"]),
         "best_val": result.get("best_val"), "best_epoch": result.get("best_epoch"),
+        "test_last": result.get("test_last"), "val_last": result.get("val_last"),
         "steps": result.get("steps"), "wall_seconds": result.get("wall_seconds"),
     }
 
@@ -142,24 +149,32 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def summarize(results: Iterable[dict[str, Any]],
-              by: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Groups results by the fields ``by`` (:data:`TABLE_GROUPING` has each table's).
+def summarize(results: Iterable[dict[str, Any]], by: Sequence[str] | None = None,
+              accuracy: str = "test") -> list[dict[str, Any]]:
+    """Groups results by the fields ``by`` (:data:`TABLE_GROUPING` has each table's) and
+    averages the field ``accuracy`` (:data:`ACCURACIES`) of each group.
 
     ``by=None``: ``("row", "column")`` plus ``second_source`` and/or ``examples_per_class``
     when the results hold more than one value of them, so no two settings are ever averaged
     together (the offline demo's grid over label budgets summarizes as the limited table).
 
     Returns one dict per group, in the paper's order, with the ``by`` fields plus ``n``,
-    ``mean`` and ``std`` of the test accuracy (%; std = sample std, ddof = 1, and 0.0 when
+    ``mean`` and ``std`` of ``accuracy`` (%; std = sample std, ddof = 1, and 0.0 when
     n == 1), ``paper_mean`` / ``paper_std`` (None where the paper has no number or no std),
     ``diff`` = mean - paper_mean (None without a paper number), and ``seeds`` (sorted;
     a repeated seed means the same setting was run twice under the root).
 
     Raises ValueError if a group would mix data sets, second sources or training-set sizes
-    that an explicit ``by`` does not separate (use :func:`select_table` or a finer ``by``).
+    that an explicit ``by`` does not separate (use :func:`select_table` or a finer ``by``),
+    or if a result lacks ``accuracy`` (a run written before it was recorded), naming it.
     """
+    if accuracy not in ACCURACIES:
+        raise ValueError(f"accuracy={accuracy!r}; valid: {', '.join(ACCURACIES)}")
     results = list(results)
+    lacking = [r.get("workdir") for r in results if r.get(accuracy) is None]
+    if lacking:
+        raise ValueError(f"{len(lacking)} run(s) have no {accuracy} in their result.json "
+                         f"(written before it was recorded), e.g. {lacking[0]}")
     if by is None:
         by = ("row", "column") + tuple(
             field for field in ("second_source", "examples_per_class")
@@ -178,7 +193,7 @@ def summarize(results: Iterable[dict[str, Any]],
                     f"the group {group} mixes runs with different {field} "
                     f"({', '.join(map(str, sorted(values, key=str)))}); add {field!r} to by= "
                     "or select one table first (select_table)")
-        accuracies = [m["test"] for m in members]
+        accuracies = [m[accuracy] for m in members]
         mean, std = mean_std(accuracies)
         paper = paper_result(group.get("row", members[0]["row"]),
                              group.get("column", members[0]["column"]),
@@ -212,11 +227,13 @@ def format_cell(row: dict[str, Any]) -> str:
     return cell
 
 
-def to_markdown(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:
+def to_markdown(rows: Sequence[dict[str, Any]], title: str | None = None,
+                accuracy: str = "test") -> str:
     """The summary in the paper's layout: one line per method (the paper's row order, rows
     the paper does not have after them), one column per data set (paper order; unknown data
     sets such as ``digits`` after), or per second source / training-set size when ``rows``
-    are grouped by those. Cells: :func:`format_cell`; ``-`` where nothing ran."""
+    are grouped by those. Cells: :func:`format_cell`; ``-`` where nothing ran; the caption
+    names ``accuracy``, the field :func:`summarize` averaged (:data:`ACCURACIES`)."""
     rows = list(rows)
     if not rows:
         return (f"## {title}\n\n" if title else "") + "(no finished runs)\n"
@@ -263,8 +280,8 @@ def to_markdown(rows: Sequence[dict[str, Any]], title: str | None = None) -> str
         lines.append(f"| {label} | " + " | ".join(cells.get((label, c), "-")
                                                   for c in columns) + " |")
     lines.append("")
-    caption.append("Cells: mean ± sample std (number of runs) of the test accuracy (%) at the "
-                   "best validation accuracy; std is 0.00 for a single run.")
+    caption.append(f"Cells: mean ± sample std (number of runs) of {ACCURACIES[accuracy]}; "
+                   "std is 0.00 for a single run.")
     if any(r.get("paper_mean") is not None for r in rows):
         caption.append("[paper: the paper's mean; Δ: ours minus the paper's.]")
     lines.append(" ".join(caption))

@@ -90,6 +90,13 @@ def load_splits(config) -> dict:
     of each class, sampled with the seed. With ``config.meta_loss_batch='held_out'``,
     ``data.meta_held_out_per_class`` of them per class move to a ``meta`` split (the meta
     loss's batches), also sampled with the seed.
+
+    With ``data.meta_val_per_class`` > 0 (any method), that many val images per class leave
+    the val split, sampled with ``data.split_seed`` alone, so every method and seed keeps
+    the same val images; with ``config.meta_loss_batch='val'`` they are the ``meta`` split.
+
+    Raises:
+      data.DataError: a count that leaves a class no image, naming the key.
     """
     data_config = config.data
     names = ("train",) + tuple(data_config.eval_splits)
@@ -114,6 +121,12 @@ def load_splits(config) -> dict:
     if config.meta_loss_batch == "held_out":
         splits["meta"], splits["train"] = data.split_per_class(
             splits["train"], data_config.meta_held_out_per_class, config.seed)
+    if data_config.meta_val_per_class:
+        meta_val, splits["val"] = data.split_per_class(
+            splits["val"], data_config.meta_val_per_class, data_config.split_seed,
+            key="config.data.meta_val_per_class", split="val")
+        if config.meta_loss_batch == "val":
+            splits["meta"] = meta_val
     return {**{split: splits[split] for split in names}, **splits}     # in eval_splits' order
 
 

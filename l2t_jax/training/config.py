@@ -33,7 +33,7 @@ RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_c
 # run now records, which are what it used); such a run resumes when the config has it.
 ANY = object()
 ADDED_KEYS = {"lr_reference_batch_size": 0, "meta_update_every": 1, "meta_loss_batch": "same",
-              "data.meta_held_out_per_class": 0,
+              "data.meta_held_out_per_class": 0, "data.meta_val_per_class": 0,
               "source_taps": "", "source_candidates": "",
               "target_taps": "", "target_candidates": "", "data.classes": ANY,
               "data.val_fraction": ANY, "data.split_seed": ANY,
@@ -83,6 +83,7 @@ RANGE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("lr_decay_at", lambda value: all(0 < f <= 1 for f in value),
      "config.lr_decay_at={value} must be fractions of the epochs in (0, 1]"),
     ("data.train_examples_per_class", *_at_least(0, " (0 keeps all)")),
+    ("data.meta_val_per_class", *_at_least(0, " (0 keeps val whole)")),
     ("data.kind", *_one_of("tfds", "image_folder", "npz")),
     ("batch_size", *_POSITIVE),
     ("eval_batch_size", *_POSITIVE),
@@ -98,7 +99,8 @@ RANGE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("meta_learning_rate", lambda value: value > 0 and math.isfinite(value),
      "config.{key} must be finite and > 0, got {value}"),
     ("meta_update_every", *_at_least(1, " (1: phi at every step)")),
-    ("meta_loss_batch", *_one_of("same", "held_out", notes={"same": " (the paper's)"})),
+    ("meta_loss_batch", *_one_of("same", "held_out", "val",
+                                 notes={"same": " (the paper's)"})),
     ("lr_reference_batch_size", *_at_least(0, " (0: no scaling)")),
     ("preemption_grace_s", lambda value: value >= 0 and math.isfinite(value),
      "config.{key} must be finite and >= 0 (seconds), got {value}"),
@@ -161,6 +163,25 @@ def _check_held_out_meta_batch(config) -> None:
                          f"{config.data.train_examples_per_class} per class")
 
 
+def _check_val_meta_batch(config) -> None:
+    """meta_loss_batch='val' needs meta-networks and images per class moved out of val;
+    moving them needs a val split. (That they leave a val image of every class is checked
+    on the data: :func:`l2t_jax.training.build.load_splits`.)"""
+    moved = config.data.meta_val_per_class
+    if moved and "val" not in config.data.eval_splits:
+        raise ValueError(f"config.data.meta_val_per_class={moved} moves images out of the "
+                         "val split, which config.data.eval_splits="
+                         f"{tuple(config.data.eval_splits)} does not name")
+    if config.meta_loss_batch != "val":
+        return
+    if not methods.get_method(config.method).meta_networks:
+        raise ValueError(f"config.meta_loss_batch='val' needs a method with meta-networks "
+                         f"(l2t_w, l2t_ww); {config.method} has no meta loss")
+    if moved < 1:
+        raise ValueError("config.meta_loss_batch='val' needs config.data.meta_val_per_class "
+                         f">= 1 (val images per class for the meta loss), got {moved}")
+
+
 def _check_num_classes(config) -> None:
     """At least one class; 0 (an image folder's, inferred) must have been resolved."""
     if config.data.num_classes < 1:
@@ -172,7 +193,7 @@ def _check_num_classes(config) -> None:
 
 
 CROSS_CHECKS = (_check_batch_divides_over_devices, _check_held_out_meta_batch,
-                _check_num_classes)
+                _check_val_meta_batch, _check_num_classes)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -3,10 +3,11 @@ about where to transfer (``transfer_weights.json``).
 
 :func:`result_record` is the dict :mod:`l2t_jax.training.train` writes last (its presence
 marks the run finished, :mod:`l2t_jax.training.workdir`): test accuracy at the best val
-accuracy, what the run was, and its timing and provenance. :func:`transfer_weights`
-averages, over a few evaluation batches, the meta-networks' pair and channel weights
-(L2T-w, L2T-ww) or the attention per pair of a method that learns it jointly with the
-target (AFD, SemCKD), and says how each is normalised, for :mod:`l2t_jax.tools.plots`.
+accuracy and at the last epoch, what the run was, and its timing and provenance.
+:func:`transfer_weights` averages, over a few evaluation batches, the meta-networks' pair
+and channel weights (L2T-w, L2T-ww) or the attention per pair of a method that learns it
+jointly with the target (AFD, SemCKD), and says how each is normalised, for
+:mod:`l2t_jax.tools.plots`.
 """
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ from l2t_jax.transfer import bilevel, methods
 def result_record(config, transfer: bilevel.Transfer, progress: dict, *, steps: int,
                   train_examples: int, wall_seconds: float, data_wait_s: float,
                   data_wait_max_step_s: float, run_info: dict) -> dict:
-    """``result.json``: the reported number, ``test_at_best_val`` (test accuracy, %, at the
-    epoch of the best val accuracy, from the loop's ``progress``), what the run was (its
+    """``result.json``: the reported numbers, ``test_at_best_val`` (test accuracy, %, at the
+    epoch of the best val accuracy: the paper's protocol) and ``test_last`` / ``val_last``
+    (test and val accuracy, %, after the last epoch: no selection), from the loop's
+    ``progress`` (-1.0 for a run resumed from a checkpoint written before they were kept
+    that finished without evaluating again), what the run was (its
     ``steps``, the size of its train split), its skipped steps, its wall seconds (every
     start added up), this start's waits for input in seconds (a resumed run counts from its
     restart) and ``run_info`` (:func:`l2t_jax.training.provenance.run_metadata`)."""
     return {"test_at_best_val": progress["test_at_best"], "best_val": progress["best_val"],
-            "best_epoch": progress["best_epoch"], "steps": steps,
+            "best_epoch": progress["best_epoch"], "test_last": progress["test_last"],
+            "val_last": progress["val_last"], "steps": steps,
             "dataset": config.data.name, "source": config.source_model,
             "target": config.target_model, "seed": config.seed, "method": config.method,
             "scheme": str(config.pairs), "pairs": [list(p) for p in transfer.pairs],

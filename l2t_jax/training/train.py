@@ -6,10 +6,11 @@ checked by :mod:`l2t_jax.training.config`, what it is built from comes from
 files from :mod:`l2t_jax.training.workdir`. theta trains by SGD-momentum on a per-epoch
 schedule, phi by Adam, one jitted bilevel step per batch (:func:`step_program`, the program
 the benchmark times too), evaluation on the eval splits after every epoch
-(:mod:`l2t_jax.training.evaluation`), and the reported number: test accuracy at the best
-val accuracy (``result.json``, :mod:`l2t_jax.training.results`). Starting again with the
-same workdir resumes from the latest checkpoint; batches are a pure function of (seed,
-epoch, index), so the resumed run ends with the same parameters as an uninterrupted one.
+(:mod:`l2t_jax.training.evaluation`), and the reported numbers: test accuracy at the best
+val accuracy and at the last epoch (``result.json``, :mod:`l2t_jax.training.results`).
+Starting again with the same workdir resumes from the latest checkpoint; batches are a pure
+function of (seed, epoch, index), so the resumed run ends with the same parameters as an
+uninterrupted one.
 
 Data parallel and multi-host through :mod:`l2t_jax.training.parallel`: the step runs under
 jit on a mesh of every device (the batch split over ``data``, state and source replicated),
@@ -81,13 +82,18 @@ def step_program(transfer: bilevel.Transfer, learning_rate_fn: Callable, mesh,
     (:func:`skip_nonfinite`); ``update_phi=False`` is the real step alone, phi fixed
     (``config.meta_update_every``); ``held_out_meta`` adds the meta loss's batch,
     ``step(state, source_variables, images, labels, meta_images, meta_labels)``
-    (``config.meta_loss_batch='held_out'``). The training loop runs it and the benchmark
-    times it."""
+    (:func:`has_meta_batch`). The training loop runs it and the benchmark times it."""
     step = functools.partial(bilevel.train_step, transfer, learning_rate_fn,
                              update_phi=update_phi)
     if on_nonfinite == "skip":
         step = skip_nonfinite(step)
     return parallel.jit_sharded_step(step, mesh, batches=2 if held_out_meta else 1)
+
+
+def has_meta_batch(config) -> bool:
+    """Whether the meta loss scores a batch of its own split (``config.meta_loss_batch``
+    'held_out' or 'val') rather than the training batch."""
+    return config.meta_loss_batch in ("held_out", "val")
 
 
 def compile_with_notice(what: str, jitted: Callable, *args, notify: bool = True):
@@ -191,7 +197,7 @@ class _StepPrograms:
     def __init__(self, config, transfer: bilevel.Transfer, learning_rate_fn: Callable, mesh):
         self.config, self.transfer = config, transfer
         self.every = config.meta_update_every if transfer.meta_networks is not None else 1
-        self.held_out = config.meta_loss_batch == "held_out"
+        self.held_out = has_meta_batch(config)
         self.jitted = {update: step_program(transfer, learning_rate_fn, mesh,
                                             config.on_nonfinite, update_phi=update,
                                             held_out_meta=self.held_out and update)
@@ -323,6 +329,8 @@ class _Bookkeeping:
             progress.update(best_val=val, test_at_best=accuracies.get("test", val),
                             best_epoch=epoch)
             checkpoints.save_best(self.workdir, variables)
+        # The last epoch's numbers (result.json's test_last / val_last): selection-free.
+        progress.update(val_last=val, test_last=accuracies.get("test", val))
         self.log.write(done, {f"eval/{k}": v for k, v in accuracies.items()})
         if self.main_process:
             logger.info("epoch %d: %s | best val %.2f (test %.2f)", epoch,
@@ -372,7 +380,7 @@ def _initial_state(config, workdir: str, transfer, mesh, saved: checkpoints.Chec
     by the caller), restored from the newest readable one into ``abstract``
     (:func:`_abstract_state`); else fresh, and then config.json is written."""
     progress = {"epoch": 0, "best_val": -1.0, "test_at_best": -1.0, "best_epoch": -1,
-                "wall_seconds": 0.0, "skipped_steps": 0}
+                "val_last": -1.0, "test_last": -1.0, "wall_seconds": 0.0, "skipped_steps": 0}
     if resuming:
         state, restored_progress = saved.restore_latest_readable(abstract)
         progress.update(restored_progress)
@@ -543,9 +551,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         data_wait_max_step_s=inputs_from.max_wait_s, run_info=run_info)
     if main_process:
         path = workdir_files.write_result(workdir, result)
-        logger.info("test accuracy %.2f%% at the best val accuracy %.2f%% (epoch %d); "
-                    "wrote %s", result["test_at_best_val"], result["best_val"],
-                    result["best_epoch"], path)
+        logger.info("test accuracy %.2f%% at the best val accuracy %.2f%% (epoch %d), "
+                    "%.2f%% at the last epoch; wrote %s", result["test_at_best_val"],
+                    result["best_val"], result["best_epoch"], result["test_last"], path)
     return result
 
 
