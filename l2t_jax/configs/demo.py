@@ -31,7 +31,8 @@ def get_config(variant=None):
     config.shard = ""
     config.only = ""
     config.dry_run = False
-    config.methods = tuple(recipe.methods)
+    config.methods = ("scratch", "fm:one_to_one", "fm:all_to_all", "l2t_w:one_to_one",
+                      "l2t_ww:all_to_all")
     config.examples_per_class = (recipe.probe_examples_per_class,)
     config.seeds = tuple(recipe.seeds)
     config.split_seed = recipe.split_seed  # the fixed val/test split and the source's seed
