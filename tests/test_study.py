@@ -192,9 +192,12 @@ def test_grids_share_cells_and_directories_name_every_setting():
     shared = [c for c in sensitivity if c in main]
     assert len(shared) == len(config.sensitivity_seeds)
     assert all(dict(c.settings) == {"learning_rate": config.learning_rate} for c in shared)
-    # Every budget of the demo source, the released one's own three.
-    assert {c.examples_per_class for c in main if c.source == "released_resnet32"} == {1, 5, 25}
-    assert {c.examples_per_class for c in main if c.source == "demo_resnet20"} == set(
+    # Every budget for both sources; a source may name budgets of its own.
+    assert {c.examples_per_class for c in main} == set(config.examples_per_class)
+    config.source_specs.released_resnet32.examples_per_class = (1, 5, 25)
+    own = set(study.grid_cells(config, "main"))
+    assert {c.examples_per_class for c in own if c.source == "released_resnet32"} == {1, 5, 25}
+    assert {c.examples_per_class for c in own if c.source == "demo_resnet20"} == set(
         config.examples_per_class)
     cell = study.Cell("demo_resnet20", "l2t_ww:all_to_all", 5, 3,
                       study.cell_settings(config, meta_update_every=2))
