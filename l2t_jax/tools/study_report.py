@@ -39,7 +39,7 @@ PAIRED = (("l2t_ww:all_to_all", "fm:one_to_one"), ("l2t_ww:all_to_all", "fm:all_
           ("afd:all_to_all", "l2t_ww:all_to_all"), ("afd:all_to_all", "fm:one_to_one"),
           ("afd:all_to_all", "fm:all_to_all"), ("semckd:all_to_all", "l2t_ww:all_to_all"),
           ("semckd:all_to_all", "fm:one_to_one"), ("semckd:all_to_all", "fm:all_to_all"))
-# The methods that learn where to transfer, drawn side by side (plots.plot_where_compare).
+# The methods that learn where to transfer, plotted side by side (plots.plot_where_compare).
 LEARNED_WHERE = ("l2t_ww:all_to_all", "afd:all_to_all", "semckd:all_to_all")
 PROBE = "l2t_ww:all_to_all"      # the method the probe grids vary
 # The accuracies the report reads (summaries.load_result's fields): the last epoch's.
