@@ -56,6 +56,11 @@ def test_an_override_of_the_demo_is_checked_against_the_demo_config(tmp_path):
             and not line.startswith(" ")}
     assert {"methods", "seeds", "examples_per_class", "source"} <= keys
     assert not keys & {"seed", "meta_weight_decay", "pairs"}     # the training config's
+    # A number where the demo expects method names (the override parses as a tuple of ints).
+    methods_line = only_line(run_main("--config=demo", f"--workdir={tmp_path}",
+                                      "--config.methods=3", "--config.dry_run=True"),
+                             tmp_path=tmp_path)
+    assert "config.methods: 3 is not a method" in methods_line and "l2t_ww" in methods_line
 
 
 def test_a_config_file_without_get_config_says_what_it_needs(tmp_path):

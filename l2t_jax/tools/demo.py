@@ -140,6 +140,10 @@ def validate_demo_config(config) -> None:
     """Raises ValueError naming the key for bad demo settings (before any compilation)."""
     from l2t_jax.transfer import methods
     for entry in config.methods:
+        if not isinstance(entry, str):
+            raise ValueError(f"config.methods: {entry!r} is not a method; write names as "
+                             "\"--config.methods=('scratch','l2t_ww:all_to_all')\" (valid: "
+                             f"{', '.join(methods.METHODS)})")
         methods.get_method(digits.parse_entry(entry)[0])
     if config.source not in config.source_specs:
         raise ValueError(f"config.source={config.source!r}; valid: "
