@@ -19,18 +19,33 @@ Every number comes from a separate process, run one after the other (never two a
   5. the curve: ours for each T in ``--curve_T`` and each remat policy (remat=none unrolls
      the simulated steps, as by default; remat runs them in a scan loop), ours with a scan
      loop and no remat (``--no-scan`` leaves it out), and the authors' loop at the same T:
-     seconds per iteration and peak memory against T.
+     seconds per iteration and peak memory against T;
+  6. learned association (``--association``): at the CIFAR-100 setting and batch
+     ``--association_batch``, the steps of FM (one-to-one and all-to-all), L2T-ww (T =
+     ``--association_T``), AFD and SemCKD (all-to-all): seconds per step and peak memory.
+``--sections`` runs some of these (the authors' loop, ``--official_bench``, is needed only
+by 1, 2 and 5):
+
+    python experiments/bench_compare.py --sections association --out runs/bench_association
+
+Each run also records how busy the machine was: the load average before and after it and
+the CPU cores other processes used while it ran (``others_cpu_cores``; timings are
+meaningful only near 0). ``--quiet_load L`` waits before each run until the 1-minute load
+average is below L (the previous run's own load decays within a minute or two).
 Appends each run's JSON line to OUT/runs.jsonl (a rerun skips runs already there), then
-writes OUT/side_by_side.md, OUT/curve.md and OUT/time_memory_vs_T.png.
+writes OUT/side_by_side.md, OUT/curve.md and OUT/time_memory_vs_T.png (sections 1-5) and
+OUT/association.md (section 6).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib
@@ -38,20 +53,67 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from l2t_jax.transfer import methods  # noqa: E402
+
 EXPERIMENTS = Path(__file__).resolve().parent
+SECTIONS = ("side_by_side", "baselines", "compiles", "pipeline", "curve", "association")
+OFFICIAL_SECTIONS = ("side_by_side", "baselines", "curve")   # need the authors' loop
+# Section 6's default rows: FM both ways, L2T-ww and the two attention methods.
+ASSOCIATION = ("fm:one_to_one", "fm:all_to_all", "l2t_ww:all_to_all", "afd:all_to_all",
+               "semckd:all_to_all")
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_until_quiet(max_load: float, poll_s: float = 15.0) -> None:
+    """Returns once the 1-minute load average is below ``max_load`` (0: at once)."""
+    while max_load and os.getloadavg()[0] >= max_load:
+        print(f"  waiting: load average {os.getloadavg()[0]:.2f} >= {max_load}", flush=True)
+        time.sleep(poll_s)
 
 
 def _run(command: list[str], log: Path) -> dict:
-    """Runs one benchmark process; returns the JSON object of its last '{' line."""
+    """Runs one benchmark process; returns the JSON object of its last '{' line, with how
+    busy the machine was around it: ``load_before`` / ``load_after`` (1-minute load
+    averages) and ``others_cpu_cores`` (CPU seconds spent by every other process while it
+    ran, per wall second)."""
     print("+", " ".join(command), flush=True)
     lock = os.environ.get("L2T_BENCH_LOCK")   # a file to flock: nothing else runs meanwhile
+    load_before = os.getloadavg()[0]
+    busy, own, wall = _busy_cpu_seconds(), _children_cpu_seconds(), time.monotonic()
     done = subprocess.run(["flock", lock, *command] if lock else command,
                           capture_output=True, text=True)
+    others = ((_busy_cpu_seconds() - busy) - (_children_cpu_seconds() - own)) / (
+        time.monotonic() - wall)
     log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
     if done.returncode or not lines:
         raise RuntimeError(f"{command[:3]} failed (rc {done.returncode}); see {log}")
-    return json.loads(lines[-1])
+    return dict(json.loads(lines[-1]), load_before=round(load_before, 2),
+                load_after=round(os.getloadavg()[0], 2),
+                others_cpu_cores=round(max(others, 0.0), 2))
+
+
+def association_run(entry: str, batch: int, inner_steps: int) -> tuple[str, list[str]]:
+    """Section 6's run of ``entry`` (``method:scheme``): its name in runs.jsonl and the
+    ``l2t_jax.tools.bench`` arguments that time it."""
+    method, _, scheme = entry.partition(":")
+    if method == "l2t_ww":
+        return (f"association {entry} T={inner_steps} b={batch}",
+                ["--mode", "l2t", "--T", str(inner_steps), "--pairs", scheme or "all_to_all"])
+    return (f"association {entry} b={batch}",
+            ["--mode", method] + (["--pairs", scheme] if scheme else []))
 
 
 def _key(record: dict) -> str:
@@ -61,8 +123,11 @@ def _key(record: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official_bench", required=True,
-                        help="path of official_l2t_step.py (reads L2T_OFFICIAL_DIR)")
+    parser.add_argument("--official_bench", default="",
+                        help="path of official_l2t_step.py (reads L2T_OFFICIAL_DIR); needed "
+                             "by the sections " + ", ".join(OFFICIAL_SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="which parts to run (module docstring); default all")
     parser.add_argument("--out", required=True)
     parser.add_argument("--T", type=int, nargs="+", default=[2, 5])
     parser.add_argument("--curve_T", type=int, nargs="+", default=[1, 2, 5, 10])
@@ -80,7 +145,28 @@ def main(argv=None) -> None:
                         help="write the tables from OUT/runs.jsonl, run nothing")
     parser.add_argument("--plan_only", action="store_true", help="print the runs, run none")
     parser.add_argument("--pipeline_threads", type=int, nargs="+", default=[0, 1, 2, 4])
+    parser.add_argument("--association", nargs="+", default=list(ASSOCIATION),
+                        metavar="METHOD:SCHEME",
+                        help="section 6's rows: l2t_ww or a method without meta-networks, "
+                             "on a pair scheme (the first row is the others' reference)")
+    parser.add_argument("--association_batch", type=int, default=64)
+    parser.add_argument("--association_T", type=int, default=2,
+                        help="L2T-ww's simulated steps in section 6")
+    parser.add_argument("--quiet_load", type=float, default=0.0,
+                        help="before each run, wait until the 1-minute load average is "
+                             "below this (0: do not wait)")
     args = parser.parse_args(argv)
+    sections = set(args.sections)
+    timed = {"l2t_ww"} | {name for name, row in methods.METHODS.items()
+                          if not row.meta_networks}
+    wrong = [e for e in args.association if e.partition(":")[0] not in timed]
+    if wrong:
+        parser.error(f"--association {' '.join(wrong)}: the benchmark times "
+                     f"{', '.join(sorted(timed))}")
+    if sections & set(OFFICIAL_SECTIONS) and not args.official_bench and not (
+            args.tables_only):
+        parser.error(f"--official_bench is needed by the sections {', '.join(OFFICIAL_SECTIONS)}"
+                     " (or run --sections compiles pipeline association)")
 
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -101,13 +187,13 @@ def main(argv=None) -> None:
                 args.source_checkpoint]
 
     plan = []
-    for t in args.T:
+    for t in args.T if "side_by_side" in sections else ():
         plan.append((f"official T={t}", official(args.iters) + ["--T", str(t)]))
         # The authors' phase split synchronises between phases: timed in a run of its own.
         plan.append((f"official T={t} phases",
                      official(args.iters) + ["--T", str(t), "--phases"]))
         plan.append((f"ours T={t}", ours(args.iters) + ["--T", str(t), "--peak", "--phases"]))
-    for batch in args.baseline_batches:
+    for batch in args.baseline_batches if "baselines" in sections else ():
         plan.append((f"official scratch b={batch}",
                      official(args.iters, batch) + ["--mode", "scratch"]))
         for baseline in args.baselines:
@@ -115,21 +201,23 @@ def main(argv=None) -> None:
                          ours(args.iters, batch) + ["--mode", baseline]))
     # Compiles, cold and warm (the per-user cache), and a :tiny config's first step.
     cache = out / "compile_cache"
-    for run in ("cold", "warm"):
+    for run in ("cold", "warm") if "compiles" in sections else ():
         plan.append((f"compile T=2 {run}", [sys.executable, str(EXPERIMENTS /
                                                              "compile_cache_check.py"),
                                            str(cache)]))
-    plan.append(("first step cifar100:tiny", [sys.executable, str(EXPERIMENTS /
-                                                                  "first_step_time.py")]))
+    if "compiles" in sections:
+        plan.append(("first step cifar100:tiny", [sys.executable, str(EXPERIMENTS /
+                                                                      "first_step_time.py")]))
     # The input pipeline: images/s against read threads; the 32-px training loop's waits.
-    plan.append(("pipeline 32px", [sys.executable, "-m", "l2t_jax.tools.bench_pipeline",
-                                   "--image_size", "32", "--train_steps", "30",
-                                   "--images", "1984", "--threads",
-                                   *map(str, args.pipeline_threads)]))
-    plan.append(("pipeline 224px", [sys.executable, "-m", "l2t_jax.tools.bench_pipeline",
-                                    "--image_size", "224", "--batches", "4", "--threads",
-                                    *map(str, args.pipeline_threads)]))
-    for t in args.curve_T:
+    if "pipeline" in sections:
+        plan.append(("pipeline 32px", [sys.executable, "-m", "l2t_jax.tools.bench_pipeline",
+                                       "--image_size", "32", "--train_steps", "30",
+                                       "--images", "1984", "--threads",
+                                       *map(str, args.pipeline_threads)]))
+        plan.append(("pipeline 224px", [sys.executable, "-m", "l2t_jax.tools.bench_pipeline",
+                                        "--image_size", "224", "--batches", "4", "--threads",
+                                        *map(str, args.pipeline_threads)]))
+    for t in args.curve_T if "curve" in sections else ():
         if t not in args.T:
             plan.append((f"official T={t}", official(args.curve_iters) + ["--T", str(t)]))
         for remat in args.remat:
@@ -140,9 +228,13 @@ def main(argv=None) -> None:
         if t > 1 and args.scan:   # the unrolled default against the scan loop, no remat
             plan.append((f"ours T={t} scan", ours(args.curve_iters) + ["--T", str(t),
                                                                      "--no-unroll"]))
+    for entry in args.association if "association" in sections else ():
+        name, mode = association_run(entry, args.association_batch, args.association_T)
+        plan.append((name, ours(args.iters, args.association_batch) + mode))
 
     if args.tables_only:
         write_tables(records, args, out)
+        write_association_table(records, args, out)
         return
     if args.plan_only:
         for name, command in plan:
@@ -153,13 +245,17 @@ def main(argv=None) -> None:
     for name, command in plan:
         if name in records:
             continue
+        wait_until_quiet(args.quiet_load)
         record = _run(command, out / "logs" / (name.replace(" ", "_").replace("=", "") + ".txt"))
         record["name"] = name
         record["command"] = " ".join(command[1:])
         records[name] = record
         with runs_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
-    write_tables(records, args, out)
+    if sections - {"association"}:
+        write_tables(records, args, out)
+    if "association" in sections:
+        write_association_table(records, args, out)
 
 
 def _seconds(record: dict) -> float:
@@ -273,6 +369,40 @@ def write_tables(records: dict, args, out: Path) -> None:
     figure.savefig(out / "time_memory_vs_T.png", dpi=120)
     print((out / "side_by_side.md").read_text())
     print((out / "curve.md").read_text())
+
+
+def write_association_table(records: dict, args, out: Path) -> None:
+    """OUT/association.md: section 6's rows that ran, in ``--association`` order, each
+    against the first (its seconds per step over the first's)."""
+    header = ("| method | pairs | s / step (median; min-max) | × {reference} | images / s | "
+              "peak RSS while stepping (GiB) | XLA temp (GiB) | GFLOP / step | compile (s) | "
+              "other processes' CPU (cores) | load before / after |")
+    found = []
+    for entry in args.association:
+        name, _ = association_run(entry, args.association_batch, args.association_T)
+        if name in records:
+            method, _, scheme = entry.partition(":")
+            label = methods.row_label(method, scheme)
+            if method == "l2t_ww":
+                label += f", T={args.association_T}"
+            found.append((label, records[name]))
+    if not found:
+        return
+    reference = found[0][1]["step_s_median"]
+    rows = [header.format(reference=found[0][0]), "|---" * 11 + "|"]
+    for label, r in found:
+        rows.append(
+            f"| {label} | {r['pairs']} | {r['step_s_median']:.3f} ({r['step_s_min']:.3f}-"
+            f"{r['step_s_max']:.3f}) | {r['step_s_median'] / reference:.2f} | "
+            f"{r['images_per_s']} | {r['peak_rss_steps_gib']} | {r['xla_temp_gib']} | "
+            f"{r['xla_flops_per_iter'] / 1e9:.1f} | {r['compile_s']:.0f} | "
+            f"{r.get('others_cpu_cores', '')} | {r.get('load_before', '')} / "
+            f"{r.get('load_after', '')} |")
+    text = (f"Batch {args.association_batch}, {found[0][1]['setting']}, "
+            f"{found[0][1]['device']}; {found[0][1]['iters']} timed steps per row.\n\n"
+            + "\n".join(rows) + "\n")
+    (out / "association.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

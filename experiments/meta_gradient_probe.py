@@ -158,8 +158,8 @@ def agreement(vectors: list[np.ndarray]) -> dict:
 
 def probe_batches(splits, run, step: int, count: int):
     """``count`` (images, other augmentation of the same images, labels, val images, val
-    labels) batches for the probe at ``step``: train images drawn with replacement by
-    class-balanced shuffles, two augmentations each; val images drawn anew per batch."""
+    labels) batches for the probe at ``step``: train images sampled with replacement by
+    class-balanced shuffles, two augmentations each; val images sampled anew per batch."""
     rng = np.random.default_rng([run.seed, step, 12345])
     size, batch = run.data.image_size, run.batch_size
     train, val = splits["train"], splits["val"]

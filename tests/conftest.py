@@ -46,3 +46,21 @@ def tiny_assets(tmp_path_factory):
     write_npz_splits(root / "data")
     write_tiny_source(str(root / "source"))
     return root
+
+
+@pytest.fixture
+def mock_tfds(tmp_path, monkeypatch):
+    """TFDS mock records (``tfds.testing.mock_data``) for the data sets named: a call
+    ``mock_tfds("cifar100", num_examples=24)`` returns the context manager. The data sets'
+    directories are made under a fresh ``$TFDS_DATA_DIR``, as ``tfds build`` leaves them,
+    because the package checks for them before it asks TFDS."""
+    import tensorflow_datasets as tfds
+    root = tmp_path / "tensorflow_datasets"
+    monkeypatch.setenv("TFDS_DATA_DIR", str(root))
+
+    def mock(*names, num_examples):
+        for name in names:
+            (root / name).mkdir(parents=True, exist_ok=True)
+        return tfds.testing.mock_data(num_examples=num_examples,
+                                      policy=tfds.testing.MockPolicy.USE_CODE)
+    return mock

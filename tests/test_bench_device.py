@@ -142,9 +142,11 @@ def test_every_planned_command_parses_and_builds(smoke):
                                       probe_size=parsed.image_size,
                                       **bench._overrides(parsed.source_widths,
                                                          parsed.source_overrides))
-            transfer = bilevel.make_transfer(source, target,
-                                             pairing.parse_pairs(parsed.pairs))
-            assert len(transfer.pairs) == len(parsed.pairs.split(","))
+            # No --pairs: the bench's own pairs for L2T-ww, the paper's 15 CIFAR pairs.
+            pairs = pairing.resolve_pairs(bench.pair_scheme(parsed), source, target)
+            transfer = bilevel.make_transfer(source, target, pairs)
+            assert len(transfer.pairs) == (len(parsed.pairs.split(",")) if parsed.pairs
+                                           else 15)
 
 
 def test_a_measurement_past_its_budget_is_killed(tmp_path):

@@ -86,7 +86,7 @@ def test_the_demo_keeps_its_rates():
     target = digits.target_run_config(config, "data", spec, "source", "fm:one_to_one", 5, 0)
     source = digits.source_run_config(config, "data", spec)
     assert build.base_learning_rate(target) == config.learning_rate == 0.02   # the study's
-    assert target.batch_size == 16 and target.epochs * target.steps_per_epoch == 150
+    assert target.batch_size == 16 and target.epochs * target.steps_per_epoch == 300
     assert build.base_learning_rate(source) == 0.1 and source.batch_size == 64
 
 

@@ -47,10 +47,7 @@ def _declared_variants():
             for variant in (configs.variants(name) or ())]
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, reason="l2t_jax/configs/demo.py does not declare VARIANTS yet"))
-    if name == "demo" else name for name in configs.names()])
+@pytest.mark.parametrize("name", configs.names())
 def test_every_config_declares_the_variants_it_takes(name):
     """``--help`` lists ``VARIANTS``: they must be what ``get_config`` accepts, which its
     error for an unknown variant lists."""

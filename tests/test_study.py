@@ -266,9 +266,12 @@ def test_grids_share_cells_and_directories_name_every_setting():
     shared = [c for c in sensitivity if c in main]
     assert len(shared) == len(config.sensitivity_seeds)
     assert all(dict(c.settings) == {"learning_rate": config.learning_rate} for c in shared)
-    # Every budget of the demo source, the released one's own three.
-    assert {c.examples_per_class for c in main if c.source == "released_resnet32"} == {1, 5, 25}
-    assert {c.examples_per_class for c in main if c.source == "demo_resnet20"} == set(
+    # Every budget for both sources; a source may name budgets of its own.
+    assert {c.examples_per_class for c in main} == set(config.examples_per_class)
+    config.source_specs.released_resnet32.examples_per_class = (1, 5, 25)
+    own = set(study.grid_cells(config, "main"))
+    assert {c.examples_per_class for c in own if c.source == "released_resnet32"} == {1, 5, 25}
+    assert {c.examples_per_class for c in own if c.source == "demo_resnet20"} == set(
         config.examples_per_class)
     cell = study.Cell("demo_resnet20", "l2t_ww:all_to_all", 5, 3,
                       study.cell_settings(config, meta_update_every=2))
@@ -349,3 +352,34 @@ def test_the_smoke_study_runs_every_grid_and_reports_the_runs_numbers(tmp_path):
     for cell in cells:       # nothing ran again: one start per run in its metrics log
         with open(os.path.join(runs, cell.directory, "metrics.jsonl")) as f:
             assert sum('"run"' in line for line in f) == 1
+
+
+def test_the_report_draws_where_each_learned_association_method_transfers(tmp_path):
+    """The main grid's L2T-ww, AFD and SemCKD runs at the probe's budget: one picture per
+    source with each method's per-pair weights averaged over its seeds, the same grids
+    the plots module computes from the runs' transfer_weights.json."""
+    from test_plots import make_workdir
+    from l2t_jax.tools import plots
+    config = study_config.get_config("smoke")
+    config.methods = ("scratch", "l2t_ww:all_to_all", "afd:all_to_all", "semckd:all_to_all")
+    config.seeds = (0, 1)
+    records, groups = [], {}
+    for entry in config.methods[1:]:
+        method = entry.split(":")[0]
+        for seed in config.seeds:
+            directory = str(tmp_path / method / f"seed{seed}")
+            make_workdir(directory, method=method, seed=seed)
+            record = _record("main", entry, seed, 70.0, k=config.probe_examples_per_class)
+            records.append(dict(record, directory=directory))
+            groups.setdefault(study_report.label(entry), []).append(directory)
+    lines = study_report._where_compare(config, records, str(tmp_path / "report"))
+    name = f"where_demo_resnet20_epc{config.probe_examples_per_class}.png"
+    assert lines == [f"![where each method transfers, demo_resnet20, "
+                     f"{config.probe_examples_per_class} per class]({name})"]
+    assert os.path.getsize(tmp_path / "report" / name) > 10_000
+    panels = plots.where_panels(groups)
+    assert [p.label for p in panels] == ["L2T-ww (all-to-all)", "AFD (all-to-all)",
+                                         "SemCKD (all-to-all)"]
+    # Without a second method there is nothing to put side by side.
+    config.methods = ("scratch", "l2t_ww:all_to_all")
+    assert study_report._where_compare(config, records, str(tmp_path / "other")) == []

@@ -274,9 +274,8 @@ def test_cifar100_tiny_with_the_released_source(tiny_assets, tmp_path, monkeypat
     assert os.listdir(tmp_path / "cache" / "converted") == ["resnet32-049f81f8"]
 
 
-def test_cifar100_tiny_on_mock_tfds(tmp_path, monkeypatch):
+def test_cifar100_tiny_on_mock_tfds(tmp_path, monkeypatch, mock_tfds):
     """The real cifar100 config (tiny) through tfds.data_source + grain, on TFDS mock data."""
-    import tensorflow_datasets as tfds
     monkeypatch.setenv("L2T_CACHE_DIR", str(tmp_path / "cache"))
     config = load_config("cifar100", "tiny")
     # Mock records carry random ids and only a few examples: not the official split.
@@ -284,7 +283,7 @@ def test_cifar100_tiny_on_mock_tfds(tmp_path, monkeypatch):
     config.data.eval_splits = ("test",)
     config.source_checkpoint = "random-init"
     config.epochs, config.steps_per_epoch = 1, 2
-    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    with mock_tfds("cifar100", num_examples=24):
         result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["steps"] == 2 and result["dataset"] == "cifar100"
     assert 0 <= result["test_at_best_val"] <= 100

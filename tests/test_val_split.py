@@ -98,13 +98,12 @@ def test_a_config_evaluating_on_test_alone_carves_nothing(npz_without_val):
     assert list(splits) == ["train", "test"] and len(splits["train"]) == 60
 
 
-def test_pretrain_cifar10_selects_on_val_carved_from_cifar10_train(tmp_path):
+def test_pretrain_cifar10_selects_on_val_carved_from_cifar10_train(mock_tfds):
     """The shipped config on TFDS (mock records of cifar10's train and test splits, which
     have no val split): val is 10% of every class of train, disjoint from what trains."""
-    import tensorflow_datasets as tfds
     config = load_config("pretrain_cifar10", "tiny")
     assert tuple(config.data.eval_splits) == ("val", "test")
-    with tfds.testing.mock_data(num_examples=60, policy=tfds.testing.MockPolicy.USE_CODE):
+    with mock_tfds("cifar10", num_examples=60):
         assert not data.has_split("tfds", config.data.data_dir, "val", "cifar10")
         splits = build.load_splits(config)
         everything = data.TfdsSource("cifar10", "train")

@@ -41,8 +41,7 @@ SOURCES = {
     # name -> (model, classes, widths or () for the model's own, checkpoint or "" to train,
     #          label budgets or () for config.examples_per_class)
     "demo_resnet20": ("resnet20", 5, (8, 16, 32), "", ()),
-    # Three budgets only, to keep the study within hours on a 2-core machine.
-    "released_resnet32": ("resnet32", 200, (), "released:resnet32", (1, 5, 25)),
+    "released_resnet32": ("resnet32", 200, (), "released:resnet32", ()),
 }
 VARIANTS = ("smoke",)
 
@@ -90,8 +89,11 @@ def get_config(variant=None):
     config.target_widths = (16, 16, 32, 32, 32)
     config.conv_impl = "auto"             # every run's (configs/default.py)
     # The main grid.
-    config.methods = ("scratch", "fm:one_to_one", "fm:all_to_all", "l2t_w:one_to_one",
-                      "l2t_ww:all_to_all")
+    # Scratch; FM over one-to-one and over all-to-all pairs; the three methods that learn
+    # where to transfer over the all-to-all pairs: L2T-ww (a meta-gradient through unrolled
+    # steps), AFD and SemCKD (an attention trained jointly with the target).
+    config.methods = ("scratch", "fm:one_to_one", "fm:all_to_all", "l2t_ww:all_to_all",
+                      "afd:all_to_all", "semckd:all_to_all")
     config.examples_per_class = (1, 2, 5, 10, 25)
     config.seeds = (0, 1, 2, 3, 4)
     # The shared recipe (every method; the `recipe` grid chose learning_rate).

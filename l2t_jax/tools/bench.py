@@ -1,11 +1,16 @@
-"""Times the jitted L2T-ww step (or a baseline's step) and prints one JSON line.
+"""Times the jitted L2T-ww step (or another method's step) and prints one JSON line.
 
-    python -m l2t_jax.tools.bench --batch 64 --T 2 --iters 5 [--mode scratch|fm|at|lwf|lwf_at]
-                            [--remat dots] [--no-unroll] [--phases] [--peak]
+    python -m l2t_jax.tools.bench --batch 64 --T 2 --iters 5
+        [--mode scratch|fm|at|lwf|lwf_at|afd|semckd] [--pairs all_to_all]
+        [--remat dots] [--no-unroll] [--phases] [--peak]
 
 Default setting: the CIFAR-100 experiment's networks (ResNet-32 with 200 classes ->
 VGG-9-BN with 100 classes, the 15 pairs), random inputs, and random source weights unless
-``--source_checkpoint`` is given (the step's cost does not depend on them).
+``--source_checkpoint`` is given (the step's cost does not depend on them). A method other
+than L2T-ww (``--mode``) takes its own pair scheme (FM one-to-one, AFD and SemCKD
+all-to-all) unless ``--pairs`` names one (``--mode fm --pairs all_to_all``). It first says
+on stderr what it is about to time and how to make that smaller: at the defaults on a CPU,
+compiling takes about a minute and L2T-ww's iterations several seconds each.
 
 The JSON line holds compile seconds; seconds per iteration (median, min, max over
 ``--iters`` after ``--warmup``); images/s; peak RSS with the compiler
@@ -30,6 +35,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -54,6 +60,15 @@ def _overrides(widths: str, attributes: str = "") -> dict:
     return overrides
 
 
+def pair_scheme(args) -> str | None:
+    """The pairs timed: ``--pairs``, else the 15 CIFAR pairs for L2T-ww and the method's
+    own scheme for the others (None: a method without pairs)."""
+    if args.pairs:
+        return args.pairs
+    return pair_lists.CIFAR_PAIRS if args.mode == "l2t" else methods.get_method(
+        args.mode).scheme
+
+
 def build(args) -> tuple:
     """Returns (transfer, state, source_variables) for the parsed arguments."""
     target = models.get_model(args.target, args.num_classes, conv_impl=args.conv_impl,
@@ -67,15 +82,18 @@ def build(args) -> tuple:
         source = models.get_model(args.source, args.source_classes, conv_impl=args.conv_impl,
                                   **_overrides(args.source_widths, args.source_overrides))
         if args.mode == "l2t":
-            transfer = bilevel.make_transfer(source, target, pairing.parse_pairs(args.pairs),
-                                             inner_steps=args.T, remat=args.remat,
-                                             unroll_inner=args.unroll,
-                                             conv_impl=args.conv_impl)
-        else:                     # a baseline of the table, on its own pair scheme
+            transfer = bilevel.make_transfer(
+                source, target, pairing.resolve_pairs(pair_scheme(args), source, target),
+                inner_steps=args.T, remat=args.remat, unroll_inner=args.unroll,
+                conv_impl=args.conv_impl)
+        else:                     # a row of the table, on its pairs or its own scheme
             method = methods.get_method(args.mode)
-            pairs = pairing.resolve_pairs(method.scheme, source, target) if method.scheme else ()
+            pairs = (pairing.resolve_pairs(pair_scheme(args), source, target)
+                     if method.uses_pairs else ())
+            # batch_size: the terms' own parts are built for it (SemCKD's embeddings).
             transfer = build_lib.method_transfer(method, source, target, pairs,
-                                                 conv_impl=args.conv_impl)
+                                                 conv_impl=args.conv_impl,
+                                                 batch_size=args.batch)
         if args.source_checkpoint:
             _, source_variables, _ = converted.load_converted(
                 assets.resolve_source_checkpoint(args.source_checkpoint),
@@ -214,8 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       if not row.meta_networks and name != "scratch")
     parser.add_argument("--mode", default="l2t", choices=("l2t", "scratch") + baselines,
                         help="l2t: the L2T-ww iteration; scratch: a plain CE step of the "
-                             "target alone (no source, no matching); a baseline of the "
-                             "table (" + ", ".join(baselines) + "): its step, on its pairs")
+                             "target alone (no source, no matching); a method of the "
+                             "table without meta-networks (" + ", ".join(baselines) + "): "
+                             "its step, on --pairs or its own pair scheme")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--T", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
@@ -242,7 +261,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="module attributes of the target as JSON, e.g. "
                              '\'{"convs_per_stage": [1, 1]}\'')
     parser.add_argument("--num_classes", type=int, default=100)
-    parser.add_argument("--pairs", default=pair_lists.CIFAR_PAIRS)
+    parser.add_argument("--pairs", default="",
+                        help="a pair scheme (single, one_to_one, all_to_all) or list "
+                             "('4-0,9-1'); default: the 15 CIFAR pairs for l2t, the method's "
+                             "own scheme otherwise")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phases", action="store_true",
@@ -259,11 +281,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--iters must be >= 1 and --warmup >= 0")
     if args.phases and args.mode != "l2t":
         parser.error("--phases needs --mode l2t")
+    if args.pairs and args.mode == "scratch":
+        parser.error("--pairs: scratch matches no feature maps")
     return args
+
+
+def announcement(args) -> str:
+    """One line saying what :func:`main` is about to build, compile and time, and how to
+    shrink it (printed on stderr first: at the defaults on a CPU, a minute passes before
+    the JSON line)."""
+    target = f"{args.target} ({args.num_classes} classes)"
+    pairs = methods.scheme_text(pair_scheme(args))       # "15 pairs", "all-to-all", "4-0"
+    what = (f"{args.mode} step of {target}" if args.mode == "scratch" else
+            f"{args.mode} step, {args.source} ({args.source_classes} classes) -> {target}, "
+            + (pairs if pairs.endswith(" pairs") else f"{pairs} pairs"))
+    t = f", T={args.T}" if args.mode == "l2t" else ""
+    weights = ("" if args.mode == "scratch" else f", source {args.source_checkpoint}"
+               if args.source_checkpoint else ", random source weights")
+    narrow = ("" if args.mode == "scratch" else "--source_widths 4,4,8 ") + (
+        "--target_widths 4,4,8,8,8")
+    return (f"bench: {what}, batch {args.batch}{t}, {args.image_size} px, {args.dtype}"
+            f"{weights}: building and compiling, then {args.warmup} warm-up + {args.iters} "
+            "timed iterations (about a minute or more on a CPU; smaller: --batch 8 --iters 1"
+            + (" --T 1" if args.mode == "l2t" else "") + f", or narrow networks: {narrow})")
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    print(announcement(args), file=sys.stderr, flush=True)
     transfer, state, source_variables = build(args)
     # The program training runs (train.step_program), on a one-device mesh.
     mesh = parallel.make_mesh(jax.devices()[:1])
@@ -298,7 +343,7 @@ def main(argv=None) -> dict:
         "mode": args.mode,
         "setting": (f"{args.target}" if args.mode == "scratch"
                     else f"{args.source}->{args.target}"),
-        "pairs": len(transfer.pairs), "batch": args.batch,
+        "pairs": len(transfer.pairs), "scheme": pair_scheme(args), "batch": args.batch,
         "T": args.T if args.mode == "l2t" else None,
         "remat": args.remat, "unroll": args.unroll and args.remat == "none",
         "jit_init": args.jit_init,

@@ -6,10 +6,14 @@ went, and how accuracy grows with the training set.
 This module owns the figures made from workdirs' files (written by
 :mod:`l2t_jax.training.train`):
 
-- :func:`plot_pair_weights` ("where"): the learned pair weights lambda as a source-tap x
+- :func:`plot_pair_weights` ("where"): what the run learned per pair as a source-tap x
   target-tap heat map (``transfer_weights.json``; :func:`pair_weight_grid`,
-  :func:`draw_pair_weight_heat_map`), beside lambda per pair over training
-  (``metrics.jsonl``, ``train/pair_weights/<i>``).
+  :func:`draw_pair_weight_heat_map`), beside the same per pair over training
+  (``metrics.jsonl``): L2T-ww's pair weights lambda (``train/pair_weights/<i>``), or the
+  attention of AFD and SemCKD (``train/pair_attention/<i>``), with its normalisation
+  (:func:`where_of`) in the titles.
+- :func:`plot_where_compare`: those heat maps of several runs side by side (L2T-ww's
+  lambda beside AFD's and SemCKD's attention), each label's seeds averaged.
 - :func:`plot_channel_weights` ("what"): each pair's channel weights sorted in decreasing
   order against the uniform 1/C (``transfer_weights.json``), beside the channel-weight
   entropy per pair over training, divided by log C so that 1.0 is uniform
@@ -46,11 +50,28 @@ from l2t_jax.transfer import methods
 from l2t_jax.training import workdir as wd  # `workdir` is an argument here
 
 
+# The per-pair quantities of transfer_weights.json: L2T-ww's lambda, AFD's / SemCKD's
+# attention (l2t_jax.training.results.transfer_weights).
+PER_PAIR_KEYS = ("pair_weights", "pair_attention")
+# ``where.normalised_over`` -> how the heat map (rows: source taps, columns: target taps)
+# reads: what its weights sum to one over.
+NORMALISATIONS = {
+    None: "not normalised",
+    "target_taps": "normalised over target taps: each source tap's row sums to 1",
+    "source_taps": "normalised over source taps: each target tap's column sums to 1",
+    "unknown": "normalisation not recorded",
+}
+# How figures name each per-pair quantity.
+QUANTITY_NAMES = {"pair_weights": "pair weight λ", "pair_attention": "attention"}
+
+
 # ---------------------------------------------------------------------- reading files
 def load_transfer_weights(workdir: str) -> dict[str, Any]:
     """``transfer_weights.json``, checked: ``pairs`` [[m, n], ...], ``source_taps`` and
-    ``target_taps`` (channels per tap), ``pair_weights`` (one mean lambda per pair, or None)
-    and ``channel_weights`` (per pair a list of C_m mean weights, or None). ValueError names
+    ``target_taps`` (channels per tap), ``pair_weights`` (one mean lambda per pair, or None),
+    ``pair_attention`` (one mean attention per pair, or None), ``channel_weights`` (per pair
+    a list of C_m mean weights, or None) and ``where`` (which of the per-pair keys the run
+    learned and how it is normalised; files written before it lack it). ValueError names
     the file and what is wrong."""
     path = os.path.join(workdir, wd.TRANSFER_WEIGHTS)
     weights = wd.read_json(path)
@@ -70,12 +91,22 @@ def load_transfer_weights(workdir: str) -> dict[str, Any]:
                 or not 0 <= pair[0] < len(source_taps) or not 0 <= pair[1] < len(target_taps)):
             fail(f"pair {pair} is not [m, n] with m < {len(source_taps)} source taps and "
                  f"n < {len(target_taps)} target taps")
-    pair_weights = weights.get("pair_weights")
-    if pair_weights is not None:
-        if len(pair_weights) != len(pairs):
-            fail(f"{len(pair_weights)} pair_weights for {len(pairs)} pairs")
-        if not all(isinstance(w, (int, float)) for w in pair_weights):
-            fail("pair_weights must be one number per pair")
+    for key in PER_PAIR_KEYS:
+        values = weights.get(key)
+        if values is not None:
+            if len(values) != len(pairs):
+                fail(f"{len(values)} {key} for {len(pairs)} pairs")
+            if not all(isinstance(w, (int, float)) for w in values):
+                fail(f"{key} must be one number per pair")
+    where = weights.get("where")
+    if where is not None:
+        if (not isinstance(where, dict) or where.get("key") not in PER_PAIR_KEYS
+                or weights.get(where["key"]) is None):
+            fail(f"'where' must name a per-pair key the file holds ({', '.join(PER_PAIR_KEYS)})"
+                 f", got {where!r}")
+        if where.get("normalised_over") not in NORMALISATIONS:
+            fail(f"where.normalised_over must be one of {list(NORMALISATIONS)}, got "
+                 f"{where.get('normalised_over')!r}")
     channel_weights = weights.get("channel_weights")
     if channel_weights is not None:
         if len(channel_weights) != len(pairs):
@@ -108,6 +139,18 @@ def _workdir_label(workdir: str) -> str:
                 return methods.row_label(content["method"],
                                          content.get("scheme", content.get("pairs")))
     return os.path.basename(os.path.normpath(workdir))
+
+
+def where_of(weights: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a run learned per pair: ``{"key": "pair_weights" | "pair_attention",
+    "normalised_over": None | "target_taps" | "source_taps", ...}`` from the file's
+    ``where``; for a file written before ``where`` existed, L2T-ww's unnormalised
+    ``pair_weights`` if it has them; None when it holds no per-pair weights (L2T-w)."""
+    if weights.get("where") is not None:
+        return dict(weights["where"])
+    if weights.get("pair_weights") is not None:
+        return {"key": "pair_weights", "normalised_over": None}
+    return None
 
 
 def metric_series(records: Sequence[Mapping[str, Any]], key: str
@@ -182,7 +225,8 @@ def _readable_log_y(ax, values: Sequence[np.ndarray]) -> None:
 class PairWeightGrid:
     """The heat map's data.
 
-    matrix: (len(source_rows), len(target_taps)) mean lambda, NaN where no pair exists.
+    matrix: (len(source_rows), len(target_taps)) the per-pair value (mean lambda, or mean
+      attention), NaN where no pair exists.
     source_rows: source tap index of each row (the taps that appear in pairs, ascending).
     row_labels / col_labels: ``"S4 (16 ch)"`` / ``"T0 (64 ch)"``.
     """
@@ -193,21 +237,22 @@ class PairWeightGrid:
     col_labels: list[str]
 
     def value(self, m: int, n: int) -> float:
-        """lambda of pair (m, n); NaN if (m, n) is not a pair."""
+        """The value of pair (m, n); NaN if (m, n) is not a pair."""
         if m not in self.source_rows:
             return float("nan")
         return float(self.matrix[self.source_rows.index(m), n])
 
 
-def pair_weight_grid(weights: Mapping[str, Any]) -> PairWeightGrid:
-    """Lays ``transfer_weights.json``'s pair weights out as a source x target grid."""
-    if weights.get("pair_weights") is None:
-        raise ValueError("these transfer weights have no pair_weights (the method learns no "
-                         "'where' weights)")
+def pair_weight_grid(weights: Mapping[str, Any], key: str = "pair_weights") -> PairWeightGrid:
+    """Lays ``transfer_weights.json``'s per-pair ``key`` (L2T-ww's ``pair_weights``, or
+    ``pair_attention``) out as a source x target grid."""
+    if weights.get(key) is None:
+        raise ValueError(f"these transfer weights have no {key} (the method learns no "
+                         "such 'where' weights)")
     pairs = [tuple(p) for p in weights["pairs"]]
     source_rows = sorted({m for m, _ in pairs})
     matrix = np.full((len(source_rows), len(weights["target_taps"])), np.nan)
-    for (m, n), value in zip(pairs, weights["pair_weights"]):
+    for (m, n), value in zip(pairs, weights[key]):
         matrix[source_rows.index(m), n] = value
     return PairWeightGrid(
         matrix=matrix, source_rows=source_rows,
@@ -215,9 +260,10 @@ def pair_weight_grid(weights: Mapping[str, Any]) -> PairWeightGrid:
         col_labels=[f"T{n} ({c} ch)" for n, c in enumerate(weights["target_taps"])])
 
 
-def draw_pair_weight_heat_map(ax, grid: PairWeightGrid):
-    """Draws ``grid`` on ``ax``: cell (r, c) = lambda of pair (source_rows[r], c), its value
-    written in it, grey "no pair" cells, tap labels on both axes. Returns the AxesImage
+def draw_pair_weight_heat_map(ax, grid: PairWeightGrid,
+                              title: str = "Where: mean pair weight λ at the end of training"):
+    """Draws ``grid`` on ``ax``: cell (r, c) = the value of pair (source_rows[r], c), written
+    in it, grey "no pair" cells, tap labels on both axes, ``title``. Returns the AxesImage
     (its ``get_array()`` is the masked matrix) for a colour bar."""
     from matplotlib import colormaps
     cmap = colormaps["viridis"].with_extremes(bad="#d9d9d9")   # grey: cells without a pair
@@ -241,44 +287,128 @@ def draw_pair_weight_heat_map(ax, grid: PairWeightGrid):
     ax.set_yticks(range(len(grid.row_labels)), grid.row_labels)
     ax.set_xlabel("target tap")
     ax.set_ylabel("source tap")
-    ax.set_title("Where: mean pair weight λ at the end of training")
+    ax.set_title(title)
     return image
 
 
 def plot_pair_weights(workdir: str, path: str) -> str:
-    """PNG: "where". Left: heat map of the mean pair weight lambda (end of training, from
-    transfer_weights.json; :func:`draw_pair_weight_heat_map`), rows = source taps in pairs,
-    columns = target taps, grey = no such pair, values written in the cells. Right (if
-    metrics.jsonl has them): lambda per pair against training step (means over the logged
-    training batches). Returns ``path``."""
+    """PNG of :func:`pair_weights_figure`; returns ``path``."""
+    return _save(pair_weights_figure(workdir), path)
+
+
+def pair_weights_figure(workdir: str) -> Figure:
+    """"Where". Left: heat map of what the run learned per pair at the end of training
+    (transfer_weights.json, the key :func:`where_of` names: L2T-ww's mean pair weight
+    lambda, or AFD's / SemCKD's mean attention; :func:`draw_pair_weight_heat_map`), rows =
+    source taps in pairs, columns = target taps, grey = no such pair, values written in the
+    cells, its normalisation in the title. Right (if metrics.jsonl has them): the same per
+    pair against training step (``train/<key>/<i>``, means over the logged training
+    batches). ValueError if the file has no per-pair weights."""
     weights = load_transfer_weights(workdir)
-    grid = pair_weight_grid(weights)
+    where = where_of(weights)
+    if where is None:
+        raise ValueError(f"{os.path.join(workdir, wd.TRANSFER_WEIGHTS)} has no per-pair "
+                         f"weights ({', '.join(PER_PAIR_KEYS)}): the method learns none")
+    key, name = where["key"], QUANTITY_NAMES[where["key"]]
+    grid = pair_weight_grid(weights, key)
     metrics_path = os.path.join(workdir, wd.METRICS)
     records = wd.read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
-    indices = _indexed_keys(records, "train/pair_weights")
+    indices = _indexed_keys(records, f"train/{key}")
+    normalisation = NORMALISATIONS[where["normalised_over"]]
 
     fig = Figure(figsize=(13 if indices else 7, 4.8), layout="constrained")
     heat_ax, *rest = fig.subplots(1, 2 if indices else 1, squeeze=False)[0]
-    image = draw_pair_weight_heat_map(heat_ax, grid)
-    fig.colorbar(image, ax=heat_ax, label="λ (mean over evaluation images)")
+    image = draw_pair_weight_heat_map(
+        heat_ax, grid, f"Where: mean {name} at the end of training\n({normalisation})")
+    fig.colorbar(image, ax=heat_ax, label=f"{name} (mean over evaluation images)")
 
     if indices:
         ax = rest[0]
         pairs = weights["pairs"]
         styles = _pair_styles(pairs)
         for i in indices:
-            steps, values = metric_series(records, f"train/pair_weights/{i}")
+            steps, values = metric_series(records, f"train/{key}/{i}")
             if i < len(pairs):
                 ax.plot(steps, values, label=_pair_text(pairs[i]), lw=1.6, **styles[i])
             else:
                 ax.plot(steps, values, label=f"pair {i}", lw=1.6)
         ax.set_xlabel("training step")
-        ax.set_ylabel("λ (mean over the training batch)")
-        ax.set_title("Where: pair weight λ during training")
+        ax.set_ylabel(f"{name} (mean over the training batch)")
+        ax.set_title(f"Where: {name} during training\n({normalisation})")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, ncol=2 if len(indices) > 8 else 1, loc="center left",
                   bbox_to_anchor=(1.01, 0.5))
-    return _save(fig, path)
+    return fig
+
+
+@dataclasses.dataclass
+class WherePanel:
+    """One panel of :func:`plot_where_compare`: a label's grid (the mean over its runs of
+    each pair's value), what it is (:func:`where_of`) and how many runs it averages."""
+
+    label: str
+    grid: PairWeightGrid
+    where: dict[str, Any]
+    runs: int
+
+
+def where_panels(workdirs: Mapping[str, str | Sequence[str]]) -> list[WherePanel]:
+    """The panels of :func:`plot_where_compare`, in the order of ``workdirs`` (label -> one
+    workdir or several seeds). A label's runs must agree on the pairs, taps and quantity;
+    their grids are averaged cell by cell. Labels whose runs have no per-pair weights, or
+    no transfer_weights.json (methods that learn none, unfinished runs), are left out with
+    a note on stdout."""
+    panels = []
+    for label, dirs in workdirs.items():
+        dirs = [dirs] if isinstance(dirs, str) else list(dirs)
+        missing = [d for d in dirs if not os.path.isfile(os.path.join(d, wd.TRANSFER_WEIGHTS))]
+        if missing:
+            print(f"note: {label}: no {wd.TRANSFER_WEIGHTS} in {', '.join(missing)} (written "
+                  "at the end of training, by methods that learn where to transfer): left "
+                  "out of the comparison")
+            continue
+        runs = [load_transfer_weights(d) for d in dirs]
+        wheres = [where_of(w) for w in runs]
+        if any(w is None for w in wheres):
+            print(f"note: {label}: no per-pair weights in {wd.TRANSFER_WEIGHTS} (the method "
+                  "learns none): left out of the comparison")
+            continue
+        layout = {(str(w["pairs"]), str(w["source_taps"]), str(w["target_taps"]),
+                   where["key"], where["normalised_over"]) for w, where in zip(runs, wheres)}
+        if len(layout) > 1:
+            raise ValueError(f"{label}: its runs {dirs} differ in pairs, taps or what they "
+                             "learned; give them separate labels")
+        grids = [pair_weight_grid(w, where["key"]) for w, where in zip(runs, wheres)]
+        grid = dataclasses.replace(grids[0],
+                                   matrix=np.mean([g.matrix for g in grids], axis=0))
+        panels.append(WherePanel(label, grid, wheres[0], len(runs)))
+    return panels
+
+
+def plot_where_compare(workdirs: Mapping[str, str | Sequence[str]], path: str) -> str:
+    """PNG: where each run transfers, side by side: one heat map per label
+    (:func:`where_panels`; L2T-ww's pair weights lambda, AFD's and SemCKD's attention, each
+    in its own colour scale, its normalisation in its title), rows = source taps, columns =
+    target taps. Returns ``path``; ValueError when no label has per-pair weights."""
+    return _save(where_compare_figure(where_panels(workdirs)), path)
+
+
+def where_compare_figure(panels: Sequence[WherePanel]) -> Figure:
+    """:func:`plot_where_compare`'s figure from its panels (:func:`where_panels`)."""
+    if not panels:
+        raise ValueError("none of the runs to compare has per-pair weights in "
+                         f"{wd.TRANSFER_WEIGHTS}")
+    fig = Figure(figsize=(6.2 * len(panels), 5.0), layout="constrained")
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        seeds = f", mean of {panel.runs} runs" if panel.runs > 1 else ""
+        name = QUANTITY_NAMES[panel.where["key"]]
+        image = draw_pair_weight_heat_map(
+            ax, panel.grid, f"{panel.label}: {name}{seeds}\n"
+                            f"({NORMALISATIONS[panel.where['normalised_over']]})")
+        fig.colorbar(image, ax=ax, label=name, shrink=0.85)
+    fig.suptitle("Where each method transfers at the end of training (rows: source taps, "
+                 "columns: target taps)")
+    return fig
 
 
 # -------------------------------------------------------------------- channel weights
@@ -562,10 +692,12 @@ def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: s
 # ----------------------------------------------------------------------- one workdir
 def plot_workdir(workdir: str, out_dir: str) -> list[str]:
     """Writes every picture the workdir's files allow into ``out_dir``:
-    ``learning_curves.png`` always (metrics.jsonl is required), and for methods with
-    meta-networks (L2T-w, L2T-ww) ``pair_weights.png`` (needs transfer_weights.json with
-    pair weights) and ``channel_weights.png`` (channel weights or their entropy). Skipped
-    pictures are noted on stdout. Returns the paths written."""
+    ``learning_curves.png`` always (metrics.jsonl is required); for methods that learn
+    where to transfer, the heat map of :func:`plot_pair_weights` (needs
+    transfer_weights.json): ``pair_weights.png`` for L2T-ww's lambda,
+    ``pair_attention.png`` for AFD's and SemCKD's attention; and for methods with
+    meta-networks (L2T-w, L2T-ww) ``channel_weights.png`` (channel weights or their
+    entropy). Skipped pictures are noted on stdout. Returns the paths written."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} is not a directory")
     metrics_path = os.path.join(workdir, wd.METRICS)
@@ -575,10 +707,11 @@ def plot_workdir(workdir: str, out_dir: str) -> list[str]:
     method = _workdir_method(workdir)
     weights_path = os.path.join(workdir, wd.TRANSFER_WEIGHTS)
     has_weights_file = os.path.isfile(weights_path)
-    if method is not None and (method not in methods.METHODS
-                               or not methods.METHODS[method].meta_networks):
-        print(f"note: method {method!r} has no meta-networks: no pair- or channel-weight "
-              "pictures")
+    if (method is not None and not has_weights_file
+            and not _indexed_keys(records, "train/pair_attention")
+            and (method not in methods.METHODS or not methods.METHODS[method].meta_networks)):
+        print(f"note: method {method!r} has no meta-networks and learns no attention over "
+              "pairs: no pair- or channel-weight pictures")
         return written
     if method is None and not has_weights_file and not _indexed_keys(
             records, "train/channel_weight_entropy"):
@@ -586,8 +719,10 @@ def plot_workdir(workdir: str, out_dir: str) -> list[str]:
               "no weight pictures")
         return written
     weights = load_transfer_weights(workdir) if has_weights_file else None
-    if weights is not None and weights.get("pair_weights") is not None:
-        written.append(plot_pair_weights(workdir, os.path.join(out_dir, "pair_weights.png")))
+    where = where_of(weights) if weights is not None else None
+    if where is not None:
+        written.append(plot_pair_weights(workdir, os.path.join(out_dir,
+                                                               f"{where['key']}.png")))
     elif weights is None:
         print(f"note: {weights_path} not found (written at the end of training): no "
               "pair-weight heat map")
@@ -598,7 +733,8 @@ def plot_workdir(workdir: str, out_dir: str) -> list[str]:
             or _indexed_keys(records, "train/channel_weight_entropy")):
         written.append(plot_channel_weights(workdir,
                                             os.path.join(out_dir, "channel_weights.png")))
-    else:
+    elif method is None or method not in methods.METHODS or methods.METHODS[
+            method].meta_networks:   # (AFD and SemCKD weight no channels: nothing to say)
         print("note: no channel weights or channel-weight entropies: no channel-weight "
               "picture")
     return written
@@ -614,21 +750,32 @@ def _parse_compare(text: str) -> tuple[str, list[str]]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m l2t_jax.tools.plots",
-        description="Pictures of a training workdir: learning curves, and for L2T-w/L2T-ww "
-                    "the learned pair weights (where) and channel weights (what).")
+        description="Pictures of a training workdir: learning curves; for L2T-ww the "
+                    "learned pair weights and for AFD and SemCKD their attention per pair "
+                    "(where); for L2T-w/L2T-ww the channel weights (what).")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", default=None, help="output directory (default: WORKDIR/plots)")
     parser.add_argument("--compare", action="append", type=_parse_compare, default=[],
                         metavar="LABEL=DIR[,DIR...]",
                         help="also draw learning_curves_compare.png with these runs (several "
-                             "dirs = seeds, shown as mean and band); repeatable")
+                             "dirs = seeds, shown as mean and band), and where_compare.png: "
+                             "the per-pair weights of those that learn them (L2T-ww's "
+                             "lambda, AFD's and SemCKD's attention) side by side, seeds "
+                             "averaged; repeatable")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(args.workdir, "plots")
     try:
         written = plot_workdir(args.workdir, out)
         if args.compare:
+            compare = dict(args.compare)
             written.append(plot_learning_curves(
-                dict(args.compare), os.path.join(out, "learning_curves_compare.png")))
+                compare, os.path.join(out, "learning_curves_compare.png")))
+            panels = where_panels(compare)
+            if panels:
+                written.append(_save(where_compare_figure(panels),
+                                     os.path.join(out, "where_compare.png")))
+            else:
+                print("note: no run to compare has per-pair weights: no where_compare.png")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     for path in written:

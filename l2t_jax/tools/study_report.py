@@ -34,7 +34,13 @@ logger = logging.getLogger(__name__)
 # The main grid's paired comparisons (a − b), where both methods ran.
 PAIRED = (("l2t_ww:all_to_all", "fm:one_to_one"), ("l2t_ww:all_to_all", "fm:all_to_all"),
           ("l2t_w:one_to_one", "fm:one_to_one"), ("fm:one_to_one", "scratch"),
-          ("l2t_ww:all_to_all", "scratch"))
+          ("l2t_ww:all_to_all", "scratch"),
+          # The methods that learn where with an attention trained with the target.
+          ("afd:all_to_all", "l2t_ww:all_to_all"), ("afd:all_to_all", "fm:one_to_one"),
+          ("afd:all_to_all", "fm:all_to_all"), ("semckd:all_to_all", "l2t_ww:all_to_all"),
+          ("semckd:all_to_all", "fm:one_to_one"), ("semckd:all_to_all", "fm:all_to_all"))
+# The methods that learn where to transfer, plotted side by side (plots.plot_where_compare).
+LEARNED_WHERE = ("l2t_ww:all_to_all", "afd:all_to_all", "semckd:all_to_all")
 PROBE = "l2t_ww:all_to_all"      # the method the probe grids vary
 # What the meta objectives' runs are paired against: main grid methods, in this order.
 OBJECTIVE_BASELINES = ("fm:one_to_one", "fm:all_to_all", PROBE)
@@ -573,6 +579,7 @@ def draw_main(config, records: list[dict], out: str) -> list[str]:
                 name = f"learning_curves_{source}_epc{k}.png"
                 plots.plot_learning_curves(curves, os.path.join(out, name))
                 lines.append(f"![learning curves, {source}, {k} per class]({name})")
+    lines += _where_compare(config, records, out)
     example = [r for r in select(records, grid="main", source=config.probe_source, entry=PROBE,
                                  examples_per_class=config.probe_examples_per_class,
                                  seed=config.seeds[0]) if r["result"] is not None]
@@ -584,6 +591,27 @@ def draw_main(config, records: list[dict], out: str) -> list[str]:
                          f"{config.probe_examples_per_class} per class, seed "
                          f"{config.seeds[0]}]({name})")
     return lines + [""]
+
+
+def _where_compare(config, records: list[dict], out: str) -> list[str]:
+    """Where each method of :data:`LEARNED_WHERE` in the main grid put the transfer, per
+    source at the probe's budget: L2T-ww's pair weights beside AFD's and SemCKD's
+    attention, each averaged over its seeds (``where_<source>_epc<k>.png``)."""
+    from l2t_jax.tools import plots
+    lines, k = [], config.probe_examples_per_class
+    for source in config.sources:
+        groups = {}
+        for entry in LEARNED_WHERE:
+            found = [r["directory"] for r in select(records, grid="main", source=source,
+                                                    entry=entry, examples_per_class=k)
+                     if r["result"] is not None]
+            if found and entry in config.methods:
+                groups[label(entry)] = found
+        if len(groups) > 1:
+            name = f"where_{source}_epc{k}.png"
+            plots.plot_where_compare(groups, os.path.join(out, name))
+            lines.append(f"![where each method transfers, {source}, {k} per class]({name})")
+    return lines
 
 
 def draw_meta_batch(rows: list[dict], out: str) -> list[str]:

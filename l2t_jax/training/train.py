@@ -581,11 +581,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         stop.close()
         books.log.close()
     saved.wait()
-    if transfer.meta_networks is not None:
-        weights = results.transfer_weights(transfer, state, source_variables,
-                                           splits[config.data.eval_splits[0]], config, mesh)
-        if main_process:
-            workdir_files.write_transfer_weights(workdir, weights)
+    weights = results.transfer_weights(transfer, state, source_variables, splits, config,
+                                       mesh)
+    if weights is not None and main_process:    # None: the method learns no weights
+        workdir_files.write_transfer_weights(workdir, weights)
     if config.export_source:
         checkpoints.export_source(workdir, config, mesh, transfer.target_model)
     result = results.result_record(

@@ -11,7 +11,8 @@ and pictures read through it. Nothing here imports JAX.
   TensorBoard event files beside it in ``tensorboard/`` (tensorboardX, if installed).
 - ``result.json``: written last, so its presence marks a finished run (:func:`write_result`,
   :func:`is_finished`, :func:`read_json`).
-- ``transfer_weights.json``: what phi learned, for the pictures
+- ``transfer_weights.json``: what the run learned about where to transfer (phi's pair and
+  channel weights, or AFD's / SemCKD's attention per pair), for the pictures
   (:func:`write_transfer_weights`).
 - ``checkpoints/``, ``best/``, ``source/``: orbax directories (:mod:`l2t_jax.training.checkpoints`).
 - ``eval_<split>_<best|last>.json`` and ``confusion_<split>_<best|last>.png``: what
@@ -107,7 +108,8 @@ def write_result(workdir: str, result: dict) -> str:
 
 def write_transfer_weights(workdir: str, weights: dict) -> None:
     """``weights``: ``{'pairs', 'source_taps', 'target_taps', 'pair_weights',
-    'channel_weights'}`` (lists; see :func:`l2t_jax.training.train` for how they are computed)."""
+    'pair_attention', 'channel_weights', 'where', ...}`` (see
+    :func:`l2t_jax.training.results.transfer_weights` for what they hold)."""
     _write_json(path(workdir, TRANSFER_WEIGHTS), weights, indent=None)
 
 
