@@ -270,3 +270,54 @@ def test_held_out_meta_loss_scores_the_adapted_parameters_on_the_other_batch():
     assert abs(float(held_metrics["meta_loss"]) - float(same_metrics["meta_loss"])) > 1e-3
     assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(held.meta_params),
                                               jax.tree.leaves(same.meta_params)))
+
+
+def test_meta_temperature_scores_the_adapted_logits_over_tau():
+    """Transfer.meta_temperature: the meta loss is CE of the adapted parameters' logits
+    over tau; the adaptation is the same (the same logits), only the loss and so phi's
+    gradient change; tau = 1 is the paper's CE."""
+    from l2t_jax.transfer import losses
+    transfer, state, source_variables, images, labels = _tiny_setup()
+    warm = dataclasses.replace(transfer, meta_temperature=4.0)
+
+    def loss_and_grad(t):
+        objective = bilevel.meta_objective(t, state, source_variables, images, labels, 0.1)
+        return jax.jit(jax.value_and_grad(objective, has_aux=True))(state.meta_params)
+    (paper, paper_aux), paper_grads = loss_and_grad(transfer)
+    (tempered, aux), grads = loss_and_grad(warm)
+    np.testing.assert_array_equal(aux["meta_logits"], paper_aux["meta_logits"])
+    np.testing.assert_allclose(tempered, losses.cross_entropy(aux["meta_logits"] / 4.0,
+                                                              labels), rtol=1e-6)
+    np.testing.assert_allclose(paper, losses.cross_entropy(paper_aux["meta_logits"], labels),
+                               rtol=1e-6)
+    assert abs(float(tempered) - float(paper)) > 1e-4
+    assert any(np.any(np.abs(a - b) > 1e-6 * np.abs(b).max())
+               for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(paper_grads)))
+
+
+def test_meta_gradient_batches_take_one_adam_step_on_the_mean_of_n():
+    """Transfer.meta_gradient_batches = 3: phi is unchanged for two iterations (theta steps
+    at each), then moves by one Adam step (with L2 decay) on the mean of the three
+    meta-gradients, each computed at its own iteration's state."""
+    transfer, state, source_variables, images, labels = _tiny_setup(meta_gradient_batches=3)
+    step = jax.jit(functools.partial(bilevel.train_step, transfer, lambda step: 0.1))
+    batches = [(images, labels)] + [_tiny_setup(seed=s)[3:] for s in (1, 2)]
+    states, gradients = [state], []
+    for batch_images, batch_labels in batches:
+        before = states[-1]
+        objective = bilevel.meta_objective(transfer, before, source_variables, batch_images,
+                                           batch_labels, 0.1)
+        gradients.append(jax.grad(lambda p: objective(p)[0])(before.meta_params))
+        states.append(step(before, source_variables, batch_images, batch_labels)[0])
+    for moved in states[1:3]:
+        chex.assert_trees_all_equal(moved.meta_params, state.meta_params)
+        assert int(moved.step) > 0
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(states[2].target_params),
+                                              jax.tree.leaves(states[1].target_params)))
+    plain = bilevel.make_transfer(*tiny_networks(), TINY_PAIRS).meta_optimizer()
+    mean = jax.tree.map(lambda *g: sum(g) / 3, *gradients)
+    updates, _ = plain.update(mean, plain.init(state.meta_params), state.meta_params)
+    expected = jax.tree.map(lambda p, u: p + u, state.meta_params, updates)
+    chex.assert_trees_all_close(states[3].meta_params, expected, rtol=1e-5, atol=1e-7)
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(states[3].meta_params),
+                                              jax.tree.leaves(state.meta_params)))

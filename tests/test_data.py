@@ -138,6 +138,31 @@ def test_step_batches_are_the_epochs_batches_rows_read_ahead_in_threads(threads)
     assert reads == sorted(expected_reads)
 
 
+def test_another_view_holds_the_same_examples_augmented_apart():
+    """view=1 (config.meta_loss_batch='augment'): every position reads the example of the
+    training view (same labels), with other random crops; view 0 is unchanged."""
+    rng = np.random.default_rng(0)
+    source = _Recording(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+                        rng.integers(0, 5, 16))
+    first, other = (data.train_examples(source, 32, 7, 1, view=view) for view in (0, 1))
+    same_pixels = 0
+    for position in range(16):
+        source.read = []
+        image, label = first[position]
+        other_image, other_label = other[position]
+        assert source.read[0] == source.read[1] and label == other_label
+        same_pixels += np.array_equal(image, other_image)
+    assert same_pixels < 4            # 81 crops and a flip each: most views differ
+    np.testing.assert_array_equal(data.train_examples(source, 32, 7, 1)[3][0],
+                                  first[3][0])
+    views = [list(data.step_batches(source, range(4), steps_per_epoch=2, batch_size=4,
+                                    rows=slice(0, 4), image_size=32, seed=7, threads=0,
+                                    view=view)) for view in (0, 1)]
+    for (images, labels), (other_images, other_labels) in zip(*views):
+        np.testing.assert_array_equal(labels, other_labels)
+        assert not np.array_equal(images, other_images)
+
+
 def test_eval_batches_pad_the_last_batch_and_split_rows():
     rng = np.random.default_rng(1)
     source = data.ArraySource(rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),

@@ -24,7 +24,8 @@ BAD_VALUES = {
     "lr_reference_batch_size": -1, "preemption_grace_s": -1.0, "on_nonfinite": "ignore",
     "data.image_size": 0, "data.val_fraction": 1.0, "source_num_classes": 0,
     "data.read_threads": -2, "data.prefetch_batches": -1, "data.crop_padding": -1,
-    "data.eval_splits": (), "data.meta_val_per_class": -1,
+    "data.eval_splits": (), "data.meta_val_per_class": -1, "meta_gradient_batches": 0,
+    "meta_temperature": 0.0, "meta_freeze_after": 0.0, "meta_warmup_steps": -1,
 }
 
 
@@ -52,7 +53,7 @@ def test_every_range_check_rejects_its_bad_value_naming_the_key():
     config = default_config()
     config.meta_loss_batch = "validation"
     with pytest.raises(ValueError, match=r"='validation'; valid: same \(the paper's\), "
-                                         r"held_out, val$"):
+                                         r"held_out, val, augment$"):
         validate_config(config)
 
 
@@ -174,6 +175,29 @@ def test_a_run_from_before_a_key_was_added_resumes_as_it_ran(tmp_path):
     with pytest.raises(ValueError, match=r"keys differ: data\); use a new workdir \(or "
                                          r"compare with .*config.json\)$"):
         check_resumable(config, run)
+
+
+def test_runs_from_before_the_meta_options_resume_with_the_papers_values(tmp_path):
+    """The meta-loss and phi-schedule keys added since: a run without them ran the paper's
+    rule, which their defaults are; another value is refused, naming the one that
+    resumes."""
+    added = ("meta_gradient_batches", "meta_temperature", "meta_freeze_after",
+             "meta_warmup_steps", "data.meta_val_per_class")
+    run = _old_run(tmp_path, default_config(), *added)
+    check_resumable(default_config(), run)
+    assert {key: ADDED_KEYS[key] for key in added} == {
+        key: _value(default_config(), key) for key in added}
+    config = default_config()
+    config.meta_temperature = 4.0
+    with pytest.raises(ValueError, match=r"predates meta_temperature: it resumes with "
+                                         r"--config.meta_temperature=1.0$"):
+        check_resumable(config, run)
+
+
+def _value(config, key):
+    for part in key.split("."):
+        config = config[part]
+    return config
 
 
 def test_a_key_added_without_a_reproducing_value_is_refused_on_resume(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from helpers import REPO_ROOT
 from l2t_jax.tools import demo, digits, study, study_report
 from l2t_jax.configs import demo as demo_config, study as study_config
+from l2t_jax.training.config import validate_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -146,7 +147,9 @@ def _record(grid, entry, seed, test, k=2, **settings):
     """A study record (study.load_records) of a finished run with test accuracy ``test`` at
     the last epoch (the report's number; the accuracies at the best val are others)."""
     values = {"learning_rate": 0.02, "meta_loss_batch": "same", "meta_update_every": 1,
-              "meta_learning_rate": 1e-2, "T": 1, **settings}
+              "meta_learning_rate": 1e-2, "T": 1, "meta_gradient_batches": 1,
+              "meta_temperature": 1.0, "meta_freeze_after": 1.0, "objective": "",
+              **settings}
     result = None if test is None else {"test_last": test, "val_last": test + 1,
                                         "test": test - 7, "best_val": test + 2,
                                         "wall_seconds": 10.0 + seed, "history": []}
@@ -182,6 +185,77 @@ def test_report_rows_are_the_records_numbers_paired_by_seed():
                                               [paired]))
     assert "| Scratch | 61.00 ± 1.00 (3) | 11 |" in lines
     assert "| L2T-ww (all-to-all) − Scratch | +4.00 [" in lines
+
+
+def test_the_meta_screen_chooses_on_val_and_the_objectives_pair_with_the_main_grid():
+    """The screen's rows are the runs' last-epoch val accuracies per objective, rate and
+    budget, and each objective's rate is its best mean val (test plays no part); the
+    objectives' rows pair each seed with the main grid's FM and same-batch L2T-ww."""
+    config = study_config.get_config("smoke")
+    config.screen_meta_learning_rates = (1e-3, 1e-2)
+    config.screen_examples_per_class = (2, 10)
+    config.seeds = (0, 1, 2)
+    records = []
+    # val: mean val 71 at 1e-3 and 73 at 1e-2, though its test is best at 1e-3.
+    for rate, k, seed, test in ((1e-3, 2, 100, 70.0), (1e-3, 10, 100, 70.0),
+                                (1e-2, 2, 100, 72.0), (1e-2, 10, 100, 72.0)):
+        records.append(_record("meta_screen", "l2t_ww:all_to_all", seed, test, k=k,
+                               objective="val", meta_loss_batch="val",
+                               meta_learning_rate=rate))
+        records[-1]["result"]["test_last"] = 90.0 if rate == 1e-3 else 50.0
+    records.append(_record("meta_screen", "l2t_ww:all_to_all", 100, 60.0, k=2,
+                           objective="same", meta_learning_rate=1e-3))
+    rows = study_report.screen_rows(config, records)
+    (val_low,) = [r for r in rows
+                  if (r["objective"], r["meta_learning_rate"]) == ("val", 1e-3)]
+    assert val_low["val"] == {2: [71.0], 10: [71.0]} and val_low["all"] == [71.0, 71.0]
+    assert study_report.screen_choice(rows) == {"val": 1e-2, "same": 1e-3}
+    lines = "\n".join(study_report.screen_lines(config, rows))
+    assert "| val | 0.01 | 73.00 ± 0.00 (1) | 73.00 ± 0.00 (1) | **73.00** |" in lines
+    # The objectives against the main grid, paired by seed.
+    config.meta_objective_learning_rates = {"val": 1e-2}
+    for seed, (fm, same, val) in enumerate(((60.0, 62.0, 65.0), (61.0, 62.0, 63.0),
+                                            (59.0, 64.0, 66.0))):
+        records += [_record("main", "fm:one_to_one", seed, fm),
+                    _record("main", "l2t_ww:all_to_all", seed, same),
+                    _record("meta_objective", "l2t_ww:all_to_all", seed, val,
+                            objective="val", meta_loss_batch="val")]
+    (row,) = study_report.objective_rows(config, records)
+    assert row["test"] == [65.0, 63.0, 66.0] and row["examples_per_class"] == 2
+    assert row["differences"]["fm:one_to_one"]["mean"] == pytest.approx(14.0 / 3)
+    assert row["differences"]["l2t_ww:all_to_all"]["mean"] == pytest.approx(2.0)
+    assert row["differences"]["fm:all_to_all"] is None          # not in this grid
+    lines = "\n".join(study_report.objective_lines(config, [row], []))
+    assert "| L2T-ww (val) − L2T-ww (all-to-all) | +2.00 [" in lines
+
+
+def test_the_meta_grids_name_their_objectives_in_the_run_directories():
+    config = study_config.get_config()
+    screen = study.grid_cells(config, "meta_screen")
+    assert len(screen) == (len(config.screen_objectives)
+                           * len(config.screen_meta_learning_rates)
+                           * len(config.screen_examples_per_class) * len(config.screen_seeds))
+    assert {c.seed for c in screen}.isdisjoint(config.seeds)
+    (cell,) = [c for c in screen
+               if (c.objective, c.examples_per_class, c.seed) == ("val_mean8", 2, 100)
+               and dict(c.settings).get("meta_learning_rate") == 1e-3]
+    assert cell.directory == ("demo_resnet20/l2t_ww-all_to_all/epc2/learning_rate=0.02_"
+                              "meta_gradient_batches=8_meta_learning_rate=0.001_"
+                              "meta_loss_batch=val/seed100")
+    run = study.cell_config(config, "DATA", "SOURCE", cell)
+    assert (run.meta_loss_batch, run.meta_gradient_batches, run.meta_learning_rate,
+            run.data.meta_val_per_class) == ("val", 8, 1e-3, 15)
+    for objective in config.screen_objectives:    # every objective's cell is a valid run
+        (first, *_) = [c for c in screen if c.objective == objective]
+        validate_config(study.cell_config(config, "DATA", "SOURCE", first))
+    config.meta_objective_learning_rates = {"val": 3e-3, "temperature4": 1e-3}
+    cells = study.grid_cells(config, "meta_objective")
+    assert len(cells) == 2 * len(study.grid_cells(config, "main")) // len(config.methods)
+    assert {dict(c.settings).get("meta_temperature") for c in cells} == {None, 4.0}
+    config.meta_objectives.val.meta_momentum = 0.5
+    with pytest.raises(ValueError, match=r"config.meta_objectives.val: \['meta_momentum'\] "
+                                         "are not settings"):
+        study.grid_cells(config, "meta_objective")
 
 
 def test_grids_share_cells_and_directories_name_every_setting():
@@ -244,7 +318,8 @@ def test_the_smoke_study_runs_every_grid_and_reports_the_runs_numbers(tmp_path):
     assert outcome["cells"] == len(cells)
     report = open(outcome["report"]).read()
     for heading in ("## Recipe", "## Main: source demo_resnet20", "Paired differences",
-                    "## Meta loss on held-out", "## phi every k-th", "## Sensitivity"):
+                    "## Meta loss on held-out", "## phi every k-th", "## Sensitivity",
+                    "## Meta objectives: the screen", "## Meta objectives: source"):
         assert heading in report
     assert f"{len(cells)} of {len(cells)} runs finished" in report
     runs = os.path.join(workdir, "runs")

@@ -4,6 +4,7 @@ folder, checkpoints, metrics, result.json and the run metadata, exact resume aft
 (the released source, TFDS mock data)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -365,3 +366,51 @@ def test_val_meta_loss_trains_phi_on_val_images_moved_out_of_val(tiny_assets, tm
     assert result["train_examples"] == len(whole["train"])
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [line["step"] for line in lines if "train/meta_loss" in line] == list(range(1, 7))
+
+
+def test_phi_warmup_and_freeze_fix_phi_outside_their_window(straight_run, tiny_assets,
+                                                             tmp_path, caplog):
+    """config.meta_warmup_steps=1, meta_freeze_after=0.5 of 6 steps: phi learns at
+    iterations 1 and 2 only, the others take the phi-fixed program (iteration 0's theta is
+    the straight run's step bit for bit); each program compiles once. The meta loss here
+    scores another view of the batch's images (meta_loss_batch='augment')."""
+    config, straight_workdir, _, _ = straight_run
+    config = tiny_config(tiny_assets / "data", tiny_assets / "source", keep_checkpoints=6,
+                         meta_warmup_steps=1, meta_freeze_after=0.5, meta_loss_batch="augment")
+    with caplog.at_level("INFO", logger="l2t_jax.training.train"):
+        train.train_and_evaluate(config, str(tmp_path))
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
+        "compiling the training step")]
+    assert compiles == ["compiling the training step (l2t_ww, T=1)...",
+                        "compiling the training step (l2t_ww, phi fixed)..."]
+    phis = [final_params(tmp_path, step)[1]["meta_params"] for step in range(1, 7)]
+    moved = [any(np.any(a != b) for a, b in zip(jax.tree.leaves(before),
+                                                jax.tree.leaves(after)))
+             for before, after in zip(phis, phis[1:])]
+    assert moved == [True, True, False, False, False]     # iterations 1..5
+    assert_same_leaves(final_params(tmp_path, 1)[1]["target_params"],
+                       final_params(straight_workdir, 1)[1]["target_params"])
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [line["step"] for line in lines if "train/meta_loss" in line] == [2, 3]
+
+
+def test_averaged_meta_gradients_resume_mid_average_exactly(tiny_assets, tmp_path):
+    """config.meta_gradient_batches=2: phi moves at iterations 1, 3, 5 (one Adam step per
+    two meta-gradients); a run resumed from step 3, half-way through an average, ends
+    bitwise where the uninterrupted run ended."""
+    config = tiny_config(tiny_assets / "data", tiny_assets / "source", keep_checkpoints=6,
+                         meta_gradient_batches=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    phis = [final_params(tmp_path, step)[1]["meta_params"] for step in range(1, 7)]
+    moved = [any(np.any(a != b) for a, b in zip(jax.tree.leaves(before),
+                                                jax.tree.leaves(after)))
+             for before, after in zip(phis, phis[1:])]
+    assert moved == [True, False, True, False, True]      # iterations 1..5
+    _, uninterrupted = final_params(tmp_path)
+    for step in ("4", "5", "6"):
+        shutil.rmtree(tmp_path / "checkpoints" / step)
+    os.remove(tmp_path / "result.json")
+    train.train_and_evaluate(config, str(tmp_path))
+    step, resumed = final_params(tmp_path)
+    assert step == 6
+    assert_same_leaves(uninterrupted, resumed)

@@ -183,7 +183,7 @@ def test_the_val_meta_batches_are_the_moved_val_images(npz_without_val):
     config.data.read_threads, config.data.prefetch_batches = 0, 0
     splits = build.load_splits(config)
     inputs = train._StepInputs(config, splits, parallel.make_mesh(), steps_per_epoch=3,
-                               start=0, total_steps=6, meta_every=1)
+                               start=0, total_steps=6, schedule=train.PhiSchedule())
     meta, val = set(_positions(splits["meta"])), set(_positions(splits["val"]))
     try:
         for step in range(6):

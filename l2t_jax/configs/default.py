@@ -154,7 +154,20 @@ def get_config(variant=None):
     # split: the validation labels the run already has train phi (as learning to reweight
     # scores its weights on a clean validation set), theta never sees them, and model
     # selection uses the rest of val.
+    # "augment" (no labels beyond the budget), CE on another view of the iteration's own
+    # images: the same images and labels, augmented with another random stream.
     config.meta_loss_batch = "same"
+    # Beyond the paper, each 1 or 1.0 there (l2t_jax/transfer/bilevel.py, Transfer): phi
+    # takes one Adam step on the mean of every meta_gradient_batches meta-gradients (fixed
+    # in between); the meta loss is CE of the adapted logits over meta_temperature.
+    config.meta_gradient_batches = 1
+    config.meta_temperature = 1.0
+    # phi's schedule, beyond the paper (1.0 and 0 are its rule): phi is fixed (the real
+    # step alone, as between meta_update_every's updates) from iteration
+    # meta_freeze_after * the run's steps on, and for its first meta_warmup_steps
+    # iterations.
+    config.meta_freeze_after = 1.0
+    config.meta_warmup_steps = 0
     config.meta_weight_decay = 1e-4
     config.steps_per_epoch = -1            # -1: len(train split) // batch_size
 

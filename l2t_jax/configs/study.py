@@ -17,15 +17,23 @@ recipe (batch, steps, theta's and phi's rates, T, beta) and changes what its gri
 - ``meta_batch``: L2T-ww with the meta loss on held-out labelled images against the
   paper's same batch, at ``meta_batch_examples_per_class``;
 - ``every_k``: L2T-ww with phi updated every k-th iteration, k in ``every_k``;
-- ``sensitivity``: L2T-ww over ``sensitivity_meta_learning_rates`` x ``sensitivity_T``.
+- ``sensitivity``: L2T-ww over ``sensitivity_meta_learning_rates`` x ``sensitivity_T``;
+- ``meta_screen``: L2T-ww (all-to-all) with each meta objective of ``screen_objectives``
+  (:data:`META_OBJECTIVES`: which meta loss, how phi is scheduled) x
+  ``screen_meta_learning_rates`` x ``screen_examples_per_class`` x ``screen_seeds`` (seeds
+  outside the main grid's), on ``probe_source``: each objective's meta learning rate is
+  chosen on the last epoch's val accuracy, never on test;
+- ``meta_objective``: L2T-ww (all-to-all) with each objective of
+  ``meta_objective_learning_rates`` (name -> the meta learning rate its screen chose) on
+  the main grid's sources x budgets x seeds, paired with the main grid's runs.
 
-The last three use the probe: L2T-ww (all-to-all) with ``probe_source`` at
-``probe_examples_per_class``. ``grids`` picks what runs; every grid's runs live under
-``DIR/runs`` (a run two grids share is made once) and are skipped when finished, so the
-study resumes. Which runs a process makes: ``shard='i/n'`` every n-th from the i-th (one
-process per core), ``only=<run directory>`` one run, ``dry_run=True`` none (it prints their
-commands). A process that made every run writes the report (``DIR/report``: study.md, CSVs,
-pictures).
+``meta_batch``, ``every_k`` and ``sensitivity`` use the probe: L2T-ww (all-to-all) with
+``probe_source`` at ``probe_examples_per_class``. ``grids`` picks what runs; every grid's
+runs live under ``DIR/runs`` (a run two grids share is made once) and are skipped when
+finished, so the study resumes. Which runs a process makes: ``shard='i/n'`` every n-th
+from the i-th (one process per core), ``only=<run directory>`` one run, ``dry_run=True``
+none (it prints their commands). A process that made every run writes the report
+(``DIR/report``: study.md, CSVs, pictures).
 """
 import ml_collections
 
@@ -37,12 +45,31 @@ SOURCES = {
 }
 VARIANTS = ("smoke",)
 
+# L2T-ww's meta objectives beyond the paper's (configs/default.py: the keys): name -> the
+# run-config settings that make it (config.meta_objectives). "same" is the paper's.
+META_OBJECTIVES = {
+    "same": {},
+    # The meta loss on val labels moved out of val (meta_val_per_class per class).
+    "val": {"meta_loss_batch": "val"},
+    # The same, phi stepping on the mean of 8 meta-gradients (their per-batch direction
+    # is noisy: pairwise cosine 0.05-0.35 on one batch of 16 val images).
+    "val_mean8": {"meta_loss_batch": "val", "meta_gradient_batches": 8},
+    # The same-batch loss over temperature 4 (3-5x its gradient once the batch is fitted).
+    "temperature4": {"meta_temperature": 4.0},
+    # Another view of the batch's own images: no labels beyond the budget.
+    "augment": {"meta_loss_batch": "augment"},
+    # The same-batch loss, phi fixed after the first 30% of the steps (its gradient has
+    # fallen 40-250x by then): the real step alone at a third of the cost.
+    "freeze": {"meta_freeze_after": 0.3},
+}
+
 
 def get_config(variant=None):
     config = ml_collections.ConfigDict()
     config.program = "study"
     config.variant = variant or ""        # the preset; the runs' commands name it
-    config.grids = ("recipe", "main", "meta_batch", "every_k", "sensitivity")
+    config.grids = ("recipe", "main", "meta_batch", "every_k", "sensitivity", "meta_screen",
+                    "meta_objective")
     # Which runs this process makes (l2t_jax/tools/runner.py): "i/n" runs i, i+n, ...;
     # a run's directory under DIR/runs; True: print the unfinished runs' commands only.
     config.shard = ""
@@ -104,6 +131,16 @@ def get_config(variant=None):
     # parameters instead of the training batch (at budgets where k - m >= 1 remain).
     config.meta_batch_examples_per_class = (2, 5, 10)
     config.meta_held_out_fraction = 0.2   # m = max(1, round(fraction * k))
+    # The meta objectives' screen (META_OBJECTIVES): the meta learning rate of each, on
+    # the probe's source, at seeds outside the main grid's (their subsets are others).
+    config.meta_objectives = ml_collections.ConfigDict(META_OBJECTIVES)
+    config.screen_objectives = tuple(META_OBJECTIVES)
+    config.screen_meta_learning_rates = (1e-3, 3e-3, 1e-2)
+    config.screen_examples_per_class = (2, 10)
+    config.screen_seeds = (100, 101)
+    # The objectives the main grid's budgets and seeds run, each at the meta learning rate
+    # its screen chose (the best mean last-epoch val accuracy over its budgets and seeds).
+    config.meta_objective_learning_rates = ml_collections.ConfigDict()
     if variant == "smoke":
         # Every grid and the report at the least cost (CI): tiny runs, one source.
         config.sources = ("demo_resnet20",)
@@ -129,6 +166,11 @@ def get_config(variant=None):
         config.sensitivity_seeds = (0, 1)
         config.every_k = (1, 2)
         config.meta_batch_examples_per_class = (2,)
+        config.screen_objectives = ("same", "val")
+        config.screen_meta_learning_rates = (1e-2,)
+        config.screen_examples_per_class = (2,)
+        config.screen_seeds = (100,)
+        config.meta_objective_learning_rates = ml_collections.ConfigDict({"val": 1e-2})
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of study; valid: smoke")
     return config

@@ -23,9 +23,13 @@ def read_options(threads: int, prefetch_examples: int):
     return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch_examples)
 
 def train_examples(source, image_size: int, seed: int, epoch: int, hflip: bool = True,
-                   crop_padding: int = 4, min_examples: int = 0):
+                   crop_padding: int = 4, min_examples: int = 0, view: int = 0):
     """Epoch ``epoch`` as a grain MapDataset of single augmented examples (uint8 image
     (S, S, 3), int32 label), in the epoch's shuffled order.
+
+    ``view`` > 0 is another augmentation of the same epoch: the same examples at every
+    position (the shuffle is the epoch's), augmented by a random stream of its own
+    (``config.meta_loss_batch='augment'``); view 0 is the training batches'.
 
     Shuffle and augmentation depend only on (seed, epoch) and the position, so
     ``dataset[p]`` is the example at position p of that epoch, whenever and wherever (in
@@ -36,6 +40,8 @@ def train_examples(source, image_size: int, seed: int, epoch: int, hflip: bool =
     """
     import grain
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    augment_seed = (epoch_seed if view == 0 else
+                    int(np.random.SeedSequence([seed, epoch, view]).generate_state(1)[0]))
     repeats = max(1, -(-min_examples // len(source)))
     dataset = grain.MapDataset.source(source)
     if repeats > 1:
@@ -44,7 +50,7 @@ def train_examples(source, image_size: int, seed: int, epoch: int, hflip: bool =
             .shuffle(seed=epoch_seed)
             .random_map(lambda example, rng: train_example(example, rng, image_size, hflip,
                                                            crop_padding),
-                        seed=epoch_seed))
+                        seed=augment_seed))
 
 
 def train_batches(source, batch_size: int, image_size: int, seed: int, epoch: int,
@@ -65,7 +71,8 @@ def train_batches(source, batch_size: int, image_size: int, seed: int, epoch: in
 
 def step_batches(source, steps: Sequence[int], *, steps_per_epoch: int, batch_size: int,
                  rows: slice, image_size: int, seed: int, hflip: bool = True,
-                 crop_padding: int = 4, threads: int = -1, prefetch_batches: int = 2):
+                 crop_padding: int = 4, threads: int = -1, prefetch_batches: int = 2,
+                 view: int = 0):
     """The training loop's input pipeline: for each step s of ``steps``, in order, rows
     ``rows`` of global batch s (images (R, S, S, 3) f32, labels (R,) i32, R = len(rows)),
     as a grain IterDataset.
@@ -76,7 +83,8 @@ def step_batches(source, steps: Sequence[int], *, steps_per_epoch: int, batch_si
     rows ``rows``: resuming from step s is starting ``steps`` at s, and each process reads
     only its own rows. ``threads`` read and augment examples in parallel
     (:func:`read_options`; order is kept); a background thread batches and normalises, and
-    up to ``prefetch_batches`` batches are read ahead of the consumer.
+    up to ``prefetch_batches`` batches are read ahead of the consumer. ``view``: which
+    augmentation of the same examples (:func:`train_examples`).
     """
     import grain
     local = rows.stop - rows.start
@@ -84,7 +92,7 @@ def step_batches(source, steps: Sequence[int], *, steps_per_epoch: int, batch_si
     @functools.lru_cache(maxsize=2)
     def epoch_examples(epoch: int):
         return train_examples(source, image_size, seed, epoch, hflip, crop_padding,
-                              min_examples=steps_per_epoch * batch_size)
+                              min_examples=steps_per_epoch * batch_size, view=view)
 
     def example(k: int):
         j, row = _batch_and_row(k, rows)

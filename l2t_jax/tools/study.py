@@ -18,6 +18,11 @@ Grids (``config.grids``), each a list of :class:`Cell`:
   (``config.meta_loss_batch='held_out'``) against the paper's same batch.
 - ``every_k``: L2T-ww with phi updated every k-th iteration (``config.meta_update_every``).
 - ``sensitivity``: L2T-ww over meta learning rate x T.
+- ``meta_screen``: L2T-ww with each meta objective (``config.meta_objectives``: which meta
+  loss, how phi is scheduled) over meta learning rates, at budgets and seeds of its own:
+  each objective's rate is chosen on val accuracy.
+- ``meta_objective``: L2T-ww with the chosen objectives at their rates, on the main grid's
+  sources, budgets and seeds (paired with its runs).
 
 A cell whose settings equal the main grid's is the main grid's run (one directory), so
 grids share runs. ``config.shard='i/n'`` makes cells i, i+n, ... (one process per core),
@@ -42,19 +47,22 @@ logger = logging.getLogger(__name__)
 
 # The settings a cell may change from the shared recipe, and the recipe's config key.
 SETTINGS = ("learning_rate", "meta_loss_batch", "meta_update_every", "meta_learning_rate",
-            "T")
+            "T", "meta_gradient_batches", "meta_temperature", "meta_freeze_after")
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One run: ``entry`` is ``method[:scheme]``; ``settings`` sorted (key, value) pairs of
-    run-config keys (:func:`cell_settings`)."""
+    run-config keys (:func:`cell_settings`); ``objective`` names the meta objective of the
+    meta grids' cells (``config.meta_objectives``), a label that the run's identity (its
+    settings) does not depend on."""
 
     source: str
     entry: str
     examples_per_class: int
     seed: int
     settings: tuple = ()
+    objective: str = dataclasses.field(default="", compare=False)
 
     @property
     def directory(self) -> str:
@@ -68,7 +76,8 @@ def recipe(config) -> dict:
     """The shared recipe's value of every key of :data:`SETTINGS`."""
     return {"learning_rate": config.learning_rate, "meta_loss_batch": "same",
             "meta_update_every": 1, "meta_learning_rate": config.meta_learning_rate,
-            "T": config.T}
+            "T": config.T, "meta_gradient_batches": 1, "meta_temperature": 1.0,
+            "meta_freeze_after": 1.0}
 
 
 def cell_settings(config, **values) -> tuple:
@@ -91,7 +100,22 @@ def budgets(config, source: str) -> tuple[int, ...]:
     return tuple(config.source_specs[source].examples_per_class or config.examples_per_class)
 
 
-GRIDS = ("recipe", "main", "meta_batch", "every_k", "sensitivity")
+GRIDS = ("recipe", "main", "meta_batch", "every_k", "sensitivity", "meta_screen",
+         "meta_objective")
+
+
+def objective_cell(config, source: str, objective: str, k: int, seed: int,
+                   meta_learning_rate: float) -> Cell:
+    """L2T-ww (all-to-all) with meta objective ``objective`` (``config.meta_objectives``)
+    at ``meta_learning_rate``."""
+    settings = dict(config.meta_objectives[objective])
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"config.meta_objectives.{objective}: {unknown} are not settings a "
+                         f"study cell may change; valid: {', '.join(SETTINGS)}")
+    return Cell(source, "l2t_ww:all_to_all", k, seed,
+                cell_settings(config, **settings, meta_learning_rate=meta_learning_rate),
+                objective)
 
 
 def grid_cells(config, grid: str) -> list[Cell]:
@@ -118,6 +142,17 @@ def grid_cells(config, grid: str) -> list[Cell]:
         return [Cell(*probe, seed, cell_settings(config, meta_learning_rate=rate, T=steps))
                 for rate in config.sensitivity_meta_learning_rates
                 for steps in config.sensitivity_T for seed in config.sensitivity_seeds]
+    if grid == "meta_screen":
+        return [objective_cell(config, config.probe_source, objective, k, seed, rate)
+                for k in config.screen_examples_per_class
+                for objective in config.screen_objectives
+                for rate in config.screen_meta_learning_rates
+                for seed in config.screen_seeds]
+    if grid == "meta_objective":
+        return [objective_cell(config, source, objective, k, seed, rate)
+                for source in config.sources for k in budgets(config, source)
+                for objective, rate in config.meta_objective_learning_rates.items()
+                for seed in config.seeds]
     raise ValueError(f"config.grids: unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
 
 
@@ -182,7 +217,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def load_records(config, workdir: str) -> list[dict]:
     """One record per cell of each grid of ``config.grids`` (a cell two grids share is in
     both), in grid order: ``grid``, ``source``, ``entry``, ``examples_per_class``,
-    ``seed``, the value of every key of :data:`SETTINGS` (the recipe's where the cell keeps
+    ``seed``, ``objective`` (the meta grids' objective name, else ""), the value of every
+    key of :data:`SETTINGS` (the recipe's where the cell keeps
     it), ``directory`` (absolute) and ``result``: the finished run's
     :func:`l2t_jax.tools.summaries.load_result` plus its run metadata (``run``) and logged
     records (``history``), None while unfinished. The report's input."""
@@ -204,6 +240,7 @@ def load_records(config, workdir: str) -> list[dict]:
                 loaded[cell] = result
             records.append({"grid": grid, "source": cell.source, "entry": cell.entry,
                             "examples_per_class": cell.examples_per_class, "seed": cell.seed,
+                            "objective": cell.objective,
                             **recipe(config), **dict(cell.settings), "directory": directory,
                             "result": loaded[cell]})
     return records

@@ -9,7 +9,7 @@ cells are made: a section selects its grid's records by these fields.
 - **Row builders**, records -> rows of numbers, one per section: :func:`recipe_rows`,
   :func:`recipe_mean_val`, :func:`main_rows`, :func:`paired_rows`, :func:`dynamics_rows`,
   :func:`meta_batch_rows`, :func:`every_k_rows`, :func:`sensitivity_rows`,
-  :func:`provenance`.
+  :func:`screen_rows`, :func:`screen_choice`, :func:`objective_rows`, :func:`provenance`.
 - **Renderers**, rows -> markdown lines (``*_lines``), CSV (:func:`main_csv_rows`,
   :func:`write_csv`) and pictures (``draw_*``, through :mod:`l2t_jax.tools.plots`).
 - :func:`write_report` puts them together for the grids of ``config.grids``.
@@ -42,6 +42,8 @@ PAIRED = (("l2t_ww:all_to_all", "fm:one_to_one"), ("l2t_ww:all_to_all", "fm:all_
 # The methods that learn where to transfer, plotted side by side (plots.plot_where_compare).
 LEARNED_WHERE = ("l2t_ww:all_to_all", "afd:all_to_all", "semckd:all_to_all")
 PROBE = "l2t_ww:all_to_all"      # the method the probe grids vary
+# What the meta objectives' runs are paired against: main grid methods, in this order.
+OBJECTIVE_BASELINES = ("fm:one_to_one", "fm:all_to_all", PROBE)
 # The accuracies the report reads (summaries.load_result's fields): the last epoch's.
 TEST, VAL = "test_last", "val_last"
 
@@ -110,10 +112,10 @@ def label(entry: str) -> str:
     return methods.row_label(*digits.parse_entry(entry))
 
 
-def main_budgets(records: Iterable[dict], source: str) -> list[int]:
-    """The main grid's label budgets of ``source``, in grid order."""
+def main_budgets(records: Iterable[dict], source: str, grid: str = "main") -> list[int]:
+    """The label budgets of ``source`` in ``grid`` (the main grid's), in grid order."""
     found: list[int] = []
-    for r in select(records, grid="main", source=source):
+    for r in select(records, grid=grid, source=source):
         if r["examples_per_class"] not in found:
             found.append(r["examples_per_class"])
     return found
@@ -262,6 +264,59 @@ def sensitivity_rows(config, records: list[dict]) -> list[dict]:
             for steps in config.sensitivity_T]
 
 
+def screen_rows(config, records: list[dict]) -> list[dict]:
+    """Per objective of the screen and meta learning rate: the last epoch's val accuracies
+    per budget (``val``: {k: [...]}) and all of them (``all``)."""
+    grid = select(records, grid="meta_screen")
+    rows = []
+    for objective in config.screen_objectives:
+        for rate in config.screen_meta_learning_rates:
+            cells = select(grid, objective=objective, meta_learning_rate=rate)
+            rows.append({"objective": objective, "meta_learning_rate": rate,
+                         "val": {k: values(select(cells, examples_per_class=k), VAL)
+                                 for k in config.screen_examples_per_class},
+                         "all": values(cells, VAL)})
+    return rows
+
+
+def screen_choice(rows: list[dict]) -> dict[str, float]:
+    """{objective: the meta learning rate of its best mean val accuracy over every budget
+    and seed of the screen} (objectives with a finished run)."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        if r["all"]:
+            mean = sum(r["all"]) / len(r["all"])
+            if r["objective"] not in best or mean > best[r["objective"]][1]:
+                best[r["objective"]] = (r["meta_learning_rate"], mean)
+    return {objective: rate for objective, (rate, _) in best.items()}
+
+
+def objective_rows(config, records: list[dict]) -> list[dict]:
+    """Per source, objective of the meta_objective grid and budget: its test accuracies
+    and seconds per run, and its :func:`paired_difference` against each of
+    :data:`OBJECTIVE_BASELINES` in the main grid (``differences``: {entry: difference or
+    None}), over the seeds both finished."""
+    rows = []
+    for source in config.sources:
+        for objective in config.meta_objective_learning_rates:
+            for k in main_budgets(records, source, grid="meta_objective"):
+                cells = select(records, grid="meta_objective", source=source,
+                               objective=objective, examples_per_class=k)
+                differences = {}
+                for entry in OBJECTIVE_BASELINES:
+                    baseline = select(records, grid="main", source=source, entry=entry,
+                                      examples_per_class=k)
+                    differences[entry] = _paired(by_seed(cells), by_seed(baseline),
+                                                 config.seeds) if baseline else None
+                rows.append({"source": source, "objective": objective,
+                             "examples_per_class": k, "test": values(cells),
+                             "seconds": values(cells, "wall_seconds"),
+                             "directories": [r["directory"] for r in cells
+                                             if r["result"] is not None],
+                             "differences": differences})
+    return rows
+
+
 # ------------------------------------------------------------------- markdown renderers
 def _stats(values: Sequence[float]) -> str:
     """``"72.00 ± 2.00 (3)"``; ``-`` for no values."""
@@ -404,6 +459,68 @@ def sensitivity_lines(config, rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def objective_label(objective: str) -> str:
+    """``L2T-ww (val)``: L2T-ww (all-to-all) with a meta objective of the meta grids."""
+    return f"L2T-ww ({objective})"
+
+
+def screen_lines(config, rows: list[dict]) -> list[str]:
+    """The screen: val accuracy per objective and meta learning rate, the chosen rate
+    marked."""
+    chosen = screen_choice(rows)
+    budgets = config.screen_examples_per_class
+    lines = [f"## Meta objectives: the screen (L2T-ww, {config.probe_source}, seeds "
+             f"{', '.join(map(str, config.screen_seeds))}; chosen on val)", "",
+             "Val accuracy (%) at the last epoch, on the val images no meta loss trains on; "
+             "each objective's meta learning rate is the best mean over its budgets and "
+             "seeds (**bold**). Test accuracy is not shown: nothing here is chosen on it.", "",
+             "| objective | meta learning rate | " + " | ".join(
+                 f"val, {k} / class" for k in budgets) + " | mean val |",
+             "|---" * (3 + len(budgets)) + "|"]
+    for r in rows:
+        mean = f"{sum(r['all']) / len(r['all']):.2f}" if r["all"] else "-"
+        if chosen.get(r["objective"]) == r["meta_learning_rate"]:
+            mean = f"**{mean}**"
+        lines.append(f"| {r['objective']} | {r['meta_learning_rate']:g} | " + " | ".join(
+            _stats(r["val"][k]) for k in budgets) + f" | {mean} |")
+    return lines + [""]
+
+
+def objective_lines(config, rows: list[dict], pictures: list[str]) -> list[str]:
+    """Per source: the objectives' test accuracies per budget and their paired differences
+    against :data:`OBJECTIVE_BASELINES`, then ``pictures`` (:func:`draw_objectives`)."""
+    lines = []
+    for source in config.sources:
+        mine = [r for r in rows if r["source"] == source]
+        budgets = sorted({r["examples_per_class"] for r in mine})
+        if not mine:
+            continue
+        lines += [f"## Meta objectives: source {source}", "",
+                  "L2T-ww (all-to-all) with each objective at its screened meta learning "
+                  "rate (" + ", ".join(f"{o} {rate:g}" for o, rate in
+                                        config.meta_objective_learning_rates.items())
+                  + "); the main grid's seeds.", "",
+                  "| objective | " + " | ".join(f"{k} / class" for k in budgets)
+                  + " | seconds per run |", "|---" * (2 + len(budgets)) + "|"]
+        for objective in config.meta_objective_learning_rates:
+            cells = [r for r in mine if r["objective"] == objective]
+            seconds = [x for r in cells for x in r["seconds"]]
+            lines.append(f"| {objective_label(objective)} | "
+                         + " | ".join(_stats(r["test"]) for r in cells) + " | "
+                         + (f"{sum(seconds) / len(seconds):.0f}" if seconds else "-") + " |")
+        lines += ["", "Paired differences over seeds, mean [95% t interval]:", "",
+                  "| difference | " + " | ".join(f"{k} / class" for k in budgets) + " |",
+                  "|---" * (1 + len(budgets)) + "|"]
+        for objective in config.meta_objective_learning_rates:
+            cells = [r for r in mine if r["objective"] == objective]
+            for entry in OBJECTIVE_BASELINES:
+                lines.append(f"| {objective_label(objective)} − {label(entry)} | "
+                             + " | ".join(_interval(r["differences"][entry]) for r in cells)
+                             + " |")
+        lines.append("")
+    return lines + pictures + [""]
+
+
 # ---------------------------------------------------------------- CSV and pictures
 def main_csv_rows(rows: list[dict]) -> list[dict[str, Any]]:
     """main.csv: source, method, budget, n, mean, std of every main row with a run."""
@@ -513,6 +630,30 @@ def draw_meta_batch(rows: list[dict], out: str) -> list[str]:
     return lines
 
 
+def draw_objectives(config, records: list[dict], rows: list[dict], out: str) -> list[str]:
+    """The meta-gradient norm over training per source at its smallest and largest budget:
+    the paper's same-batch L2T-ww (main grid) against each objective, as markdown image
+    lines."""
+    from l2t_jax.tools import plots
+    lines = []
+    for source in config.sources:
+        budgets = sorted({r["examples_per_class"] for r in rows if r["source"] == source})
+        for k in sorted({budgets[0], budgets[-1]} if budgets else ()):
+            groups = {"L2T-ww (same batch)": [
+                r["directory"] for r in select(records, grid="main", source=source,
+                                               entry=PROBE, examples_per_class=k)
+                if r["result"] is not None]}
+            groups.update({objective_label(r["objective"]): r["directories"] for r in rows
+                           if (r["source"], r["examples_per_class"]) == (source, k)})
+            groups = {name: dirs for name, dirs in groups.items() if dirs}
+            if len(groups) > 1:
+                name = f"meta_grad_norm_{source}_epc{k}.png"
+                plots.plot_train_metric(groups, "train/meta_grad_norm", os.path.join(out, name),
+                                        "meta-gradient norm", log_y=True)
+                lines.append(f"![meta-gradient norm, {source}, {k} per class]({name})")
+    return lines
+
+
 # --------------------------------------------------------------------------- the report
 def write_report(config, records: list[dict], out: str) -> str:
     """Writes ``out/``: study.md (a section per grid of ``config.grids``), main.csv,
@@ -536,6 +677,11 @@ def write_report(config, records: list[dict], out: str) -> str:
         lines += every_k_lines(config, records, every_k_rows(config, records))
     if "sensitivity" in config.grids:
         lines += sensitivity_lines(config, sensitivity_rows(config, records))
+    if "meta_screen" in config.grids:
+        lines += screen_lines(config, screen_rows(config, records))
+    if "meta_objective" in config.grids:
+        rows = objective_rows(config, records)
+        lines += objective_lines(config, rows, draw_objectives(config, records, rows, out))
     path = os.path.join(out, "study.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -34,6 +34,8 @@ RESUMABLE_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "keep_c
 ANY = object()
 ADDED_KEYS = {"lr_reference_batch_size": 0, "meta_update_every": 1, "meta_loss_batch": "same",
               "data.meta_held_out_per_class": 0, "data.meta_val_per_class": 0,
+              "meta_gradient_batches": 1, "meta_temperature": 1.0,
+              "meta_freeze_after": 1.0, "meta_warmup_steps": 0,
               "source_taps": "", "source_candidates": "",
               "target_taps": "", "target_candidates": "", "data.classes": ANY,
               "data.val_fraction": ANY, "data.split_seed": ANY,
@@ -99,8 +101,14 @@ RANGE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("meta_learning_rate", lambda value: value > 0 and math.isfinite(value),
      "config.{key} must be finite and > 0, got {value}"),
     ("meta_update_every", *_at_least(1, " (1: phi at every step)")),
-    ("meta_loss_batch", *_one_of("same", "held_out", "val",
+    ("meta_loss_batch", *_one_of("same", "held_out", "val", "augment",
                                  notes={"same": " (the paper's)"})),
+    ("meta_gradient_batches", *_at_least(1, " (1: phi steps on every meta-gradient)")),
+    ("meta_temperature", lambda value: value > 0 and math.isfinite(value),
+     "config.{key} must be finite and > 0 (1.0: the paper's meta loss), got {value}"),
+    ("meta_freeze_after", lambda value: 0 < value <= 1,
+     "config.{key} must be a fraction of the steps in (0, 1] (1.0: never), got {value}"),
+    ("meta_warmup_steps", *_at_least(0)),
     ("lr_reference_batch_size", *_at_least(0, " (0: no scaling)")),
     ("preemption_grace_s", lambda value: value >= 0 and math.isfinite(value),
      "config.{key} must be finite and >= 0 (seconds), got {value}"),
@@ -141,18 +149,25 @@ def _check_batch_divides_over_devices(config) -> None:
                          f"{jax.device_count()} devices")
 
 
+def _check_meta_loss_has_meta_networks(config) -> None:
+    """A meta loss other than the paper's (``meta_loss_batch`` not 'same') needs a method
+    with meta-networks."""
+    if (config.meta_loss_batch != "same"
+            and not methods.get_method(config.method).meta_networks):
+        raise ValueError(f"config.meta_loss_batch={config.meta_loss_batch!r} needs a method "
+                         f"with meta-networks (l2t_w, l2t_ww); {config.method} has no meta "
+                         "loss")
+
+
 def _check_held_out_meta_batch(config) -> None:
-    """meta_loss_batch='held_out' needs meta-networks and images per class to hold out that
-    leave training images; the held-out count is only used with it."""
+    """meta_loss_batch='held_out' needs images per class to hold out that leave training
+    images; the held-out count is only used with it."""
     held_out = config.data.meta_held_out_per_class
     if config.meta_loss_batch != "held_out":
         if held_out:
             raise ValueError(f"config.data.meta_held_out_per_class={held_out} is only used "
                              "with config.meta_loss_batch='held_out'")
         return
-    if not methods.get_method(config.method).meta_networks:
-        raise ValueError(f"config.meta_loss_batch='held_out' needs a method with "
-                         f"meta-networks (l2t_w, l2t_ww); {config.method} has no meta loss")
     if held_out < 1:
         raise ValueError("config.meta_loss_batch='held_out' needs "
                          "config.data.meta_held_out_per_class >= 1 (images per class for "
@@ -164,20 +179,15 @@ def _check_held_out_meta_batch(config) -> None:
 
 
 def _check_val_meta_batch(config) -> None:
-    """meta_loss_batch='val' needs meta-networks and images per class moved out of val;
-    moving them needs a val split. (That they leave a val image of every class is checked
-    on the data: :func:`l2t_jax.training.build.load_splits`.)"""
+    """meta_loss_batch='val' needs images per class moved out of val; moving them needs a
+    val split. (That they leave a val image of every class is checked on the data:
+    :func:`l2t_jax.training.build.load_splits`.)"""
     moved = config.data.meta_val_per_class
     if moved and "val" not in config.data.eval_splits:
         raise ValueError(f"config.data.meta_val_per_class={moved} moves images out of the "
                          "val split, which config.data.eval_splits="
                          f"{tuple(config.data.eval_splits)} does not name")
-    if config.meta_loss_batch != "val":
-        return
-    if not methods.get_method(config.method).meta_networks:
-        raise ValueError(f"config.meta_loss_batch='val' needs a method with meta-networks "
-                         f"(l2t_w, l2t_ww); {config.method} has no meta loss")
-    if moved < 1:
+    if config.meta_loss_batch == "val" and moved < 1:
         raise ValueError("config.meta_loss_batch='val' needs config.data.meta_val_per_class "
                          f">= 1 (val images per class for the meta loss), got {moved}")
 
@@ -192,8 +202,8 @@ def _check_num_classes(config) -> None:
                              if config.data.num_classes == 0 else ""))
 
 
-CROSS_CHECKS = (_check_batch_divides_over_devices, _check_held_out_meta_batch,
-                _check_val_meta_batch, _check_num_classes)
+CROSS_CHECKS = (_check_batch_divides_over_devices, _check_meta_loss_has_meta_networks,
+                _check_held_out_meta_batch, _check_val_meta_batch, _check_num_classes)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -37,12 +37,13 @@ Faults (tests/test_faults.py injects each one):
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +92,10 @@ def step_program(transfer: bilevel.Transfer, learning_rate_fn: Callable, mesh,
 
 
 def has_meta_batch(config) -> bool:
-    """Whether the meta loss scores a batch of its own split (``config.meta_loss_batch``
-    'held_out' or 'val') rather than the training batch."""
-    return config.meta_loss_batch in ("held_out", "val")
+    """Whether the meta loss scores a batch of its own (``config.meta_loss_batch``
+    'held_out' or 'val': of its own split; 'augment': another view of the training
+    batch's images) rather than the training batch itself."""
+    return config.meta_loss_batch in ("held_out", "val", "augment")
 
 
 def compile_with_notice(what: str, jitted: Callable, *args, notify: bool = True):
@@ -142,39 +144,76 @@ def _nonfinite(metrics: dict) -> list[str]:
             if k in metrics and not np.all(np.isfinite(np.asarray(metrics[k])))]
 
 
+@dataclasses.dataclass(frozen=True)
+class PhiSchedule:
+    """Which iterations (counting from 0) take the bilevel step, phi learning, and which
+    the real step alone with phi fixed (a second program, ``update_phi=False``): every
+    ``every``-th (``config.meta_update_every``), from iteration ``first``
+    (``config.meta_warmup_steps``), before iteration ``stop`` (``config.meta_freeze_after``
+    times the run's steps; None: never frozen). The default, every iteration, is the
+    paper's rule, and the only one of a method without meta-networks."""
+
+    every: int = 1
+    first: int = 0
+    stop: int | None = None
+
+    @classmethod
+    def of(cls, config, total_steps: int, meta_networks: bool) -> "PhiSchedule":
+        """The schedule of ``config`` for a run of ``total_steps`` iterations."""
+        if not meta_networks:
+            return cls()
+        return cls(every=config.meta_update_every, first=config.meta_warmup_steps,
+                   stop=(int(config.meta_freeze_after * total_steps)
+                         if config.meta_freeze_after < 1 else None))
+
+    @property
+    def fixes_phi(self) -> bool:
+        """Whether some iteration takes the real step alone (two programs)."""
+        return self.every > 1 or self.first > 0 or self.stop is not None
+
+    def updates_phi(self, step: int) -> bool:
+        """Whether iteration ``step`` takes the bilevel step."""
+        return (step % self.every == 0 and step >= self.first
+                and (self.stop is None or step < self.stop))
+
+
 class _StepInputs:
     """The steps' inputs from ``start`` on, as global arrays: this process's rows of each
-    train batch and, on the steps that update phi with the held-out meta loss, of the meta
-    split's batch (a stream of its own, seeded apart). Read ahead by
-    :func:`l2t_jax.data.step_batches`; ``wait_s`` adds up the seconds the loop waited for
-    them, ``max_wait_s`` is the longest wait of one step."""
+    train batch and, on the steps that update phi (``schedule``) with a meta loss of its
+    own batch (:func:`has_meta_batch`), of the meta batch: the meta split's ('held_out',
+    'val': a stream of its own, seeded apart), or another view of the train batch's own
+    images ('augment'). Read ahead by :func:`l2t_jax.data.step_batches`; ``wait_s`` adds up
+    the seconds the loop waited for them, ``max_wait_s`` is the longest wait of one
+    step."""
 
     def __init__(self, config, splits: dict, mesh, steps_per_epoch: int, start: int,
-                 total_steps: int, meta_every: int | None):
+                 total_steps: int, schedule: PhiSchedule):
         rows = parallel.process_batch_slice(config.batch_size, mesh)
 
-        def stream(split: str, seed: int, steps: range):
+        def stream(split: str, seed: int, steps: Sequence[int], view: int = 0):
             return iter(data.step_batches(
                 splits[split], steps, steps_per_epoch=steps_per_epoch,
                 batch_size=config.batch_size, rows=rows, image_size=config.data.image_size,
                 seed=seed, hflip=config.data.hflip, crop_padding=config.data.crop_padding,
                 threads=config.data.read_threads,
-                prefetch_batches=config.data.prefetch_batches))
-        self.mesh, self.meta_every = mesh, meta_every
+                prefetch_batches=config.data.prefetch_batches, view=view))
+        self.mesh, self.schedule = mesh, schedule
         self.wait_s = self.max_wait_s = 0.0
         self.train = stream("train", config.seed, range(start, total_steps))
         self.meta = None
-        if meta_every is not None:
-            first = -(-start // meta_every) * meta_every
-            self.meta = stream("meta", int(np.random.SeedSequence(
-                [config.seed, 1]).generate_state(1)[0]), range(first, total_steps, meta_every))
+        if has_meta_batch(config):
+            steps = [s for s in range(start, total_steps) if schedule.updates_phi(s)]
+            self.meta = (stream("train", config.seed, steps, view=1)
+                         if config.meta_loss_batch == "augment" else
+                         stream("meta", int(np.random.SeedSequence(
+                             [config.seed, 1]).generate_state(1)[0]), steps))
 
     def next(self, step: int) -> tuple:
         """Step ``step``'s inputs: (images, labels), then the meta batch if it has one.
         Steps are read in order, each once."""
         started = time.perf_counter()
         inputs = parallel.global_batch(self.mesh, *next(self.train))
-        if self.meta is not None and step % self.meta_every == 0:
+        if self.meta is not None and self.schedule.updates_phi(step):
             inputs += parallel.global_batch(self.mesh, *next(self.meta))
         waited = time.perf_counter() - started
         self.wait_s, self.max_wait_s = self.wait_s + waited, max(self.max_wait_s, waited)
@@ -187,21 +226,21 @@ class _StepInputs:
 
 
 class _StepPrograms:
-    """The loop's step programs, compiled once each. With ``config.meta_update_every`` = k
-    > 1, iterations k, 2k, ... (counting from 0) take the bilevel step, the others the real
-    step with phi fixed: two programs. The first (the bilevel step) compiles in a thread
-    from the arguments' shapes while the state is initialised or restored
+    """The loop's step programs, compiled once each. When phi's ``schedule``
+    (:class:`PhiSchedule`) fixes phi at some iterations, they take the real step alone and
+    the others the bilevel step: two programs. The first (the bilevel step) compiles in a
+    thread from the arguments' shapes while the state is initialised or restored
     (:meth:`compile_ahead`; XLA's compile leaves the interpreter free); the other when first
     needed."""
 
-    def __init__(self, config, transfer: bilevel.Transfer, learning_rate_fn: Callable, mesh):
-        self.config, self.transfer = config, transfer
-        self.every = config.meta_update_every if transfer.meta_networks is not None else 1
+    def __init__(self, config, transfer: bilevel.Transfer, learning_rate_fn: Callable, mesh,
+                 schedule: PhiSchedule):
+        self.config, self.transfer, self.schedule = config, transfer, schedule
         self.held_out = has_meta_batch(config)
         self.jitted = {update: step_program(transfer, learning_rate_fn, mesh,
                                             config.on_nonfinite, update_phi=update,
                                             held_out_meta=self.held_out and update)
-                       for update in ((True, False) if self.every > 1 else (True,))}
+                       for update in ((True, False) if schedule.fixes_phi else (True,))}
         self.compiled = {}              # update_phi -> its compiled program
         self.ahead = None               # the bilevel step's compile, in a thread
         self.notify = parallel.is_main_process()
@@ -210,7 +249,8 @@ class _StepPrograms:
         config = self.config
         return (f"training step ({config.method}, T={config.T})"
                 if self.transfer.meta_networks is not None and update else
-                f"training step ({config.method}{', phi fixed' if self.every > 1 else ''})")
+                f"training step ({config.method}"
+                f"{', phi fixed' if self.schedule.fixes_phi else ''})")
 
     def compile_ahead(self, *abstract_arguments) -> None:
         """Starts compiling the bilevel step for ``abstract_arguments`` (shapes and
@@ -224,7 +264,7 @@ class _StepPrograms:
         """Iteration ``step``'s compiled program, compiled for ``arguments`` when first
         needed (then every process waits for the others'); ``books``' clock of the ETA
         leaves the compiles out."""
-        update = step % self.every == 0
+        update = self.schedule.updates_phi(step)
         if update not in self.compiled:
             compile_started = time.time()
             self.compiled[update] = (
@@ -461,8 +501,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 "%d-%d of each batch of %d", mesh.size, jax.process_count(),
                 jax.process_index(), rows.start, rows.stop - 1, config.batch_size)
     saved = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+    schedule = PhiSchedule.of(config, total_steps, transfer.meta_networks is not None)
     programs = _StepPrograms(config, transfer,
-                             build.learning_rate_schedule(config, steps_per_epoch), mesh)
+                             build.learning_rate_schedule(config, steps_per_epoch), mesh,
+                             schedule)
     resuming_from = saved.latest_step()
     if resuming_from is not None:
         check_resumable(config, workdir)      # before anything compiles
@@ -480,7 +522,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     books.log.write_run(books.start_step, run_info)
     stop = stopping.StopRequest()
     inputs_from = _StepInputs(config, splits, mesh, steps_per_epoch, books.start_step,
-                              total_steps, programs.every if programs.held_out else None)
+                              total_steps, schedule)
 
     def end_of_epoch(done: int) -> bool:
         """Evaluates the epoch that step ``done`` ends (``best/``, the log); False when a

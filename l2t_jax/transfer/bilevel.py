@@ -5,10 +5,13 @@ This module owns the iteration of docs/semantics.md, for a batch (x, y):
 1. real step: theta_0 -> theta_1 by SGD-momentum on CE + weighted matching (phi constant);
 2. T matching-only SGD steps from (theta_1, its momentum buffers), in a ``lax.scan``;
 3. one SGD step on CE;
-4. meta loss: CE at the adapted parameters (train-mode BN), on the same batch (or, as an
-   option beyond the paper, on a held-out batch);
+4. meta loss: CE at the adapted parameters (train-mode BN), on the same batch (or, as
+   options beyond the paper, on a batch of its own: held-out, val or another view of the
+   same images; and of the logits over a temperature, ``Transfer.meta_temperature``);
 5. phi <- Adam with L2 weight decay on d(meta loss)/d(phi), differentiated exactly
-   (second order) through steps 2-3 by ``jax.grad``; theta_1 and its buffers are constants;
+   (second order) through steps 2-3 by ``jax.grad``; theta_1 and its buffers are constants
+   (as an option beyond the paper, Adam steps on the mean of every
+   ``Transfer.meta_gradient_batches`` meta-gradients, phi fixed in between);
 6. rollback: theta and the buffers stay at their values after step 1.
 
 BN running statistics end as the reference leaves them: the update of step 1, then one more
@@ -119,6 +122,18 @@ class Transfer:
     weight_decay: float = 1e-4
     meta_learning_rate: float = 1e-4
     meta_weight_decay: float = 1e-4
+    # Not in the paper (1 and 1.0 are its rule): phi takes one Adam step on the mean of
+    # every n meta-gradients (optax.MultiSteps; phi is fixed in between, theta steps every
+    # iteration), averaging out the per-batch noise of the meta-gradient's direction.
+    meta_gradient_batches: int = 1
+    # The meta loss is CE of the adapted logits over this temperature, z / tau: its
+    # gradient (p_tau - y) / tau stays away from 0 longer once the batch is fitted, while
+    # still asking for larger margins. (Label smoothing, the other way to keep the CE
+    # gradient alive, is not offered: once the batch is fitted its target sits below the
+    # fitted probabilities, so its gradient asks for less confidence; measured on the
+    # digits study at 2 labelled images per class, its meta-gradient pointed against the
+    # val-label meta-gradient, cosine -0.66 and -0.71 at steps 60 and 120.)
+    meta_temperature: float = 1.0
     remat: str = "none"           # REMAT_POLICIES: what the simulated step keeps for backward
     unroll_inner: bool = True     # unroll the T-step scan (faster); ignored under remat
     replay_bn_update: bool = True
@@ -142,9 +157,15 @@ class Transfer:
         return tuple(t for t in self.terms if t.meta_weighted)
 
     def meta_optimizer(self) -> optax.GradientTransformation:
-        """torch.optim.Adam(lr, weight_decay): L2 decay added to the gradient, not AdamW."""
-        return optax.chain(optax.add_decayed_weights(self.meta_weight_decay),
+        """torch.optim.Adam(lr, weight_decay): L2 decay added to the gradient, not AdamW;
+        with ``meta_gradient_batches`` = n > 1, applied once per n meta-gradients to their
+        mean (optax.MultiSteps: its updates are zero in between). n = 1 keeps the plain
+        optimizer and its state, so earlier checkpoints restore."""
+        adam = optax.chain(optax.add_decayed_weights(self.meta_weight_decay),
                            optax.adam(self.meta_learning_rate))
+        if self.meta_gradient_batches == 1:
+            return adam
+        return optax.MultiSteps(adam, self.meta_gradient_batches).gradient_transformation()
 
 
 def make_transfer(source_model: Optional[TappedNetwork], target_model: TappedNetwork,
@@ -427,10 +448,12 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
     """Steps 2-4 as a function of phi: returns (meta loss, aux).
 
     The meta loss is CE at the adapted parameters on ``batch`` (the paper's), or on
-    ``meta_batch`` when given (held-out images: ``config.meta_loss_batch='held_out'``).
+    ``meta_batch`` when given (``config.meta_loss_batch`` 'held_out', 'val' or
+    'augment'), of the logits over ``transfer.meta_temperature``.
 
     aux: ``sim_matching`` (T,) the simulated steps' objective (the phi-weighted terms) at
     the start of each, ``adapt_ce`` CE at the start of the adaptation step,
+    ``meta_logits`` the adapted parameters' logits on the meta loss's batch,
     ``replay_batch_stats`` the running statistics after one train-mode forward at theta_1
     from ``batch_stats_1``, ``weights`` the meta-networks' (channel weights, pair weights).
     """
@@ -456,6 +479,12 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
         ce, _, _, _, stats = target_losses(transfer, theta, batch_stats_1, on, ())
         return ce, stats
 
+    def meta_ce(theta, on):
+        ce, _, _, logits, _ = target_losses(transfer, theta, batch_stats_1, on, ())
+        if transfer.meta_temperature != 1.0:           # 1.0: the paper's CE, as it was
+            ce = losses.cross_entropy(logits / transfer.meta_temperature, on.labels)
+        return ce, logits
+
     # Remat saves memory only inside the scan loop: unrolled, XLA schedules the recomputed
     # steps early and keeps them alive (measured at T = 5: no saving), so remat keeps the loop.
     unroll = transfer.unroll_inner and transfer.remat == "none"
@@ -465,7 +494,7 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
     (adapt_ce, adapt_stats), grads = jax.value_and_grad(ce_objective, has_aux=True)(theta)
     theta, _ = optim.sgd_momentum(theta, buffers, grads, learning_rate, transfer.momentum,
                             transfer.weight_decay)
-    meta_loss, _ = ce_objective(theta, batch if meta_batch is None else meta_batch)
+    meta_loss, meta_logits = meta_ce(theta, batch if meta_batch is None else meta_batch)
     # The reference's replay ends on the first simulated step (or on the adaptation step when
     # T = 0), a train-mode forward at theta_1; its BN update is what the run keeps.
     if transfer.inner_steps > 0:
@@ -473,6 +502,7 @@ def _simulate_and_adapt(transfer: Transfer, meta_params: PyTree, theta_1: PyTree
     else:
         replay_stats = adapt_stats
     return meta_loss, {"sim_matching": sim_matching, "adapt_ce": adapt_ce,
+                       "meta_logits": jax.lax.stop_gradient(meta_logits),
                        "replay_batch_stats": replay_stats,
                        "weights": jax.lax.stop_gradient((channel_weights, pair_weights))}
 
@@ -520,7 +550,8 @@ def meta_objective(transfer: Transfer, state: TrainState, source_variables: PyTr
 
 
 def _meta_batch(meta_images, meta_labels) -> Optional[BatchConstants]:
-    """The held-out images the meta loss scores (CE only: no source maps), or None."""
+    """The images the meta loss scores when not the training batch (CE only: no source
+    maps), or None."""
     if meta_images is None:
         return None
     return BatchConstants(meta_images, meta_labels, (), (), (), None)
@@ -547,12 +578,13 @@ def train_step(transfer: Transfer, learning_rate_fn: Callable[[jax.Array], jax.A
       state: the training state.
       source_variables: the frozen source network's ``{'params', 'batch_stats'}``.
       images: (B, H, W, 3) normalised inputs; labels: (B,) int.
-      meta_images, meta_labels: a held-out batch (B', H, W, 3), (B',) that the meta loss
-        scores instead of ``images`` (``config.meta_loss_batch='held_out'``); None: the
-        paper's same batch.
+      meta_images, meta_labels: a batch of its own (B', H, W, 3), (B',) that the meta
+        loss scores instead of ``images`` (``config.meta_loss_batch`` 'held_out', 'val',
+        'augment'); None: the paper's same batch.
       update_phi: False takes only the real step (1), with phi's weights but phi fixed:
         the iterations between meta-updates when phi is updated every k-th iteration
-        (``config.meta_update_every``), a second program of their own.
+        (``config.meta_update_every``) or not at all (``config.meta_warmup_steps``,
+        ``config.meta_freeze_after``), a second program of their own.
 
     Returns:
       (new state, metrics): scalars ``ce``, ``transfer`` (the sum of the transfer terms)
