@@ -9,9 +9,11 @@
 # The command of each unfinished run alone (a cluster's job list): the same call of
 # l2t_jax.main with --config.dry_run=True.
 #
-# The committed report was made grid by grid in this order (each a call of `launch`):
-#   recipe; main --sources=demo_resnet20; meta_batch,every_k; main --sources=released_resnet32;
-#   sensitivity.
+# The committed report (docs/study/) is the main grid's: `launch '("main",)'` with
+# --config.examples_per_class='(2,10)', then '(5,)', '(1,)', '(25,)', then its report,
+#   python -m l2t_jax.main --config=study --workdir=WORKDIR '--config.grids=("main",)'
+# The earlier 150-step recipe's report (docs/study/150-steps/) also has the recipe,
+# meta_batch, every_k and sensitivity grids.
 set -euo pipefail
 workdir=${1:?usage: experiments/study.sh WORKDIR}
 : "${L2T_RELEASE_DIR:?set L2T_RELEASE_DIR to the directory of the authors' release}"
@@ -35,9 +37,6 @@ launch() {   # launch GRIDS [overrides...]: every core a shard of the grids' cel
 }
 
 mkdir -p "$workdir"
-launch '("recipe",)'
-launch '("main",)' --config.sources='("demo_resnet20",)'
-launch '("meta_batch","every_k")'
-launch '("main",)' --config.sources='("released_resnet32",)'
-launch '("sensitivity",)'
+launch '("main",)'
+launch '("recipe","meta_batch","every_k","sensitivity","meta_screen","meta_objective")'
 python -m l2t_jax.main --config=study --workdir="$workdir"     # the report of every grid
