@@ -291,6 +291,22 @@ def test_cifar100_tiny_on_mock_tfds(tmp_path, monkeypatch, mock_tfds):
     assert "tensorflow" not in sys.modules
 
 
+def _phi_moves_of_a_two_program_run(config, workdir, caplog) -> list[bool]:
+    """Trains ``config`` (6 steps, a checkpoint at each) into ``workdir``, checks that it
+    compiled the bilevel and the phi-fixed programs once each, and returns whether phi
+    moved at each of steps 2..6 against the step before."""
+    with caplog.at_level("INFO", logger="l2t_jax.training.train"):
+        train.train_and_evaluate(config, str(workdir))
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
+        "compiling the training step")]
+    assert compiles == ["compiling the training step (l2t_ww, T=1)...",
+                        "compiling the training step (l2t_ww, phi fixed)..."]
+    phis = [final_params(workdir, step)[1]["meta_params"] for step in range(1, 7)]
+    return [any(np.any(a != b) for a, b in zip(jax.tree.leaves(before),
+                                               jax.tree.leaves(after)))
+            for before, after in zip(phis, phis[1:])]
+
+
 def test_phi_every_kth_step_takes_two_programs_compiled_once(straight_run, tiny_assets,
                                                             tmp_path, caplog):
     """config.meta_update_every=2: phi moves at iterations 0, 2, 4 only; iteration 0 is the
@@ -298,16 +314,7 @@ def test_phi_every_kth_step_takes_two_programs_compiled_once(straight_run, tiny_
     config, straight_workdir, _, _ = straight_run
     config = tiny_config(tiny_assets / "data", tiny_assets / "source", keep_checkpoints=6,
                          meta_update_every=2)
-    with caplog.at_level("INFO", logger="l2t_jax.training.train"):
-        train.train_and_evaluate(config, str(tmp_path))
-    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
-        "compiling the training step")]
-    assert compiles == ["compiling the training step (l2t_ww, T=1)...",
-                        "compiling the training step (l2t_ww, phi fixed)..."]
-    phis = [final_params(tmp_path, step)[1]["meta_params"] for step in range(1, 7)]
-    moved = [any(np.any(a != b) for a, b in zip(jax.tree.leaves(before),
-                                                jax.tree.leaves(after)))
-             for before, after in zip(phis, phis[1:])]
+    moved = _phi_moves_of_a_two_program_run(config, tmp_path, caplog)
     assert moved == [False, True, False, True, False]      # steps 2..6 against the step before
     assert_same_leaves(final_params(tmp_path, 1)[1], final_params(straight_workdir, 1)[1])
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -377,16 +384,7 @@ def test_phi_warmup_and_freeze_fix_phi_outside_their_window(straight_run, tiny_a
     config, straight_workdir, _, _ = straight_run
     config = tiny_config(tiny_assets / "data", tiny_assets / "source", keep_checkpoints=6,
                          meta_warmup_steps=1, meta_freeze_after=0.5, meta_loss_batch="augment")
-    with caplog.at_level("INFO", logger="l2t_jax.training.train"):
-        train.train_and_evaluate(config, str(tmp_path))
-    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
-        "compiling the training step")]
-    assert compiles == ["compiling the training step (l2t_ww, T=1)...",
-                        "compiling the training step (l2t_ww, phi fixed)..."]
-    phis = [final_params(tmp_path, step)[1]["meta_params"] for step in range(1, 7)]
-    moved = [any(np.any(a != b) for a, b in zip(jax.tree.leaves(before),
-                                                jax.tree.leaves(after)))
-             for before, after in zip(phis, phis[1:])]
+    moved = _phi_moves_of_a_two_program_run(config, tmp_path, caplog)
     assert moved == [True, True, False, False, False]     # iterations 1..5
     assert_same_leaves(final_params(tmp_path, 1)[1]["target_params"],
                        final_params(straight_workdir, 1)[1]["target_params"])
