@@ -9,8 +9,13 @@ Run it as experiments/study.sh ran the cell (one XLA thread; the same machine ki
 run's numbers are a function of its config, the code and the device, and the thread count
 is part of the device here. Prints the comparison; exits 1 if any logged number or the
 reported accuracy differs.
+
+``--set KEY=VALUE`` (repeatable) re-runs the cell with run-config keys changed, e.g.
+``--set semckd_weight=40``, and prints its accuracies beside the recorded run's instead of
+comparing the logs.
 """
 import argparse
+import ast
 import json
 import os
 import sys
@@ -33,6 +38,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the study's workdir")
     parser.add_argument("--cell", required=True, help="a run directory under WORKDIR/runs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config key to change (a Python literal or a string)")
     args = parser.parse_args(argv)
     logs.configure()
     compile_cache.enable()
@@ -43,13 +50,26 @@ def main(argv=None):
         sys.exit(f"error: {args.cell} is not a cell of configs/study.py")
     wanted = os.path.join(args.workdir, "runs", cell.directory)
     prepared = digits.prepare(config, args.workdir, (cell.source,))
+    run_config = study.cell_config(config, prepared.data_dir,
+                                   prepared.checkpoints[cell.source], cell)
+    for item in args.set:
+        key, _, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        run_config[key] = value          # an unknown key fails here, naming it
     with tempfile.TemporaryDirectory() as rerun:
-        result = train.train_and_evaluate(
-            study.cell_config(config, prepared.data_dir, prepared.checkpoints[cell.source],
-                              cell), rerun)
+        result = train.train_and_evaluate(run_config, rerun)
         again = records(rerun)
     with open(os.path.join(wanted, "result.json")) as f:
         recorded = json.load(f)
+    if args.set:
+        print(f"recorded:        test {recorded['test_last']} at the last epoch (val "
+              f"{recorded['val_last']})")
+        print(f"with {' '.join(args.set)}: test {result['test_last']} at the last epoch (val "
+              f"{result['val_last']})")
+        return
     before = records(wanted)
     same_log = before == again
     same_result = all(recorded[k] == result[k] for k in ("test_at_best_val", "best_val",
