@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 # The main grid's paired comparisons (a − b), where both methods ran.
 PAIRED = (("l2t_ww:all_to_all", "fm:one_to_one"), ("l2t_ww:all_to_all", "fm:all_to_all"),
+          ("fm:all_to_all", "fm:one_to_one"),
           ("l2t_w:one_to_one", "fm:one_to_one"), ("fm:one_to_one", "scratch"),
           ("l2t_ww:all_to_all", "scratch"),
           # The methods that learn where with an attention trained with the target.
