@@ -42,6 +42,7 @@ import ml_collections
 
 from l2t_jax.tools import digits, runner, study_report
 from l2t_jax.training import compile_cache
+from l2t_jax.training.config import default_config
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,10 @@ class Cell:
 
 
 def recipe(config) -> dict:
-    """The shared recipe's value of every key of :data:`SETTINGS`."""
-    return {"learning_rate": config.learning_rate, "meta_loss_batch": "same",
-            "meta_update_every": 1, "meta_learning_rate": config.meta_learning_rate,
-            "T": config.T, "meta_gradient_batches": 1, "meta_temperature": 1.0,
-            "meta_freeze_after": 1.0}
+    """The shared recipe's value of every key of :data:`SETTINGS`: the study config's where
+    it sets the key, else the training config's default (the paper's rule)."""
+    defaults = default_config()
+    return {key: config[key] if key in config else defaults[key] for key in SETTINGS}
 
 
 def cell_settings(config, **values) -> tuple:
