@@ -45,7 +45,7 @@ def _positions(source):
 
 def test_npz_without_val_carves_a_stratified_seeded_val_split(npz_without_val, caplog):
     config = _config(npz_without_val)
-    assert not data.has_split("npz", str(npz_without_val), "val")
+    assert data.stored_split_name("npz", str(npz_without_val), "val") is None
     with caplog.at_level(logging.INFO, logger="l2t_jax.data"):
         splits = build.load_splits(config)
     assert list(splits) == ["train", "val", "test"]
@@ -104,7 +104,7 @@ def test_pretrain_cifar10_selects_on_val_carved_from_cifar10_train(mock_tfds):
     config = load_config("pretrain_cifar10", "tiny")
     assert tuple(config.data.eval_splits) == ("val", "test")
     with mock_tfds("cifar10", num_examples=60):
-        assert not data.has_split("tfds", config.data.data_dir, "val", "cifar10")
+        assert data.stored_split_name("tfds", config.data.data_dir, "val", "cifar10") is None
         splits = build.load_splits(config)
         everything = data.TfdsSource("cifar10", "train")
         labels = data.source_labels(everything)
@@ -200,3 +200,30 @@ def _decoded_positions(images) -> set:
     holds the value the image was filled with (npz_without_val)."""
     centre = np.asarray(images)[:, images.shape[1] // 2, images.shape[2] // 2, 0]
     return set(np.rint((centre * data.STD[0] + data.MEAN[0]) * 255).astype(int).tolist())
+
+
+def test_a_tfds_validation_split_is_val_and_nothing_is_carved(mock_tfds, monkeypatch):
+    """A TFDS set that names its validation split ``validation`` (mock records; the mock's
+    builder lists no splits, so a builder listing train/validation/test stands in for the
+    prepared set's): val is read from it, and train keeps every record."""
+    import types
+
+    import tensorflow_datasets as tfds
+    config = load_config("pretrain_cifar10", "tiny")
+    splits_on_disk = {"train": None, "validation": None, "test": None}
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: types.SimpleNamespace(
+        info=types.SimpleNamespace(splits=splits_on_disk)))
+    read = []
+    real_source = data.TfdsSource
+
+    def recording_source(name, split, data_dir=None):
+        read.append(split)
+        return real_source(name, split, data_dir)
+    monkeypatch.setattr(data, "TfdsSource", recording_source)
+    with mock_tfds("cifar10", num_examples=30):
+        assert data.stored_split_name("tfds", config.data.data_dir, "val", "cifar10") == \
+            "validation"
+        splits = build.load_splits(config)
+    assert read == ["train", "validation", "test"]
+    assert not isinstance(splits["train"], data.Subset) and len(splits["train"]) == 30
+    assert len(splits["val"]) == 30

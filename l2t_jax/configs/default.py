@@ -35,10 +35,10 @@ def get_config(variant=None):
     # fill it from train/'s sub-folders (sorted), and check it when it is given.
     config.data.classes = ()
     # Data without an official split and without a val split of their own (an image folder
-    # without val/, npz without val.npz, a TFDS set without "val"), when eval_splits names
-    # "val": this fraction of every train class is held out as the val split (stratified),
-    # sampled with split_seed, not the run's seed, so runs of every seed and method select
-    # their models on the same images.
+    # without val/, npz without val.npz, a TFDS set without "val" or "validation"), when
+    # eval_splits names "val": this fraction of every train class is held out as the val
+    # split (stratified), sampled with split_seed, not the run's seed, so runs of every
+    # seed and method select their models on the same images.
     config.data.val_fraction = 0.1
     config.data.split_seed = 0
     config.data.image_size = 32            # network input; 32-px sets pad-crop-flip, else RRC

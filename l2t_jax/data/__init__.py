@@ -19,9 +19,10 @@ from l2t_jax.data.folders import IMAGE_FOLDER_LAYOUT, image_folder_classes, imag
 from l2t_jax.data.pipeline import (eval_batches, eval_examples, read_options, step_batches,
                                    train_batches, train_examples)
 from l2t_jax.data.sources import (IMAGE_SUFFIXES, ArraySource, DataError, ImageFolderSource,
-                                  Subset, TfdsSource, has_split, npz_source,
+                                  Subset, TfdsSource, npz_source,
                                   original_order_from_filenames, original_order_from_ids,
-                                  per_class_subset, source_labels, split_per_class)
+                                  per_class_subset, source_labels, split_per_class,
+                                  stored_split_name)
 from l2t_jax.data.splits import SPLIT_SHA256, carve_validation, official_split, stratified_split
 
 __all__ = ["MEAN", "STD", "eval_example", "normalize", "normalize_batch", "pad_crop_flip",
@@ -29,7 +30,7 @@ __all__ = ["MEAN", "STD", "eval_example", "normalize", "normalize_batch", "pad_c
            "IMAGE_FOLDER_LAYOUT", "image_folder_classes", "image_folder_splits",
            "eval_batches", "eval_examples", "read_options", "step_batches", "train_batches",
            "train_examples", "IMAGE_SUFFIXES", "ArraySource", "DataError",
-           "ImageFolderSource", "Subset", "TfdsSource", "has_split", "npz_source",
+           "ImageFolderSource", "Subset", "TfdsSource", "npz_source",
            "original_order_from_filenames", "original_order_from_ids", "per_class_subset",
-           "source_labels", "split_per_class", "SPLIT_SHA256", "carve_validation",
+           "source_labels", "split_per_class", "stored_split_name", "SPLIT_SHA256", "carve_validation",
            "official_split", "stratified_split"]

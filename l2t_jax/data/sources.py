@@ -49,22 +49,30 @@ def npz_source(data_dir: str, split: str) -> ArraySource:
         return ArraySource(arrays["images"], arrays["labels"])
 
 
-def has_split(kind: str, data_dir: str, split: str, name: str = "") -> bool:
-    """Whether the data hold ``split`` themselves: ``data_dir/<split>.npz`` (kind ``npz``),
-    the folder ``data_dir/<split>/`` (``image_folder``), or a split of that name of the
-    prepared TFDS data set ``name`` (``tfds``; False when it is not prepared, which reading
-    its train split reports)."""
+# TFDS calls a validation split "validation" (oxford_flowers102, imagenet2012, ...); this
+# package calls it "val". Either name serves config.data.eval_splits' "val".
+SPLIT_ALIASES = {"val": ("val", "validation")}
+
+
+def stored_split_name(kind: str, data_dir: str, split: str, name: str = "") -> Optional[str]:
+    """The name under which the data hold ``split`` themselves, or None: ``data_dir/<split>
+    .npz`` (kind ``npz``), the folder ``data_dir/<split>/`` (``image_folder``), or a split of
+    the prepared TFDS data set ``name`` (``tfds``), where ``val`` is also found as TFDS's
+    ``validation`` (None when the set is not prepared, which reading its train split
+    reports)."""
     if kind == "npz":
-        return os.path.isfile(os.path.join(data_dir, f"{split}.npz"))
+        return split if os.path.isfile(os.path.join(data_dir, f"{split}.npz")) else None
     if kind == "image_folder":
-        return os.path.isdir(os.path.join(data_dir, split))
+        return split if os.path.isdir(os.path.join(data_dir, split)) else None
     if _tfds_missing_locally(name, data_dir):
-        return False            # asking TFDS would log its own warnings first
+        return None             # asking TFDS would log its own warnings first
     import tensorflow_datasets as tfds
     try:
-        return split in tfds.builder(name, data_dir=data_dir or None).info.splits
+        stored = tfds.builder(name, data_dir=data_dir or None).info.splits
     except Exception:  # noqa: BLE001 - tfds raises several types for unprepared data
-        return False
+        return None
+    return next((alias for alias in SPLIT_ALIASES.get(split, (split,)) if alias in stored),
+                None)
 
 
 def _tfds_root(data_dir: str) -> str:

@@ -33,11 +33,15 @@ PyTree = Any
 # -------------------------------------------------------------------------------- data
 def _split_source(config, split: str):
     """One split. With an official split, train and val are index lists into the data set's
-    training data and test one into its test data (the release's convention)."""
+    training data and test one into its test data (the release's convention). A TFDS set's
+    ``validation`` split serves as ``val``."""
     data_config = config.data
     stored_split = split
     if data_config.official_split:
         stored_split = "test" if split == "test" else "train"
+    elif data_config.kind == "tfds" and split == "val":
+        stored_split = data.stored_split_name("tfds", data_config.data_dir, split,
+                                              data_config.name) or split
     if data_config.kind == "npz":
         source = data.npz_source(data_config.data_dir, stored_split)
     elif data_config.kind == "image_folder":
@@ -82,9 +86,10 @@ def load_splits(config) -> dict:
     An own image folder (``data.kind='image_folder'``, no official split) goes through
     :func:`l2t_jax.data.image_folder_splits`: the class folders are checked across splits.
     Data without an official split and without a val split of their own (an image folder
-    without ``val/``, npz data without ``val.npz``, a TFDS set without a ``val`` split) get
-    one carved from train when ``eval_splits`` names it: ``data.val_fraction`` of every
-    class, stratified, seeded by ``data.split_seed`` (:func:`l2t_jax.data.carve_validation`).
+    without ``val/``, npz data without ``val.npz``, a TFDS set without a ``val`` or
+    ``validation`` split) get one carved from train when ``eval_splits`` names it:
+    ``data.val_fraction`` of every class, stratified, seeded by ``data.split_seed``
+    (:func:`l2t_jax.data.carve_validation`).
 
     With ``config.data.train_examples_per_class`` the train split keeps that many examples
     of each class, sampled with the seed. With ``config.meta_loss_batch='held_out'``,
@@ -100,8 +105,8 @@ def load_splits(config) -> dict:
     """
     data_config = config.data
     names = ("train",) + tuple(data_config.eval_splits)
-    carve = ("val" in names and not data_config.official_split and not data.has_split(
-        data_config.kind, data_config.data_dir, "val", data_config.name))
+    carve = ("val" in names and not data_config.official_split and data.stored_split_name(
+        data_config.kind, data_config.data_dir, "val", data_config.name) is None)
     stored = tuple(split for split in names if not (carve and split == "val"))
     if data_config.kind == "image_folder" and not data_config.official_split:
         # One's own folder: classes checked across splits.
