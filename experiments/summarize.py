@@ -1,5 +1,5 @@
 """Summarizes finished runs as the paper's tables; the logic is in l2t_jax.tools.summaries
-(and l2t_jax.tools.plots for the figure).
+(and l2t_jax.tools.metric_plots for the figure).
 
     python experiments/summarize.py --root=runs                       # main table
     python experiments/summarize.py --root=runs --table=multisource --out=reports
@@ -48,8 +48,8 @@ def main(argv=None):
     written = [os.path.join(out, "table.md"),
                summaries.to_csv(rows, os.path.join(out, "table.csv"))]
     if args.table == "limited" and results:
-        from l2t_jax.tools import plots  # matplotlib only when there is a figure to draw
-        written.append(plots.plot_limited_data(
+        from l2t_jax.tools import metric_plots  # matplotlib only when there is a figure to draw
+        written.append(metric_plots.plot_limited_data(
             results, os.path.join(out, "limited_data.png")))
     print(f"{len(results)} runs from {search_root}; wrote {', '.join(written)}")
 

@@ -9,7 +9,7 @@ the target (``best/``, the target at the best val accuracy, or the newest checkp
 predicts every image of the split with the evaluation transform of training, and writes
 into the workdir ``eval_<split>_<which>.json`` (top-1, per class: images, correct,
 accuracy; the confusion matrix, rows = true class) and ``confusion_<split>_<which>.png``
-(:mod:`l2t_jax.tools.plots`). It prints the same as a table. One process, the default
+(:mod:`l2t_jax.tools.metric_plots`). It prints the same as a table. One process, the default
 device.
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def evaluate_run(workdir: str, split: str = "test", which: str = "best",
     Raises:
       FileNotFoundError, ValueError (also data.DataError): naming the file, split or key.
     """
-    from l2t_jax.tools import plots
+    from l2t_jax.tools import metric_plots
     from l2t_jax.training import build, checkpoints
     config = run_config(workdir)
     known = ("train",) + tuple(config.data.eval_splits)
@@ -144,7 +144,7 @@ def evaluate_run(workdir: str, split: str = "test", which: str = "best",
                   dataset=config.data.name, classes=classes)
     out_dir = out_dir or workdir
     json_name, png_name = workdir_files.evaluation_files(split, which)
-    report["picture"] = plots.plot_confusion_matrix(
+    report["picture"] = metric_plots.plot_confusion_matrix(
         np.asarray(report["confusion"]), classes, os.path.join(out_dir, png_name),
         f"{config.data.name}, {split} split, {which} target: top-1 {report['top1']:.2f}%")
     report["report"] = os.path.join(out_dir, json_name)

@@ -510,10 +510,10 @@ def test_unwritable_run_file_names_the_path_and_the_rerun_resumes(scratch_refere
 
 
 def test_unwritable_picture_names_the_path(tmp_path):
-    """The pictures go through the same check (plots._save)."""
+    """The pictures go through the same check (figures.save)."""
     from matplotlib.figure import Figure
 
-    from l2t_jax.tools import plots
+    from l2t_jax.tools import figures
     (tmp_path / "pictures").mkdir()
     undo = _read_only(str(tmp_path / "pictures"))
     if undo is None:
@@ -521,7 +521,7 @@ def test_unwritable_picture_names_the_path(tmp_path):
     try:
         with pytest.raises(workdir_files.RunFileError,
                            match=r"could not write .*pictures/curves\.png \("):
-            plots._save(Figure(), str(tmp_path / "pictures" / "curves.png"))
+            figures.save(Figure(), str(tmp_path / "pictures" / "curves.png"))
     finally:
         undo()
 

@@ -1,4 +1,5 @@
-"""l2t_jax.tools.plots on fake workdirs (no JAX): the files exist, are PNGs of some size, the
+"""The pictures (l2t_jax.tools.weight_plots, metric_plots, figures, and the command line
+l2t_jax.tools.plots) on fake workdirs (no JAX): the files exist, are PNGs of some size, the
 heat map puts each pair's weight in its (source tap, target tap) cell, AFD's and SemCKD's
 attention is drawn like L2T-ww's lambda with its normalisation in the titles and beside it
 in the comparison figure, and the limited-data figure draws a grid's runs. (Real runs'
@@ -12,7 +13,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from helpers import write_limited_runs
-from l2t_jax.tools import plots, summaries
+from l2t_jax.tools import figures, metric_plots, plots, summaries, weight_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The CIFAR setting: ResNet-32's 15 taps -> VGG-9-BN's 5, all-to-all over taps 4, 9, 14.
@@ -114,10 +115,10 @@ def test_plot_workdir_l2t_ww_writes_all_pictures(tmp_path):
 
 def test_heat_map_puts_each_weight_in_its_cell(tmp_path):
     workdir, pair_weights = make_workdir(tmp_path / "run")
-    path = plots.plot_pair_weights(workdir, str(tmp_path / "pair_weights.png"))
+    path = weight_plots.plot_pair_weights(workdir, str(tmp_path / "pair_weights.png"))
     assert path == str(tmp_path / "pair_weights.png")
     assert_png(path)
-    grid = plots.pair_weight_grid(plots.load_transfer_weights(workdir))
+    grid = weight_plots.pair_weight_grid(weight_plots.load_transfer_weights(workdir))
     assert grid.source_rows == [4, 9, 14]
     assert grid.matrix.shape == (3, 5)
     assert grid.row_labels == ["S4 (16 ch)", "S9 (32 ch)", "S14 (64 ch)"]
@@ -129,7 +130,7 @@ def test_heat_map_puts_each_weight_in_its_cell(tmp_path):
 
     # What is drawn: the image's cell (row 1, column 3) and the text written at (3, 1).
     ax = Figure().subplots()
-    image = plots.draw_pair_weight_heat_map(ax, grid)
+    image = weight_plots.draw_pair_weight_heat_map(ax, grid)
     assert image.get_array()[1, 3] == pair_weights[8]
     texts = {(t.get_position()[1], t.get_position()[0]): t.get_text() for t in ax.texts}
     assert texts[(1, 3)] == f"{pair_weights[8]:.2f}"
@@ -142,7 +143,7 @@ def test_heat_map_leaves_cells_without_a_pair_empty(tmp_path):
     weights = {"pairs": [[2, 1], [4, 4]], "source_taps": [64, 64, 128, 256, 512],
                "target_taps": [64, 64, 128, 256, 512], "pair_weights": [0.5, 1.5],
                "channel_weights": None}
-    grid = plots.pair_weight_grid(weights)
+    grid = weight_plots.pair_weight_grid(weights)
     assert grid.source_rows == [2, 4]
     assert grid.matrix[0, 1] == 0.5 and grid.matrix[1, 4] == 1.5
     assert np.isnan(grid.matrix).sum() == 2 * 5 - 2
@@ -165,12 +166,13 @@ def test_attention_is_drawn_like_lambda_with_its_normalisation(tmp_path, capsys,
         assert_png(path)
     assert "channel" not in capsys.readouterr().out
 
-    fig = plots.pair_weights_figure(workdir)
+    fig = weight_plots.pair_weights_figure(workdir)
     heat, curves = fig.axes[:2]
     assert heat.get_title() == f"Where: mean attention at the end of training\n({text})"
     assert curves.get_title() == f"Where: attention during training\n({text})"
     drawn = np.asarray(heat.images[0].get_array())
-    grid = plots.pair_weight_grid(plots.load_transfer_weights(workdir), "pair_attention")
+    grid = weight_plots.pair_weight_grid(weight_plots.load_transfer_weights(workdir),
+                                         "pair_attention")
     np.testing.assert_array_equal(drawn, grid.matrix)
     for (m, n), value in zip(PAIRS, attention):
         assert drawn[(4, 9, 14).index(m), n] == value
@@ -183,17 +185,17 @@ def test_attention_is_drawn_like_lambda_with_its_normalisation(tmp_path, capsys,
 
 def test_a_file_without_where_is_l2t_ww_unnormalised_lambda(tmp_path):
     workdir, pair_weights = make_workdir(tmp_path / "run")
-    weights = plots.load_transfer_weights(workdir)
+    weights = weight_plots.load_transfer_weights(workdir)
     assert "where" not in weights
-    assert plots.where_of(weights) == {"key": "pair_weights", "normalised_over": None}
-    fig = plots.pair_weights_figure(workdir)
+    assert weight_plots.where_of(weights) == {"key": "pair_weights", "normalised_over": None}
+    fig = weight_plots.pair_weights_figure(workdir)
     assert fig.axes[0].get_title() == ("Where: mean pair weight λ at the end of training\n"
                                        "(not normalised)")
     np.testing.assert_array_equal(fig.axes[0].images[0].get_array()[1, 3], pair_weights[8])
     l2t_w, _ = make_workdir(tmp_path / "l2t_w", method="l2t_w")
-    assert plots.where_of(plots.load_transfer_weights(l2t_w)) is None
+    assert weight_plots.where_of(weight_plots.load_transfer_weights(l2t_w)) is None
     with pytest.raises(ValueError, match="no per-pair weights"):
-        plots.pair_weights_figure(l2t_w)
+        weight_plots.pair_weights_figure(l2t_w)
 
 
 def test_the_comparison_puts_lambda_beside_the_attention(tmp_path, capsys):
@@ -205,19 +207,19 @@ def test_the_comparison_puts_lambda_beside_the_attention(tmp_path, capsys):
             "SemCKD": make_workdir(tmp_path / "s0", "semckd")[0],
             "FM": make_workdir(tmp_path / "fm", "fm")[0],
             "L2T-w": make_workdir(tmp_path / "l2t_w", "l2t_w")[0]}
-    panels = plots.where_panels(runs)
+    panels = weight_plots.where_panels(runs)
     notes = capsys.readouterr().out
     assert "FM: no transfer_weights.json" in notes and "L2T-w: no per-pair weights" in notes
     assert [(p.label, p.runs, p.where["key"], p.where["normalised_over"]) for p in panels] == [
         ("L2T-ww", 2, "pair_weights", None), ("AFD", 2, "pair_attention", "target_taps"),
         ("SemCKD", 1, "pair_attention", "source_taps")]
     for panel, dirs in zip(panels, (runs["L2T-ww"], runs["AFD"], [runs["SemCKD"]])):
-        files = [plots.load_transfer_weights(d) for d in dirs]
+        files = [weight_plots.load_transfer_weights(d) for d in dirs]
         for i, (m, n) in enumerate(PAIRS):
             expected = np.mean([f[panel.where["key"]][i] for f in files])
             assert panel.grid.value(m, n) == pytest.approx(expected, rel=1e-12)
 
-    fig = plots.where_compare_figure(panels)
+    fig = weight_plots.where_compare_figure(panels)
     axes = fig.axes[:3]
     assert [ax.get_title() for ax in axes] == [
         "L2T-ww: pair weight λ, mean of 2 runs\n(not normalised)",
@@ -227,7 +229,7 @@ def test_the_comparison_puts_lambda_beside_the_attention(tmp_path, capsys):
         "to 1)"]
     for ax, panel in zip(axes, panels):
         np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), panel.grid.matrix)
-    assert_png(plots.plot_where_compare(runs, str(tmp_path / "where.png")))
+    assert_png(weight_plots.plot_where_compare(runs, str(tmp_path / "where.png")))
 
     other = make_workdir(tmp_path / "other", "afd", 2)[0]
     weights_path = os.path.join(other, "transfer_weights.json")
@@ -238,9 +240,9 @@ def test_the_comparison_puts_lambda_beside_the_attention(tmp_path, capsys):
     with open(weights_path, "w") as f:
         json.dump(weights, f)
     with pytest.raises(ValueError, match="AFD: its runs .* differ in pairs"):
-        plots.where_panels({"AFD": [runs["AFD"][0], other]})
+        weight_plots.where_panels({"AFD": [runs["AFD"][0], other]})
     with pytest.raises(ValueError, match="none of the runs to compare"):
-        plots.plot_where_compare({"FM": runs["FM"]}, str(tmp_path / "none.png"))
+        weight_plots.plot_where_compare({"FM": runs["FM"]}, str(tmp_path / "none.png"))
 
 
 def test_l2t_w_run_has_channel_but_no_pair_picture(tmp_path, capsys):
@@ -271,13 +273,14 @@ def test_learning_curves_over_seeds(tmp_path):
                         for s in range(3)],
             "L2T-ww (all-to-all)": [make_workdir(tmp_path / f"w{s}", "l2t_ww", s, 70.0)[0]
                                     for s in range(3)]}
-    path = plots.plot_learning_curves(runs, str(tmp_path / "curves.png"))
+    path = metric_plots.plot_learning_curves(runs, str(tmp_path / "curves.png"))
     assert_png(path)
 
 
 def test_mean_band_aligns_runs_on_steps():
-    x, mean, std, count = plots._mean_band([(np.array([1, 2]), np.array([1.0, 3.0])),
-                                            (np.array([1, 2, 3]), np.array([3.0, 5.0, 7.0]))])
+    x, mean, std, count = metric_plots._mean_band(
+        [(np.array([1, 2]), np.array([1.0, 3.0])),
+         (np.array([1, 2, 3]), np.array([3.0, 5.0, 7.0]))])
     np.testing.assert_array_equal(x, [1, 2, 3])
     np.testing.assert_array_equal(mean, [2.0, 4.0, 7.0])
     np.testing.assert_allclose(std[:2], [math.sqrt(2), math.sqrt(2)])
@@ -287,7 +290,7 @@ def test_mean_band_aligns_runs_on_steps():
 def test_resumed_run_keeps_the_last_value_of_a_repeated_step():
     records = [{"step": 20, "train/ce": 3.0}, {"step": 40, "train/ce": 2.0},
                {"step": 40, "train/ce": 1.5}]
-    steps, values = plots.metric_series(records, "train/ce")
+    steps, values = figures.metric_series(records, "train/ce")
     assert steps.tolist() == [20, 40] and values.tolist() == [3.0, 1.5]
 
 
@@ -301,7 +304,7 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     with open(os.path.join(workdir, "transfer_weights.json"), "w") as f:
         f.write("{not json")
     with pytest.raises(ValueError, match="transfer_weights.json"):
-        plots.plot_pair_weights(workdir, str(tmp_path / "p.png"))
+        weight_plots.plot_pair_weights(workdir, str(tmp_path / "p.png"))
 
     workdir, _ = make_workdir(tmp_path / "run3")
     weights_path = os.path.join(workdir, "transfer_weights.json")
@@ -311,12 +314,12 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     with open(weights_path, "w") as f:
         json.dump(weights, f)
     with pytest.raises(ValueError, match="transfer_weights.json.*14 pair_weights for 15"):
-        plots.plot_pair_weights(workdir, str(tmp_path / "p.png"))
+        weight_plots.plot_pair_weights(workdir, str(tmp_path / "p.png"))
     weights["pair_weights"] = [[w] for w in weights["pair_weights"]] + [[1.0]]
     with open(weights_path, "w") as f:
         json.dump(weights, f)
     with pytest.raises(ValueError, match="transfer_weights.json: pair_weights must be one"):
-        plots.plot_pair_weights(workdir, str(tmp_path / "p.png"))
+        weight_plots.plot_pair_weights(workdir, str(tmp_path / "p.png"))
 
     workdir, _ = make_workdir(tmp_path / "run5", method="afd")
     weights_path = os.path.join(workdir, "transfer_weights.json")
@@ -335,7 +338,7 @@ def test_missing_and_malformed_files_are_named(tmp_path):
         with open(weights_path, "w") as f:
             json.dump(dict(weights, **change), f)
         with pytest.raises(ValueError, match=message):
-            plots.load_transfer_weights(workdir)
+            weight_plots.load_transfer_weights(workdir)
 
     workdir, _ = make_workdir(tmp_path / "run4")
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
@@ -368,10 +371,10 @@ def test_command_line(tmp_path, capsys):
 def test_limited_data_figure(tmp_path):
     write_limited_runs(tmp_path)
     results = summaries.collect_results(str(tmp_path))
-    path = plots.plot_limited_data(results, str(tmp_path / "limited.png"))
+    path = metric_plots.plot_limited_data(results, str(tmp_path / "limited.png"))
     with open(path, "rb") as f:
         assert f.read(8) == PNG_MAGIC
     assert os.path.getsize(path) > 10_000
     with pytest.raises(ValueError, match="train_examples_per_class > 0"):
-        plots.plot_limited_data(summaries.select_table(results, "main"),
-                                str(tmp_path / "none.png"))
+        metric_plots.plot_limited_data(summaries.select_table(results, "main"),
+                                       str(tmp_path / "none.png"))

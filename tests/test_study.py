@@ -357,9 +357,9 @@ def test_the_smoke_study_runs_every_grid_and_reports_the_runs_numbers(tmp_path):
 def test_the_report_draws_where_each_learned_association_method_transfers(tmp_path):
     """The main grid's L2T-ww, AFD and SemCKD runs at the probe's budget: one picture per
     source with each method's per-pair weights averaged over its seeds, the same grids
-    the plots module computes from the runs' transfer_weights.json."""
+    the weight_plots module computes from the runs' transfer_weights.json."""
     from test_plots import make_workdir
-    from l2t_jax.tools import plots
+    from l2t_jax.tools import weight_plots
     config = study_config.get_config("smoke")
     config.methods = ("scratch", "l2t_ww:all_to_all", "afd:all_to_all", "semckd:all_to_all")
     config.seeds = (0, 1)
@@ -377,7 +377,7 @@ def test_the_report_draws_where_each_learned_association_method_transfers(tmp_pa
     assert lines == [f"![where each method transfers, demo_resnet20, "
                      f"{config.probe_examples_per_class} per class]({name})"]
     assert os.path.getsize(tmp_path / "report" / name) > 10_000
-    panels = plots.where_panels(groups)
+    panels = weight_plots.where_panels(groups)
     assert [p.label for p in panels] == ["L2T-ww (all-to-all)", "AFD (all-to-all)",
                                          "SemCKD (all-to-all)"]
     # Without a second method there is nothing to put side by side.

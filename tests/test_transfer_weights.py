@@ -1,6 +1,6 @@
 """What a finished run learned about where to transfer (transfer_weights.json,
 l2t_jax/training/results.py) for L2T-ww, AFD and SemCKD, on tiny runs, and the pictures
-drawn from it (l2t_jax/tools/plots.py): the attention recomputed here from the final
+drawn from it (l2t_jax/tools/weight_plots.py): the attention recomputed here from the final
 checkpoint by the authors' modules themselves equals the file's, with its normalisation;
 the heat maps and the comparison figure hold the file's numbers. Also: the demo's
 all-methods grid and the image-folder config take AFD and SemCKD."""
@@ -13,7 +13,7 @@ import pytest
 from helpers import final_params, tiny_config
 from l2t_jax import data
 from l2t_jax.configs import demo as demo_config
-from l2t_jax.tools import digits, plots
+from l2t_jax.tools import digits, plots, weight_plots
 from l2t_jax.training import build, results, train
 from l2t_jax.training.config import validate_config
 from l2t_jax.transfer import afd, semckd, terms
@@ -153,7 +153,7 @@ def test_the_pictures_hold_the_files_numbers(runs, tmp_path, capsys):
             assert os.path.getsize(path) > 10_000
 
     labels = {"L2T-ww": "l2t_ww", "AFD": "afd", "SemCKD": "semckd"}
-    panels = plots.where_panels({label: runs[m][1] for label, m in labels.items()})
+    panels = weight_plots.where_panels({label: runs[m][1] for label, m in labels.items()})
     assert [p.label for p in panels] == list(labels)
     for panel in panels:
         weights = _weights(runs[labels[panel.label]][1])
@@ -162,8 +162,8 @@ def test_the_pictures_hold_the_files_numbers(runs, tmp_path, capsys):
         for (m, n), value in zip(PAIR_LIST, weights[weights["where"]["key"]]):
             assert panel.grid.value(m, n) == value
         assert np.isnan(panel.grid.value(2, 1))         # target tap 1: in no pair
-    path = plots.plot_where_compare({label: runs[m][1] for label, m in labels.items()},
-                                    str(tmp_path / "where.png"))
+    path = weight_plots.plot_where_compare({label: runs[m][1] for label, m in labels.items()},
+                                           str(tmp_path / "where.png"))
     assert os.path.getsize(path) > 20_000
 
     out = tmp_path / "cli"

@@ -113,7 +113,7 @@ def draw_pictures(config, runs_root: str, out: str) -> list[str]:
     """What phi learned in the last meta-network method's first run at the largest budget
     (``pair_weights.png``, ``channel_weights.png``), and every method's learning curves per
     budget (``learning_curves_epc<k>.png``). Returns the pictures' paths."""
-    from l2t_jax.tools import plots
+    from l2t_jax.tools import metric_plots, weight_plots
     from l2t_jax.transfer import methods
 
     def seeds(entry, k):
@@ -125,13 +125,14 @@ def draw_pictures(config, runs_root: str, out: str) -> list[str]:
                     if methods.get_method(digits.parse_entry(e)[0]).meta_networks]
     if meta_entries:
         example = seeds(meta_entries[-1], max(config.examples_per_class))[0]
-        pictures.append(plots.plot_pair_weights(example, os.path.join(out, "pair_weights.png")))
-        pictures.append(plots.plot_channel_weights(
+        pictures.append(weight_plots.plot_pair_weights(
+            example, os.path.join(out, "pair_weights.png")))
+        pictures.append(weight_plots.plot_channel_weights(
             example, os.path.join(out, "channel_weights.png")))
     for k in config.examples_per_class:
         curves = {methods.row_label(*digits.parse_entry(entry)): seeds(entry, k)
                   for entry in config.methods}
-        pictures.append(plots.plot_learning_curves(
+        pictures.append(metric_plots.plot_learning_curves(
             curves, os.path.join(out, f"learning_curves_epc{k}.png")))
     return pictures
 

@@ -11,7 +11,8 @@ cells are made: a section selects its grid's records by these fields.
   :func:`meta_batch_rows`, :func:`every_k_rows`, :func:`sensitivity_rows`,
   :func:`screen_rows`, :func:`screen_choice`, :func:`objective_rows`, :func:`provenance`.
 - **Renderers**, rows -> markdown lines (``*_lines``), CSV (:func:`main_csv_rows`,
-  :func:`write_csv`) and pictures (``draw_*``, through :mod:`l2t_jax.tools.plots`).
+  :func:`write_csv`) and pictures (``draw_*``, through :mod:`l2t_jax.tools.metric_plots` and
+  :mod:`l2t_jax.tools.weight_plots`).
 - :func:`write_report` puts them together for the grids of ``config.grids``.
 
 Accuracies are test accuracy (%) at the last epoch (result.json's ``test_last``: no
@@ -40,7 +41,8 @@ PAIRED = (("l2t_ww:all_to_all", "fm:one_to_one"), ("l2t_ww:all_to_all", "fm:all_
           ("afd:all_to_all", "l2t_ww:all_to_all"), ("afd:all_to_all", "fm:one_to_one"),
           ("afd:all_to_all", "fm:all_to_all"), ("semckd:all_to_all", "l2t_ww:all_to_all"),
           ("semckd:all_to_all", "fm:one_to_one"), ("semckd:all_to_all", "fm:all_to_all"))
-# The methods that learn where to transfer, plotted side by side (plots.plot_where_compare).
+# The methods that learn where to transfer, plotted side by side
+# (weight_plots.plot_where_compare).
 LEARNED_WHERE = ("l2t_ww:all_to_all", "afd:all_to_all", "semckd:all_to_all")
 PROBE = "l2t_ww:all_to_all"      # the method the probe grids vary
 # What the meta objectives' runs are paired against: main grid methods, in this order.
@@ -557,13 +559,14 @@ def draw_main(config, records: list[dict], out: str) -> list[str]:
     (``limited_data.png``); learning curves of every method at each source's smallest and
     largest budgets; what phi learned (pair and channel weights) in the probe's first
     seed."""
-    from l2t_jax.tools import plots
+    from l2t_jax.tools import metric_plots, weight_plots
     lines = []
     main = {r["directory"] for r in select(records, grid="main")}
     results = [dict(r["result"], column=f"digits, {r['source']}") for r in unique(records)
                if r["directory"] in main and r["result"] is not None]
     if results:
-        plots.plot_limited_data(results, os.path.join(out, "limited_data.png"), accuracy=TEST)
+        metric_plots.plot_limited_data(results, os.path.join(out, "limited_data.png"),
+                                       accuracy=TEST)
         lines += ["![accuracy against label budget](limited_data.png)", ""]
     lines += dynamics_lines(dynamics_rows(config, records))
     for source in config.sources:
@@ -578,15 +581,15 @@ def draw_main(config, records: list[dict], out: str) -> list[str]:
                     curves[label(entry)] = found
             if curves:
                 name = f"learning_curves_{source}_epc{k}.png"
-                plots.plot_learning_curves(curves, os.path.join(out, name))
+                metric_plots.plot_learning_curves(curves, os.path.join(out, name))
                 lines.append(f"![learning curves, {source}, {k} per class]({name})")
     lines += _where_compare(config, records, out)
     example = [r for r in select(records, grid="main", source=config.probe_source, entry=PROBE,
                                  examples_per_class=config.probe_examples_per_class,
                                  seed=config.seeds[0]) if r["result"] is not None]
     if example:
-        for name, draw in (("pair_weights.png", plots.plot_pair_weights),
-                           ("channel_weights.png", plots.plot_channel_weights)):
+        for name, draw in (("pair_weights.png", weight_plots.plot_pair_weights),
+                           ("channel_weights.png", weight_plots.plot_channel_weights)):
             draw(example[0]["directory"], os.path.join(out, name))
             lines.append(f"![{name[:-4].replace('_', ' ')}, {config.probe_source}, "
                          f"{config.probe_examples_per_class} per class, seed "
@@ -598,7 +601,7 @@ def _where_compare(config, records: list[dict], out: str) -> list[str]:
     """Where each method of :data:`LEARNED_WHERE` in the main grid put the transfer, per
     source at the probe's budget: L2T-ww's pair weights beside AFD's and SemCKD's
     attention, each averaged over its seeds (``where_<source>_epc<k>.png``)."""
-    from l2t_jax.tools import plots
+    from l2t_jax.tools import weight_plots
     lines, k = [], config.probe_examples_per_class
     for source in config.sources:
         groups = {}
@@ -610,7 +613,7 @@ def _where_compare(config, records: list[dict], out: str) -> list[str]:
                 groups[label(entry)] = found
         if len(groups) > 1:
             name = f"where_{source}_epc{k}.png"
-            plots.plot_where_compare(groups, os.path.join(out, name))
+            weight_plots.plot_where_compare(groups, os.path.join(out, name))
             lines.append(f"![where each method transfers, {source}, {k} per class]({name})")
     return lines
 
@@ -618,15 +621,16 @@ def _where_compare(config, records: list[dict], out: str) -> list[str]:
 def draw_meta_batch(rows: list[dict], out: str) -> list[str]:
     """The meta-gradient norm over training, same-batch against held-out meta loss, per
     budget where both finished, as markdown image lines."""
-    from l2t_jax.tools import plots
+    from l2t_jax.tools import metric_plots
     lines = []
     for r in rows:
         groups = {"same-batch meta loss": r["directories"]["same"],
                   "held-out meta loss": r["directories"]["held_out"]}
         if all(groups.values()):
             name = f"meta_grad_norm_epc{r['examples_per_class']}.png"
-            plots.plot_train_metric(groups, "train/meta_grad_norm", os.path.join(out, name),
-                                    "meta-gradient norm", log_y=True)
+            metric_plots.plot_train_metric(groups, "train/meta_grad_norm",
+                                           os.path.join(out, name), "meta-gradient norm",
+                                           log_y=True)
             lines.append(f"![meta-gradient norm, {r['examples_per_class']} per class]({name})")
     return lines
 
@@ -635,7 +639,7 @@ def draw_objectives(config, records: list[dict], rows: list[dict], out: str) -> 
     """The meta-gradient norm over training per source at its smallest and largest budget:
     the paper's same-batch L2T-ww (main grid) against each objective, as markdown image
     lines."""
-    from l2t_jax.tools import plots
+    from l2t_jax.tools import metric_plots
     lines = []
     for source in config.sources:
         budgets = sorted({r["examples_per_class"] for r in rows if r["source"] == source})
@@ -649,8 +653,9 @@ def draw_objectives(config, records: list[dict], rows: list[dict], out: str) -> 
             groups = {name: dirs for name, dirs in groups.items() if dirs}
             if len(groups) > 1:
                 name = f"meta_grad_norm_{source}_epc{k}.png"
-                plots.plot_train_metric(groups, "train/meta_grad_norm", os.path.join(out, name),
-                                        "meta-gradient norm", log_y=True)
+                metric_plots.plot_train_metric(groups, "train/meta_grad_norm",
+                                               os.path.join(out, name), "meta-gradient norm",
+                                               log_y=True)
                 lines.append(f"![meta-gradient norm, {source}, {k} per class]({name})")
     return lines
 

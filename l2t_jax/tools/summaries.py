@@ -13,7 +13,7 @@ This module owns:
 
 Row labels come from :func:`l2t_jax.transfer.methods.row_label`, the paper's numbers and columns
 from :mod:`l2t_jax.tools.paper`; the limited-data figure is
-:func:`l2t_jax.tools.plots.plot_limited_data`. Nothing here imports JAX.
+:func:`l2t_jax.tools.metric_plots.plot_limited_data`. Nothing here imports JAX.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ accuracy and at the last epoch, what the run was, and its timing and provenance.
 :func:`transfer_weights` averages, over a few evaluation batches, the meta-networks' pair
 and channel weights (L2T-w, L2T-ww) or the attention per pair of a method that learns it
 jointly with the target (AFD, SemCKD), and says how each is normalised, for
-:mod:`l2t_jax.tools.plots`.
+:mod:`l2t_jax.tools.weight_plots`.
 """
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ UNKNOWN_NORMALISATION = ("unknown", "its normalisation is not recorded")
 def transfer_weights(transfer: bilevel.Transfer, state, source_variables, splits: dict,
                      config, mesh, max_batches: int = 4) -> dict | None:
     """What the run learned about where (and what) to transfer, for
-    ``transfer_weights.json`` and :mod:`l2t_jax.tools.plots`; None for a method that learns
-    neither (no meta-networks, no attention over pairs). Every process calls it.
+    ``transfer_weights.json`` and :mod:`l2t_jax.tools.weight_plots`; None for a method that
+    learns neither (no meta-networks, no attention over pairs). Every process calls it.
 
     Read on the first evaluation split (``config.data.eval_splits[0]``):
 
