@@ -9,14 +9,21 @@
 # The command of each unfinished run alone (a cluster's job list): the same call of
 # l2t_jax.main with --config.dry_run=True.
 #
-# The committed report (docs/study/) is the main grid's: `launch '("main",)'` with
-# --config.examples_per_class='(2,10)', then '(5,)', '(1,)', '(25,)', then its report,
-#   python -m l2t_jax.main --config=study --workdir=WORKDIR '--config.grids=("main",)'
+# The committed report (docs/study/) is the main grid's at budgets 2, 5 and 10, the meta
+# objectives' screen at seed 100 and their grid at the same budgets (docs/study/commands.txt):
+#   launch '("main",)' --config.examples_per_class='(2,5,10)'
+#   launch '("meta_screen",)' --config.screen_seeds='(100,)'
+#   launch '("meta_objective",)' --config.examples_per_class='(2,5,10)'
+#   python -m l2t_jax.main --config=study --workdir=WORKDIR
+#     '--config.grids=("main","meta_screen","meta_objective")'
+#     --config.examples_per_class='(2,5,10)' --config.screen_seeds='(100,)'   (one line)
+# The meta objectives' rates (configs/study.py) are the screen's choice: on other data,
+# run the screen first and set them from its report.
 # The earlier 150-step recipe's report (docs/study/150-steps/) also has the recipe,
 # meta_batch, every_k and sensitivity grids.
 set -euo pipefail
 workdir=${1:?usage: experiments/study.sh WORKDIR}
-: "${L2T_RELEASE_DIR:?set L2T_RELEASE_DIR to the directory of the authors' release}"
+: "${L2T_RELEASE_DIR:?set L2T_RELEASE_DIR to the directory of the released files}"
 export L2T_RELEASE_DIR
 # One thread per process: two single-threaded runs use the two cores better than one run
 # with two threads, and a run's numbers depend on its thread count (rerun a cell the same way).
