@@ -378,3 +378,32 @@ def test_limited_data_figure(tmp_path):
     with pytest.raises(ValueError, match="train_examples_per_class > 0"):
         metric_plots.plot_limited_data(summaries.select_table(results, "main"),
                                        str(tmp_path / "none.png"))
+
+
+def test_a_log_scale_train_metric_shows_the_geometric_mean_and_a_positive_band(
+        tmp_path, monkeypatch):
+    """Two seeds whose meta-gradient norms differ by 100x: on the log axis the line is
+    their geometric mean and the band stays above zero (a mean ± std band would dip below
+    it); a logged 0 (theta's rate at its end) is left out rather than drawn at -inf."""
+    norms = {"a": [1e-1, 1e-3, 0.0], "b": [1e-3, 1e-5, 1e-6]}
+    dirs = []
+    for name, values in norms.items():
+        path = tmp_path / name
+        path.mkdir()
+        with open(path / "metrics.jsonl", "w") as f:
+            for step, value in zip((10, 20, 30), values):
+                f.write(json.dumps({"step": step, "train/meta_grad_norm": value}) + "\n")
+        dirs.append(str(path))
+    drawn = {}
+
+    def keep(fig, path):
+        drawn["figure"] = fig
+        return path
+    monkeypatch.setattr(figures, "save", keep)
+    metric_plots.plot_train_metric({"L2T-ww": dirs}, "train/meta_grad_norm",
+                                   str(tmp_path / "norm.png"), "meta-gradient norm",
+                                   log_y=True)
+    ax = drawn["figure"].axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [1e-2, 1e-4, 1e-6], rtol=1e-9)
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() > 0 and "geometric mean" in ax.get_title()

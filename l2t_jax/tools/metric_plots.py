@@ -117,8 +117,11 @@ def plot_learning_curves(workdirs: Mapping[str, str | Sequence[str]], path: str)
 def plot_train_metric(workdirs: Mapping[str, Sequence[str]], key: str, path: str,
                       ylabel: str, log_y: bool = False) -> str:
     """PNG: the logged train metric ``key`` (``train/meta_grad_norm``) against the step, one
-    line per label: the mean over its workdirs (seeds) with a ±1 sample-std band. Returns
-    ``path``; raises ValueError when no workdir logged ``key``."""
+    line per label: the mean over its workdirs (seeds) with a ±1 sample-std band. With
+    ``log_y`` the mean and the std are of log10 of the positive values (a geometric mean
+    and a band of its spread), since a mean ± std band of values spread over decades
+    dips below zero, which a log axis cannot show. Returns ``path``; raises ValueError
+    when no workdir logged ``key``."""
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.subplots()
     plotted = []
@@ -126,13 +129,18 @@ def plot_train_metric(workdirs: Mapping[str, Sequence[str]], key: str, path: str
         series = [figures.metric_series(wd.read_metrics(os.path.join(d, wd.METRICS)), key)
                   for d in dirs]
         series = [(x.astype(float), y) for x, y in series if len(x)]
+        if log_y:
+            series = [(x[y > 0], np.log10(y[y > 0])) for x, y in series if np.any(y > 0)]
         if not series:
             continue
         x, mean, std, _ = _mean_band(series)
+        lower, upper = mean - std, mean + std
+        if log_y:
+            mean, lower, upper = 10 ** mean, 10 ** lower, 10 ** upper
         color = label_color(label, i)
         ax.plot(x, mean, color=color, lw=1.8, label=f"{label} (n={len(series)})")
         if len(series) > 1:
-            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+            ax.fill_between(x, lower, upper, color=color, alpha=0.2, lw=0)
         plotted.append(mean)
     if not plotted:
         raise ValueError(f"no {key} in the metrics.jsonl of {list(workdirs.values())}")
@@ -140,7 +148,8 @@ def plot_train_metric(workdirs: Mapping[str, Sequence[str]], key: str, path: str
         figures.readable_log_y(ax, plotted)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel} (mean ± sample std over seeds)")
+    ax.set_title(f"{ylabel} (" + ("geometric mean over seeds, ± 1 sample std of log10"
+                                  if log_y else "mean ± sample std over seeds") + ")")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9)
     return figures.save(fig, path)
