@@ -322,6 +322,9 @@ def test_the_smoke_study_runs_every_grid_and_reports_the_runs_numbers(tmp_path):
                     "## Meta objectives: the screen", "## Meta objectives: source"):
         assert heading in report
     assert f"{len(cells)} of {len(cells)} runs finished" in report
+    # The objective that trains phi on val labels says so beside its numbers.
+    assert (f"L2T-ww (val) trains phi on {config.meta_val_per_class} val images per class"
+            in report)
     runs = os.path.join(workdir, "runs")
     tests = {}
     for cell in study.grid_cells(config, "main"):

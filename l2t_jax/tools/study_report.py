@@ -498,11 +498,18 @@ def objective_lines(config, rows: list[dict], pictures: list[str]) -> list[str]:
         budgets = sorted({r["examples_per_class"] for r in mine})
         if not mine:
             continue
+        on_val = [objective_label(o) for o in config.meta_objective_learning_rates
+                  if config.meta_objectives[o].get("meta_loss_batch") == "val"]
         lines += [f"## Meta objectives: source {source}", "",
                   "L2T-ww (all-to-all) with each objective at its screened meta learning "
                   "rate (" + ", ".join(f"{o} {rate:g}" for o, rate in
                                         config.meta_objective_learning_rates.items())
-                  + "); the main grid's seeds.", "",
+                  + f"); the main grid's seeds. {label(PROBE)} is the main grid's run: "
+                  f"the paper's meta loss at meta learning rate {config.meta_learning_rate:g}."
+                  + (f" {' and '.join(on_val)} {'trains' if len(on_val) == 1 else 'train'} "
+                     f"phi on {config.meta_val_per_class} val images per class beyond the "
+                     "budget (the val accuracy of every run is on the other val images)."
+                     if on_val else ""), "",
                   "| objective | " + " | ".join(f"{k} / class" for k in budgets)
                   + " | seconds per run |", "|---" * (2 + len(budgets)) + "|"]
         for objective in config.meta_objective_learning_rates:
@@ -644,7 +651,7 @@ def draw_objectives(config, records: list[dict], rows: list[dict], out: str) -> 
     for source in config.sources:
         budgets = sorted({r["examples_per_class"] for r in rows if r["source"] == source})
         for k in sorted({budgets[0], budgets[-1]} if budgets else ()):
-            groups = {"L2T-ww (same batch)": [
+            groups = {f"{label(PROBE)}, main grid": [
                 r["directory"] for r in select(records, grid="main", source=source,
                                                entry=PROBE, examples_per_class=k)
                 if r["result"] is not None]}
