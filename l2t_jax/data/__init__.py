@@ -32,5 +32,5 @@ __all__ = ["MEAN", "STD", "eval_example", "normalize", "normalize_batch", "pad_c
            "train_examples", "IMAGE_SUFFIXES", "ArraySource", "DataError",
            "ImageFolderSource", "Subset", "TfdsSource", "npz_source",
            "original_order_from_filenames", "original_order_from_ids", "per_class_subset",
-           "source_labels", "split_per_class", "stored_split_name", "SPLIT_SHA256", "carve_validation",
-           "official_split", "stratified_split"]
+           "source_labels", "split_per_class", "stored_split_name", "SPLIT_SHA256",
+           "carve_validation", "official_split", "stratified_split"]

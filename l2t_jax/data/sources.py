@@ -55,11 +55,11 @@ SPLIT_ALIASES = {"val": ("val", "validation")}
 
 
 def stored_split_name(kind: str, data_dir: str, split: str, name: str = "") -> Optional[str]:
-    """The name under which the data hold ``split`` themselves, or None: ``data_dir/<split>
-    .npz`` (kind ``npz``), the folder ``data_dir/<split>/`` (``image_folder``), or a split of
-    the prepared TFDS data set ``name`` (``tfds``), where ``val`` is also found as TFDS's
-    ``validation`` (None when the set is not prepared, which reading its train split
-    reports)."""
+    """The name under which the data hold ``split`` themselves, or None: the file
+    ``data_dir/<split>.npz`` (kind ``npz``), the folder ``data_dir/<split>/``
+    (``image_folder``), or a split of the prepared TFDS data set ``name`` (``tfds``), where
+    ``val`` is also found as TFDS's ``validation`` (None when the set is not prepared,
+    which reading its train split reports)."""
     if kind == "npz":
         return split if os.path.isfile(os.path.join(data_dir, f"{split}.npz")) else None
     if kind == "image_folder":
