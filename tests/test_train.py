@@ -125,13 +125,17 @@ def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert sorted(os.listdir(checkpoints)) == ["1", "2.orbax-checkpoint-tmp"]
 
-    # 2. Killed once step 3's checkpoint is committed; 3. at a random moment after step 4's.
+    # 2. Killed once step 3's checkpoint is committed; 3. at a random moment after step 4's,
+    # cut short when step 5's appears (with warm compilation caches a tiny step can take
+    # less than the delay, and the run would finish before the kill).
     rng = np.random.default_rng()
     for step, delay in ((3, 0.0), (4, rng.uniform(0, 0.5))):
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         reached = _wait_for(checkpoints / str(step), process)
-        time.sleep(delay)
+        deadline = time.time() + delay
+        while time.time() < deadline and not (checkpoints / str(step + 1)).exists():
+            time.sleep(0.002)
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert reached, f"the run never reached step {step}"
