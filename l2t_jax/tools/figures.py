@@ -16,7 +16,6 @@ from matplotlib.figure import Figure
 from l2t_jax.training import workdir as wd
 
 
-
 def metric_series(records: Sequence[Mapping[str, Any]], key: str
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of ``key`` in metrics.jsonl records, sorted by step. A step logged

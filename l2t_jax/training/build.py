@@ -31,17 +31,14 @@ PyTree = Any
 
 
 # -------------------------------------------------------------------------------- data
-def _split_source(config, split: str):
-    """One split. With an official split, train and val are index lists into the data set's
-    training data and test one into its test data (the release's convention). A TFDS set's
-    ``validation`` split serves as ``val``."""
+def _split_source(config, split: str, stored_split: str):
+    """One split, read from the data's split ``stored_split`` (a TFDS set's ``validation``
+    for ``val``: :func:`l2t_jax.data.stored_split_name`). With an official split, train and
+    val are index lists into the data set's training data and test one into its test data
+    (the release's convention)."""
     data_config = config.data
-    stored_split = split
     if data_config.official_split:
         stored_split = "test" if split == "test" else "train"
-    elif data_config.kind == "tfds" and split == "val":
-        stored_split = data.stored_split_name("tfds", data_config.data_dir, split,
-                                              data_config.name) or split
     if data_config.kind == "npz":
         source = data.npz_source(data_config.data_dir, stored_split)
     elif data_config.kind == "image_folder":
@@ -105,8 +102,11 @@ def load_splits(config) -> dict:
     """
     data_config = config.data
     names = ("train",) + tuple(data_config.eval_splits)
-    carve = ("val" in names and not data_config.official_split and data.stored_split_name(
-        data_config.kind, data_config.data_dir, "val", data_config.name) is None)
+    stored_as = {}          # "val" -> the name the data hold it under (None: carve it)
+    if "val" in names and not data_config.official_split:
+        stored_as["val"] = data.stored_split_name(data_config.kind, data_config.data_dir,
+                                                  "val", data_config.name)
+    carve = "val" in stored_as and stored_as["val"] is None
     stored = tuple(split for split in names if not (carve and split == "val"))
     if data_config.kind == "image_folder" and not data_config.official_split:
         # One's own folder: classes checked across splits.
@@ -114,7 +114,8 @@ def load_splits(config) -> dict:
                                           skip_corrupt=data_config.skip_corrupt,
                                           num_classes=data_config.num_classes)
     else:
-        splits = {split: _split_source(config, split) for split in stored}
+        splits = {split: _split_source(config, split, stored_as.get(split) or split)
+                  for split in stored}
     if carve:
         where = (f"the TFDS data set {data_config.name!r}" if data_config.kind == "tfds"
                  else data_config.data_dir)
